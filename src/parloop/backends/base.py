@@ -1,0 +1,56 @@
+"""The one small interface every backend implements (threads, in-kernel
+serial, ipyparallel engines), after joblib's backends: a documented life cycle
+(prepare, submit, cancel_after, interrupt, finish) and capability facts."""
+from __future__ import annotations
+
+import ast
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..runtime import ChunkResult
+
+
+@dataclass
+class Job:
+    """Everything a backend needs to run the chunks of one loop."""
+
+    chunk_module: ast.Module        # defines the chunk function (rewrite.build_chunk_function)
+    filename: str                   # the cell's name in linecache: tracebacks show its lines
+    cell_source: str                # the cell's text, for workers that have no linecache of it
+    ns: dict[str, Any]              # the notebook namespace
+    inputs: set[str]                # names the body reads from the notebook
+    private: set[str]               # names whose last values come back
+    on_error: str
+    seed: int | None
+    facts: dict[str, Any] = field(default_factory=dict)  # what the backend reports
+
+
+class Backend(Protocol):
+    name: str
+    #: the workers share the kernel's objects (so the body may use locks,
+    #: open files, generators...)
+    shares_memory: bool
+
+    def worker_count(self) -> int: ...
+
+    def worker_names(self) -> list[str]: ...
+
+    def max_in_flight(self) -> int:
+        """Chunks to keep handed out: the worker count for threads, more for
+        engines so that none waits on the kernel between chunks."""
+
+    def prepare(self, job: Job) -> None:
+        """Compile/ship the chunk function and inputs; raise before anything runs
+        if an input cannot travel."""
+
+    def submit(self, items: list, start: int) -> "Future[ChunkResult]": ...
+
+    def cancel_after(self, index: int) -> None:
+        """Chunks that start after iteration ``index`` are no longer needed."""
+
+    def interrupt(self) -> None:
+        """Stop every running chunk as soon as possible (kernel interrupt)."""
+
+    def finish(self) -> None:
+        """The run is over (normally or not)."""

@@ -1,0 +1,193 @@
+"""``%%threaded``: chunks on a thread pool in the kernel, and the in-kernel
+serial backend behind the ``serial`` flag.
+
+The workers share the kernel's objects, so inputs need no copying; the cell's
+own writes still go through the ordered replay (DESIGN §3).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+from ..runtime import ChunkControl, ChunkResult, run_chunk
+from .base import Job
+
+#: hard ceiling of ``threads=auto`` (and of explicit ``threads=N``'s pool)
+MAX_THREADS = 256
+
+_executor: ThreadPoolExecutor | None = None
+_executor_size = 0
+_executor_lock = threading.Lock()
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """A warm pool shared by runs; grown (replaced) when a run needs more."""
+    global _executor, _executor_size
+    with _executor_lock:
+        if _executor is None or _executor_size < size:
+            if _executor is not None:
+                _executor.shutdown(wait=False)
+            _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="parloop")
+            _executor_size = size
+        return _executor
+
+
+def shutdown_pool() -> None:
+    """Let the pool's threads end (``%unload_ext``, or after an interrupt left
+    some of them stuck in an iteration)."""
+    global _executor, _executor_size
+    with _executor_lock:
+        if _executor is not None:
+            _executor.shutdown(wait=False, cancel_futures=True)
+        _executor = None
+        _executor_size = 0
+
+
+def compile_chunk_function(job: Job, globals_: dict[str, Any]) -> Callable:
+    code = compile(job.chunk_module, job.filename, "exec")
+    scratch: dict[str, Any] = {}
+    exec(code, globals_, scratch)
+    return scratch["___parloop_chunk"]
+
+
+class _Tracker:
+    """The chunks in flight: their controls (stop flags) and the threads that
+    run them (for the interrupt)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ctls: dict[int, ChunkControl] = {}
+        self.threads: dict[int, int] = {}
+        self.cancel_from: int | None = None
+
+    def register(self, ctl: ChunkControl) -> None:
+        with self.lock:
+            if self.cancel_from is not None and ctl.start > self.cancel_from:
+                ctl.stop = True
+            self.ctls[ctl.start] = ctl
+            self.threads[ctl.start] = threading.get_ident()
+
+    def done(self, start: int) -> None:
+        with self.lock:
+            self.ctls.pop(start, None)
+            self.threads.pop(start, None)
+
+    def cancel_after(self, index: int) -> None:
+        with self.lock:
+            self.cancel_from = index if self.cancel_from is None else min(index,
+                                                                         self.cancel_from)
+            for start, ctl in self.ctls.items():
+                if start > index:
+                    ctl.stop = True
+
+    def interrupt(self) -> None:
+        with self.lock:
+            self.cancel_from = -1
+            for ctl in self.ctls.values():
+                ctl.stop = True
+            idents = list(self.threads.values())
+        for ident in idents:
+            # wake a thread that is inside an iteration (not one blocked in C)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                       ctypes.py_object(KeyboardInterrupt))
+
+
+class ThreadBackend:
+    """A pool of ``threads`` workers (``threads`` may grow during the run when
+    ``threads=auto`` measures that iterations mostly wait)."""
+
+    name = "threads"
+    shares_memory = True
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._fn: Callable | None = None
+        self._job: Job | None = None
+        self._tracker = _Tracker()
+        self._interrupted = False
+
+    def worker_count(self) -> int:
+        return self.threads
+
+    def max_in_flight(self) -> int:
+        return self.threads
+
+    def worker_names(self) -> list[str]:
+        return [f"thread {k}" for k in range(self.threads)]
+
+    def prepare(self, job: Job) -> None:
+        self._job = job
+        self._fn = compile_chunk_function(job, job.ns)
+
+    def _run(self, items: list, start: int) -> ChunkResult:
+        job = self._job
+        assert job is not None and self._fn is not None
+        try:
+            return run_chunk(self._fn, items, start, job.on_error, job.private, job.seed,
+                             worker=threading.current_thread().name,
+                             register=self._tracker.register)
+        finally:
+            self._tracker.done(start)
+
+    def submit(self, items: list, start: int) -> "Future[ChunkResult]":
+        return _pool(MAX_THREADS).submit(self._run, items, start)
+
+    def cancel_after(self, index: int) -> None:
+        self._tracker.cancel_after(index)
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        self._tracker.interrupt()
+
+    def finish(self) -> None:
+        if self._interrupted:
+            # threads stuck in a long call would hold pool slots: start afresh
+            shutdown_pool()
+
+
+class SerialBackend:
+    """The ``serial`` flag: the rewritten loop in the kernel's own thread, one
+    chunk at a time, so a debugger or a print lands where it would in serial."""
+
+    name = "serial"
+    shares_memory = True
+
+    def __init__(self) -> None:
+        self._fn: Callable | None = None
+        self._job: Job | None = None
+        self._cancel_from: int | None = None
+
+    def worker_count(self) -> int:
+        return 1
+
+    def max_in_flight(self) -> int:
+        return 1
+
+    def worker_names(self) -> list[str]:
+        return ["kernel"]
+
+    def prepare(self, job: Job) -> None:
+        self._job = job
+        self._fn = compile_chunk_function(job, job.ns)
+
+    def submit(self, items: list, start: int) -> "Future[ChunkResult]":
+        job = self._job
+        assert job is not None and self._fn is not None
+        fut: Future[ChunkResult] = Future()
+        try:
+            fut.set_result(run_chunk(self._fn, items, start, job.on_error, job.private,
+                                     job.seed, worker="kernel"))
+        except BaseException as e:  # noqa: B902 - handed to the dispatcher as is
+            fut.set_exception(e)
+        return fut
+
+    def cancel_after(self, index: int) -> None:
+        self._cancel_from = index
+
+    def interrupt(self) -> None:
+        pass  # the KeyboardInterrupt arrives in this very thread
+
+    def finish(self) -> None:
+        pass

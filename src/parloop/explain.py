@@ -1,0 +1,129 @@
+"""The ``explain`` flag: a readable account of how parloop would run a cell,
+run nothing.  Also finds the one documented difference between the magics: a
+notebook function that changes a global by itself (DESIGN §3)."""
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import types
+from typing import Any
+
+from .analysis import MUTATING_METHODS, LoopPlan, chain_root
+from .options import Options
+from .rewrite import is_plain_callable_root
+
+_HOW = {
+    "target": "bound per iteration from the kernel's own item; after the loop: the last item",
+    "target-mutation": "written through: replayed on the kernel's own item in order",
+    "private": "private to each iteration; after the loop: the last value",
+    "input": "read only: {travel}",
+    "root": "mutated: writes recorded in the worker, replayed in iteration order",
+    "reduction": "accumulated ({ops}): operands recorded, applied in iteration order",
+    "call-root": "{call}",
+}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, types.ModuleType):
+        return "module"
+    if isinstance(value, type):
+        return "class"
+    if callable(value) and hasattr(value, "__code__"):
+        return "function"
+    return type(value).__name__
+
+
+def global_writes(fn: Any, ns: dict[str, Any]) -> list[tuple[str, str]]:
+    """(global name, how) for every notebook global that ``fn`` changes by
+    itself: ``global`` statements, subscript/attribute writes and mutating
+    method calls on names it does not bind locally."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(src)
+    except (OSError, TypeError, SyntaxError):
+        return []
+    fdef = next((n for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if fdef is None:
+        return []
+    local = {a.arg for a in fdef.args.args + fdef.args.kwonlyargs + fdef.args.posonlyargs}
+    for n in ast.walk(fdef):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            local.add(n.id)
+    found: list[tuple[str, str]] = []
+    for n in ast.walk(fdef):
+        if isinstance(n, ast.Global):
+            found.extend((g, "rebinds it (`global`)") for g in n.names if g in ns)
+        targets: list[ast.AST] = []
+        if isinstance(n, (ast.Assign, ast.Delete)):
+            targets = list(n.targets)
+        elif isinstance(n, (ast.AugAssign, ast.AnnAssign)):
+            targets = [n.target]
+        for t in targets:
+            if isinstance(t, (ast.Subscript, ast.Attribute)):
+                root, _ = chain_root(t)
+                if root and root not in local and root in ns \
+                        and not isinstance(ns[root], types.ModuleType):
+                    found.append((root, f"`{ast.unparse(t)} = ...`"))
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
+                and n.func.attr in MUTATING_METHODS:
+            root, _ = chain_root(n.func)
+            if root and root not in local and root in ns \
+                    and not isinstance(ns[root], types.ModuleType):
+                found.append((root, f"`{ast.unparse(n)}`"))
+    return found
+
+
+def warnings_for(plan: LoopPlan, ns: dict[str, Any]) -> list[str]:
+    out = []
+    for name in sorted(plan.inputs | plan.call_roots):
+        fn = ns.get(name)
+        if isinstance(fn, types.FunctionType):
+            for g, how in global_writes(fn, ns):
+                out.append(f"`{name}` mutates the global `{g}` ({how}): under %%threaded the "
+                           "change is visible in the notebook, unordered; under %%parallel it "
+                           "happens on the engine's copy and is lost. Write it in the loop "
+                           "body instead so it is replayed in order.")
+    return out
+
+
+def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
+    """The table printed by ``%%threaded explain`` / ``%%parallel explain``."""
+    where = "ipyparallel engines" if opts.magic == "parallel" else "a thread pool in the kernel"
+    if opts.serial:
+        where = "the kernel, one chunk at a time (serial)"
+    travel = ("sent by value once per engine (cloudpickle)" if opts.magic == "parallel"
+              else "shared with the kernel (threads)")
+    lines = [f"parloop {opts.magic}: the loop at line {plan.loop.lineno} runs on {where}."]
+    first, last = plan.body_lines
+    lines.append(f"  prologue: {len(plan.prologue)} statement(s), run in the kernel first")
+    lines.append(f"  loop:     lines {first}-{last}, iterable evaluated in the kernel")
+    lines.append(f"  epilogue: {len(plan.epilogue)} statement(s), run in the kernel after")
+    if opts.magic == "threaded":
+        t = "auto (TC = N x (T1 + T2) / T1, measured on the first iterations)" \
+            if opts.threads is None else str(opts.threads)
+        lines.append(f"  threads:  {t}")
+    lines.append(f"  chunksize: {'auto' if opts.chunksize is None else opts.chunksize}, "
+                 f"on_error: {opts.on_error}, seed: {opts.seed}")
+    lines.append("")
+    roles = plan.roles()
+    width = max([len(n) for n in roles] + [4])
+    lines.append(f"  {'name':<{width}}  {'role':<15}  how")
+    for name, role in roles.items():
+        value = ns.get(name, None)
+        kind = f" [{_kind(value)}]" if name in ns else ""
+        if role == "call-root":
+            runs_here = name in ns and is_plain_callable_root(value)
+            call = ("its method calls run in the worker" if runs_here else
+                    "method calls on it are recorded and replayed in order in the kernel")
+            how = _HOW[role].format(call=call)
+        else:
+            how = _HOW[role].format(travel=travel,
+                                    ops=", ".join(sorted(set(plan.reductions.get(name, [])))))
+        lines.append(f"  {name:<{width}}  {role:<15}  {how}{kind}")
+    warn = warnings_for(plan, ns)
+    if warn:
+        lines.append("")
+        lines.extend(f"  warning: {w}" for w in warn)
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""The text live view: one tqdm bar, per iteration, on the kernel's stderr.
+
+Quiet for quick cells (tqdm's ``delay``), throttled by tqdm's own
+``mininterval``; in a notebook without widgets, in terminal IPython, under
+nbclient or ``jupyter nbconvert --execute``."""
+from __future__ import annotations
+
+from tqdm.std import tqdm
+
+from ..record import LastRun
+from ..runtime import OutputCapture
+
+#: seconds before the bar appears at all
+DELAY = 1.0
+
+
+class TextProgress:
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
+        self._shown = 0
+
+    def start(self, record: LastRun) -> None:
+        self._bar = tqdm(total=record.total, file=OutputCapture.real_streams()[1],
+                         desc=f"{record.magic} ({record.backend})", unit="it",
+                         delay=DELAY, mininterval=0.25, leave=True, dynamic_ncols=False)
+
+    def update(self, record: LastRun) -> None:
+        if self._bar is None:
+            return
+        if record.done > self._shown:
+            self._bar.update(record.done - self._shown)
+            self._shown = record.done
+        if record.errors:
+            self._bar.set_postfix(errors=len(record.errors), refresh=False)
+
+    def close(self, record: LastRun) -> None:
+        if self._bar is None:
+            return
+        self.update(record)
+        if record.interrupted:
+            self._bar.set_description(f"interrupted at {record.done}")
+        self._bar.close()
+        self._bar = None

@@ -1,0 +1,90 @@
+"""``parloop.last_run``: what the last run did, for the user, the report and
+the tests (DESIGN §1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ChunkRecord:
+    """One chunk: which iterations, where, when (seconds from the run's start)."""
+
+    start: int
+    count: int
+    worker: str
+    t_start: float
+    t_end: float
+    cpu: float
+    failed: list[int] = field(default_factory=list)
+    retried: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.t_end - self.t_start
+
+
+@dataclass
+class ErrorRecord:
+    """A failing iteration: its index, the loop variables' values, the exception."""
+
+    index: int
+    values: str
+    exception: BaseException
+
+    def __repr__(self) -> str:
+        return f"<iteration {self.index} ({self.values}): {self.exception!r}>"
+
+
+@dataclass
+class LastRun:
+    magic: str
+    backend: str
+    options: dict[str, Any]
+    workers: int
+    total: int | None
+    done: int = 0
+    wall: float = 0.0
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    interrupted: bool = False
+    roles: dict[str, str] = field(default_factory=dict)
+    threads: dict[str, Any] = field(default_factory=dict)  # threads=auto: choice and inputs
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_worker(self) -> dict[str, dict[str, float]]:
+        """worker -> {"iterations", "busy" (seconds), "chunks"}."""
+        out: dict[str, dict[str, float]] = {}
+        for c in self.chunks:
+            w = out.setdefault(c.worker, {"iterations": 0, "busy": 0.0, "chunks": 0})
+            w["iterations"] += c.count
+            w["busy"] += c.seconds
+            w["chunks"] += 1
+        return out
+
+    @property
+    def iteration_seconds(self) -> list[tuple[int, int, float]]:
+        """(first index, count, mean seconds per iteration) per chunk: the
+        per-iteration timing at the granularity it is measured at."""
+        return [(c.start, c.count, c.seconds / c.count if c.count else 0.0)
+                for c in sorted(self.chunks, key=lambda c: c.start)]
+
+    @property
+    def busy(self) -> float:
+        return sum(c.seconds for c in self.chunks)
+
+    def summary(self) -> str:
+        total = "?" if self.total is None else str(self.total)
+        speed = self.busy / self.wall if self.wall > 0 else 0.0
+        parts = [f"{self.magic} on {self.workers} {self.backend} worker(s): "
+                 f"{self.done}/{total} iterations in {self.wall:.3f} s "
+                 f"(busy/wall = {speed:.2f})"]
+        if self.errors:
+            parts.append(f"{len(self.errors)} failed")
+        if self.interrupted:
+            parts.append("interrupted")
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<LastRun {self.summary()}>"
