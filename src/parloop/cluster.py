@@ -17,17 +17,24 @@ Start-up cost (2-core machine, 2 engines; see ``tests/test_cluster.py``):
   5 s of that is the controller's heartbeat: an engine's registration only
   completes at the heart monitor's next beat after the engine's first pong, and
   the default period is 3 s.  We run the controller with
-  ``HeartMonitor.period=250`` ms (and allow 40 missed beats, 10 s, before an
-  engine is declared dead, so a busy controller does not drop engines; a killed
-  engine is reported at once by its nanny process anyway).  Cold start is then
+  ``HeartMonitor.period=250`` ms (the heart monitor is a process of its own and
+  engines answer pings from a C thread, so a short period costs nothing and
+  busy engines are not dropped).  Cold start is then
   ~1.5 s: ~0.6 s until the controller has written its connection files, ~0.9 s
   for the engines to import and register.
+* Engines run without ipyparallel's "nanny" helper process.  The nanny is the
+  engine's child and outlives it for up to 3 s (zmq LINGER) and, where PID 1
+  does not reap orphans (containers, sandboxes), stays a zombie for good, which
+  orphan checks count as a leftover.  What it offers is covered otherwise: a dead
+  engine is seen at once by :meth:`ClusterManager.dead_engines` (its pid) and by
+  the controller after ``HEARTBEAT_MISSES`` beats (5 s); signals go straight to
+  the engine's pid (:meth:`ClusterManager.signal_engines`).
 * ``Cluster.delay`` (1 s sleep between controller and engines) is useless here
   because engines are handed the controller's connection info and only start
   after it exists; it is set to 0, as is the 0.1 s between engines.
 * Tried and not worth it: ``--usethreads`` for the controller's schedulers,
   starting engines before the controller (``send_engines_connection_env=False``),
-  engines without nanny (~0.1 s), a lower engine log level.
+  a lower engine log level.
 * :meth:`ClusterManager.prestart` starts the cluster in the background (e.g. at
   ``%load_ext``), so that the first cell only waits for what is left.
 """
@@ -57,8 +64,8 @@ _ipp_log.setLevel(logging.ERROR)
 #: controller heartbeat period (ms); ipyparallel's default is 3000, which makes
 #: every engine registration take 3-6 s (see the module docstring).
 HEARTBEAT_MS = 250
-#: missed heartbeats before the controller unregisters an engine (default 10).
-HEARTBEAT_MISSES = 40
+#: missed heartbeats before the controller unregisters an engine (5 s).
+HEARTBEAT_MISSES = 20
 
 
 # ---------------------------------------------------------------------------
@@ -270,14 +277,62 @@ class ClusterManager:
                     pass
             if cluster is not None:
                 try:
-                    self._run(cluster.stop_cluster(), timeout=30)
+                    # Engines first: each engine's nanny then tells the still
+                    # running controller, and exits at once.  With the
+                    # controller gone first, a nanny waits 3 s (zmq LINGER).
+                    self._run(cluster.stop_engines(), timeout=20)
                 except Exception as e:  # fall through to killing by pid
-                    log.debug("stop_cluster failed: %r", e)
+                    log.debug("stop_engines failed: %r", e)
+                try:
+                    self._run(cluster.stop_controller(), timeout=20)
+                except Exception as e:
+                    log.debug("stop_controller failed: %r", e)
             self._kill_leftovers()
             if self._profile_dir:
                 shutil.rmtree(self._profile_dir, ignore_errors=True)
                 self._profile_dir = None
             return True
+
+    def dead_engines(self, client) -> list[int]:
+        """Ids of ``client``'s registered engines whose process is gone.
+
+        They are also unregistered at the controller, so that the tasks they
+        held fail at once (``ipyparallel.error.EngineError``) instead of after
+        the heartbeat timeout.
+
+        Instant for the managed cluster (a pid check); an external cluster's
+        engines may live on other hosts, so this returns [] for them and the
+        controller's heartbeat (ipyparallel's ``EngineError``) is the signal there.
+        """
+        with self._lock:
+            if client is None or client is not self._client:
+                return []
+            out = []
+            for i in client.ids:
+                info = self._info.get((id(client), i))
+                if info and info["pid"] is not None and not _alive(info["pid"], self._procs.get(info["pid"])):
+                    out.append(i)
+            self._unregister(client, out)
+            return out
+
+    def signal_engines(self, client, sig: int = signal.SIGINT, targets: list[int] | None = None) -> None:
+        """Send ``sig`` (default SIGINT: interrupt the running task) to engines.
+
+        Managed engines get it directly by pid; an external cluster's engines
+        through the controller (``Client.send_signal``, which needs their nanny).
+        """
+        targets = list(client.ids) if targets is None else list(targets)
+        if client is self._client:
+            info = {e["id"]: e for e in self.engine_info(client)}
+            for i in targets:
+                pid = info.get(i, {}).get("pid")
+                if pid is not None and pid in self._procs:
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        pass
+        else:
+            client.send_signal(sig, targets=targets, block=False)
 
     def kill_engine(self, engine_id: int) -> None:
         """SIGKILL one engine of the managed cluster (for fault-injection tests)."""
@@ -322,25 +377,26 @@ class ClusterManager:
             except Exception:
                 self.stop()
                 raise
-        if self._cluster is not None:
-            if not self._managed_healthy():
-                log.info("the managed cluster lost a process: starting a new one")
+        if self._cluster is not None and (n != self._processes or not self._managed_healthy()):
+            if not self._controller_alive():
+                log.info("the managed cluster's controller is gone: starting a new cluster")
                 self.stop()
-            elif n > self._processes:
-                try:
-                    self._grow(n, deadline)
+            else:
+                try:  # another size, or lost engines: fix it in place
+                    self._reconcile(n, deadline)
                 except Exception as e:
-                    log.info("growing the cluster failed (%r): starting a new one", e)
-                    self.stop()
-            elif n < self._processes:
-                try:
-                    self._shrink(n, deadline)
-                except Exception as e:
-                    log.info("shrinking the cluster failed (%r): starting a new one", e)
+                    log.info("resizing the managed cluster failed (%r): starting a new one", e)
                     self.stop()
         if self._cluster is None:
             self._start(n, deadline)
         return self._client
+
+    def _controller_alive(self) -> bool:
+        cluster, client = self._cluster, self._client
+        if cluster is None or client is None or getattr(client, "_closed", False):
+            return False
+        controller = cluster.controller
+        return controller is not None and _alive(controller.pid, self._procs.get(controller.pid))
 
     def _managed_healthy(self) -> bool:
         cluster, client = self._cluster, self._client
@@ -391,6 +447,7 @@ class ClusterManager:
             self._profile_dir = tempfile.mkdtemp(prefix="parloop-cluster-")
         config = Config()
         config.LocalEngineSetLauncher.delay = 0.0
+        config.LocalEngineSetLauncher.engine_args = ["--IPEngine.enable_nanny=False"]
         cluster = ipp.Cluster(
             config=config,
             log=_ipp_log,
@@ -470,38 +527,74 @@ class ClusterManager:
         # the progress view need it during a run, when engines do not answer).
         self.engine_info(client)
 
-    def _grow(self, n: int, deadline: float) -> None:
-        self._run(self._cluster.start_engines(n - self._processes), timeout=max(1.0, deadline - time.monotonic()))
-        for pid in self._launcher_pids(self._cluster):
-            self._record(pid)
-        self._processes = n
-        self._wait_for(n, deadline)
+    def _launchers(self) -> dict[int, Any]:
+        """pid -> launcher of every engine process of the managed cluster still running."""
+        out = {}
+        for es in list(self._cluster.engines.values()):
+            for launcher in list(es.launchers.values()):
+                if _alive(launcher.pid, self._procs.get(launcher.pid)):
+                    out[launcher.pid] = launcher
+        return out
 
-    def _shrink(self, n: int, deadline: float) -> None:
-        launchers = [
-            launcher
-            for es in list(self._cluster.engines.values())
-            for launcher in list(es.launchers.values())
-        ]
-        extra = launchers[n:]  # the newest ones
+    def _reconcile(self, n: int, deadline: float) -> None:
+        """Bring the managed cluster to exactly ``n`` live, registered engines.
+
+        Dead engines are unregistered, extra ones stopped and unregistered
+        (the newest first), missing ones started as a new engine set.
+        """
+        client = self._client
+        self.engine_info(client)
+        info = {i: self._info.get((id(client), i)) for i in client.ids}
+        launchers = self._launchers()
+        gone = {i for i, e in info.items() if e and e["pid"] is not None and e["pid"] not in launchers}
+        extra = len(launchers) - n
+        stop = []
+        if extra > 0:
+            by_pid = {e["pid"]: i for i, e in info.items() if e and i not in gone}
+            # the newest engines go first
+            for pid in sorted(launchers, key=lambda p: by_pid.get(p, 1 << 30), reverse=True)[:extra]:
+                stop.append(launchers[pid])
+                if pid in by_pid:
+                    gone.add(by_pid[pid])
 
         async def stop_some():
-            await asyncio.gather(*(launcher.stop() for launcher in extra))
+            await asyncio.gather(*(launcher.stop() for launcher in stop))
             # let the launchers' stop callbacks (scheduled on this loop by their
             # wait threads) remove them from their engine sets
             await asyncio.sleep(0.05)
 
-        self._run(stop_some(), timeout=max(1.0, deadline - time.monotonic()))
-        self._drop_info(self._client)
+        if stop:
+            self._run(stop_some(), timeout=max(1.0, deadline - time.monotonic()))
+        self._unregister(client, gone)
+        if extra < 0:
+            self._run(self._cluster.start_engines(-extra), timeout=max(1.0, deadline - time.monotonic()))
+            for pid in self._launcher_pids(self._cluster):
+                self._record(pid)
         self._processes = n
-        # Stopped engines unregister at once (their nanny tells the controller).
-        client = self._client
-        limit = min(deadline, time.monotonic() + 15)
-        while len(client.ids) != n:
+        limit = min(deadline, time.monotonic() + 20)
+        while True:
+            ids = set(client.ids)
+            if len(ids) == n and not ids & gone:
+                break
             if time.monotonic() > limit:
-                raise RuntimeError(f"{len(client.ids)} engines still registered, expected {n}")
-            time.sleep(0.02)
+                raise RuntimeError(f"engines {sorted(ids)} registered, expected {n} without {sorted(gone)}")
+            time.sleep(0.01)
+        self._drop_info(client, gone)
+        self._snapshot_descendants()
         self.engine_info(client)
+
+    @staticmethod
+    def _unregister(client, ids) -> None:
+        """Tell the controller that engines are gone (what an engine's nanny would do).
+
+        Without it the controller notices only after HEARTBEAT_MISSES missed
+        beats; with it, tasks still assigned to those engines fail at once with
+        ipyparallel's EngineError in the client.
+        """
+        for eid in ids:
+            # The hub's query handler takes the same request an engine's nanny sends;
+            # it sends no reply, so the returned future is left alone.
+            client._send(client._query_stream, "unregistration_request", content={"id": eid})
 
     def _logs(self) -> str:
         out = []
@@ -543,9 +636,9 @@ class ClusterManager:
         with self._procs_lock:
             self._procs = {p: ct for p, ct in self._procs.items() if _alive(p, ct)}
 
-    def _drop_info(self, client) -> None:
+    def _drop_info(self, client, ids=None) -> None:
         if client is not None:
-            for k in [k for k in self._info if k[0] == id(client)]:
+            for k in [k for k in self._info if k[0] == id(client) and (ids is None or k[1] in ids)]:
                 del self._info[k]
 
     # -- external clusters ----------------------------------------------------

@@ -112,7 +112,8 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
     lines.append(f"  {'name':<{width}}  {'role':<15}  how")
     for name, role in roles.items():
         value = ns.get(name, None)
-        kind = f" [{_kind(value)}]" if name in ns else ""
+        kind = f" [{_kind(value)}]" if name in ns and role in ("input", "root", "reduction",
+                                                               "call-root") else ""
         if role == "call-root":
             runs_here = name in ns and is_plain_callable_root(value)
             call = ("its method calls run in the worker" if runs_here else

@@ -130,10 +130,15 @@ class ParloopMagics(Magics):
     def _cell(self, magic: str, line: str, cell: str) -> Cell:
         shell = self.shell
         source = shell.transform_cell(cell) if shell is not None else cell
-        raw = f"%%{magic} {line}\n{cell}"
+        # registered under its own name (the outer cell's raw text would give
+        # the outer cell's name and overwrite its linecache entry), numbered
+        # like the cell being run so tracebacks say "Cell In[n]"
         shown = f"%%{magic} {line}\n{source}"
-        filename = shell.compile.cache(shown, shell.execution_count, raw_code=raw) \
-            if shell is not None else "<parloop-cell>"
+        if shell is None:
+            return Cell(source=source, filename="<parloop-cell>", first_line=2)
+        running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+        number = getattr(running, "execution_count", None) or shell.execution_count
+        filename = shell.compile.cache(shown, number)
         return Cell(source=source, filename=filename, first_line=2)
 
     def _progress(self, opts: Options) -> Progress:

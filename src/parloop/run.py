@@ -245,6 +245,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
     def concurrency() -> int:
         if threads is not None:
             n = threads.threads()
+            if total is not None:
+                n = min(n, max(total, 1))  # no more threads than iterations
             record.threads.update(threads=n)
             record.workers = max(record.workers, n)
         else:
@@ -254,7 +256,12 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
 
     def collect(fut: Future) -> None:
         chunk = in_flight.pop(fut)
-        res = fut.result()
+        try:
+            res = fut.result()
+        except BaseException:
+            if stop_at is not None and chunk.start > stop_at:
+                return  # cancelled after an earlier iteration failed
+            raise
         sizer.observe(res.done, res.t_end - res.t_start)
         if threads is not None:
             threads.observe(res.done, res.cpu, res.t_end - res.t_start)

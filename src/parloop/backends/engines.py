@@ -1,0 +1,175 @@
+"""``%%parallel``: chunks on ipyparallel engines (DESIGN §4, §7).
+
+The cluster's life cycle lives in :mod:`parloop.cluster`, the inputs' journey
+in :mod:`parloop.transport`, the engine side in :mod:`parloop.engine`; this
+module hands chunks out through a load-balanced view, re-runs the chunks of a
+lost engine (``retries``), and turns what comes back into
+:class:`~parloop.runtime.ChunkResult` futures for the dispatcher.
+"""
+from __future__ import annotations
+
+import pickle
+import signal
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import cloudpickle
+
+from ..analysis import LoopPlan
+from ..engine import Program, run_remote
+from ..errors import WorkerLostError
+from ..options import Options
+from ..runtime import ChunkResult
+from .base import Job
+
+_last_client: Any = None
+
+
+def stop_managed() -> bool:
+    """``%parallel_stop`` / ``%unload_ext``: stop the cluster parloop started."""
+    from ..cluster import MANAGER
+    global _last_client
+    _last_client = None
+    return MANAGER.stop()
+
+
+def status() -> dict | None:
+    from ..cluster import MANAGER
+    info = MANAGER.status()
+    return info if info.get("engines") or info.get("managed") else None
+
+
+class _RemoteTraceback(Exception):
+    """The engine-side traceback, attached as ``__cause__`` of a re-raised
+    exception so the user sees the cell lines where it happened (the approach
+    of concurrent.futures.process)."""
+
+    def __init__(self, tb: str):
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class EngineBackend:
+    name = "engines"
+    shares_memory = False
+
+    def __init__(self, client: Any, opts: Options):
+        from ..transport import Transport
+        self.client = client
+        self.opts = opts
+        self.ids = list(client.ids)
+        self.view = client.load_balanced_view(self.ids)
+        self.transport = Transport(client)
+        self.keys: dict[str, str] = {}
+        self.retries = opts.retries
+        self._pending: dict[str, tuple[Any, int]] = {}  # msg_id -> (async result, start)
+        self._lock = threading.Lock()
+        self._cancel_from: int | None = None
+
+    @classmethod
+    def for_options(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
+        from ..cluster import MANAGER
+        global _last_client
+        client = MANAGER.client(processes=opts.processes, profile=opts.profile,
+                                cluster_id=opts.cluster_id)
+        _last_client = client
+        return cls(client, opts)
+
+    def worker_count(self) -> int:
+        return len(self.ids)
+
+    def worker_names(self) -> list[str]:
+        return [f"engine {i}" for i in self.ids]
+
+    def max_in_flight(self) -> int:
+        # two chunks per engine: one running, one queued on it, so no engine
+        # waits for the kernel between chunks
+        return 2 * len(self.ids)
+
+    def prepare(self, job: Job) -> None:
+        from ..transport import check_picklable
+        inputs = {name: job.ns[name] for name in sorted(job.inputs)}
+        check_picklable(inputs)
+        program = Program(chunk_module=job.chunk_module, filename=job.filename,
+                          cell_lines=[line + "\n" for line in
+                                      ("\n" + job.cell_source).splitlines()],
+                          private=job.private, on_error=job.on_error, seed=job.seed)
+        inputs["___program"] = program
+        self.keys = self.transport.broadcast(inputs, self.ids)
+
+    def submit(self, items: list, start: int) -> "Future[ChunkResult]":
+        fut: Future[ChunkResult] = Future()
+        payload = cloudpickle.dumps((items, start), protocol=pickle.HIGHEST_PROTOCOL)
+        self._send(fut, payload, start, self.retries)
+        return fut
+
+    def _send(self, fut: Future, payload: bytes, start: int, retries_left: int) -> None:
+        ar = self.view.apply_async(run_remote, self.keys, payload)
+        with self._lock:
+            self._pending[ar.msg_ids[0]] = (ar, start)
+
+        def done(ar_: Any) -> None:
+            with self._lock:
+                self._pending.pop(ar.msg_ids[0], None)
+            try:
+                res: ChunkResult = pickle.loads(ar_.get())
+            except BaseException as e:  # noqa: B902
+                if self._cancel_from is not None and start > self._cancel_from:
+                    fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))
+                    return
+                if _engine_lost(e) and retries_left > 0:
+                    self._send(fut, payload, start, retries_left - 1)
+                    return
+                fut.set_exception(_as_local(e, start))
+                return
+            engine = ar_.engine_id if getattr(ar_, "engine_id", None) is not None else "?"
+            res.worker = f"engine {engine} ({res.worker})"
+            for err in res.errors + ([res.raised] if res.raised else []):
+                tb = getattr(err, "tb_text", None)
+                if tb and err.exc.__cause__ is None:
+                    err.exc.__cause__ = _RemoteTraceback(tb)
+            fut.set_result(res)
+
+        ar.add_done_callback(done)
+
+    def cancel_after(self, index: int) -> None:
+        self._cancel_from = index if self._cancel_from is None else min(index,
+                                                                        self._cancel_from)
+        with self._lock:
+            doomed = [ar for ar, start in self._pending.values() if start > index]
+        for ar in doomed:
+            try:
+                self.client.abort(ar, block=False)
+            except Exception:  # noqa: BLE001 - already running: its result is ignored
+                pass
+
+    def interrupt(self) -> None:
+        from ..cluster import MANAGER
+        import sys
+        print("parloop: interrupting the engines (SIGINT)", file=sys.stderr)
+        self.cancel_after(-1)
+        MANAGER.signal_engines(self.client, signal.SIGINT)
+
+    def finish(self) -> None:
+        pass
+
+
+def _engine_lost(e: BaseException) -> bool:
+    from ipyparallel.error import EngineError
+    return isinstance(e, EngineError) or "EngineError" in type(e).__name__
+
+
+def _as_local(e: BaseException, start: int) -> BaseException:
+    """A failure of the machinery (not of an iteration: those come back inside
+    the result) turned into something the user can act on."""
+    if _engine_lost(e):
+        return WorkerLostError(f"the engine running iterations from {start} died and the "
+                               "retries are used up")
+    from ipyparallel.error import RemoteError
+    if isinstance(e, RemoteError):
+        return RuntimeError(f"parloop engine-side failure: {e.ename}: {e.evalue}\n"
+                            f"{getattr(e, 'traceback', '')}")
+    return e

@@ -1,0 +1,115 @@
+"""Runs ON AN ENGINE: the entry point that ipyparallel calls for each chunk.
+
+Engines share nothing with the kernel but the installed packages: the chunk
+function arrives as an AST (compiled here under the cell's name, with the
+cell's text put into linecache so tracebacks show the user's lines), the
+inputs arrive by value through :mod:`parloop.transport`, and payloads travel
+as cloudpickle bytes so instances of notebook classes survive the round trip
+(cloudpickle's class tracking gives the kernel back its own classes).
+"""
+from __future__ import annotations
+
+import builtins
+import linecache
+import os
+import pickle
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cloudpickle
+
+from . import seeding
+from .runtime import ChunkResult, OutputCapture, run_chunk
+
+#: compiled chunk functions by program key (a few runs' worth)
+_FUNCTIONS: dict[str, Callable] = {}
+
+
+@dataclass
+class Program:
+    """One loop's worker side: what every chunk of the run shares."""
+
+    chunk_module: Any  # ast.Module
+    filename: str
+    cell_lines: list[str]
+    private: set[str]
+    on_error: str
+    seed: int | None
+
+
+def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
+    fn = _FUNCTIONS.get(key)
+    if fn is not None and fn.__globals__.get("___inputs_key") != key:
+        fn = None
+    if fn is None:
+        linecache.cache[program.filename] = (sum(map(len, program.cell_lines)), None,
+                                             program.cell_lines, program.filename)
+        globals_: dict[str, Any] = {"__builtins__": builtins, "__name__": "__parloop__"}
+        globals_.update(inputs)
+        globals_["___inputs_key"] = key
+        scratch: dict[str, Any] = {}
+        exec(compile(program.chunk_module, program.filename, "exec"), globals_, scratch)
+        fn = scratch["___parloop_chunk"]
+        if len(_FUNCTIONS) > 8:
+            _FUNCTIONS.pop(next(iter(_FUNCTIONS)))
+        _FUNCTIONS[key] = fn
+    return fn
+
+
+def _portable(res: ChunkResult) -> bytes:
+    """cloudpickle the result; values that cannot travel (an open file left in
+    a private name, an exception holding a socket) are replaced by a
+    description rather than losing the whole chunk."""
+    for err in res.errors + ([res.raised] if res.raised else []):
+        err.tb_text = "".join(traceback.format_exception(err.exc))  # type: ignore[attr-defined]
+        err.exc.__traceback__ = None
+    try:
+        return cloudpickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - find what does not pickle
+        pass
+    for name, value in list(res.snapshot.items()):
+        try:
+            cloudpickle.dumps(value)
+        except Exception as e:  # noqa: BLE001
+            res.snapshot[name] = _Unpicklable(name, type(value).__name__, str(e))
+    for err in res.errors + ([res.raised] if res.raised else []):
+        try:
+            cloudpickle.dumps(err.exc)
+        except Exception:  # noqa: BLE001
+            err.exc = RuntimeError(f"{type(err.exc).__name__}: {err.exc} "
+                                   "(the exception itself could not be sent back)")
+        err.snapshot = {}
+    return cloudpickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass
+class _Unpicklable:
+    name: str
+    type_name: str
+    why: str
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name} {self.name!r} stayed on the engine: {self.why}>"
+
+
+def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
+    """Run one chunk: ``payload`` is ``cloudpickle((items, start))``."""
+    from .transport import engine_resolve
+
+    values = engine_resolve(keys)
+    program: Program = values.pop("___program")
+    fn = _function(repr(sorted(keys.items())), program, values)
+    items, start = pickle.loads(payload)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if program.seed is not None:
+        seeding.begin_run()
+    try:
+        with OutputCapture():
+            res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
+                            worker=worker)
+    finally:
+        if program.seed is not None:
+            seeding.end_run()
+    return _portable(res)
