@@ -232,8 +232,7 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
     """Hand chunks out, keep the workers fed, commit contiguous prefixes as
     they complete; stop early on an error (on_error=raise) or an interrupt."""
     it = iter(iterable)
-    sizer = ChunkSizer(opts.chunksize if not (opts.serial and opts.chunksize is None) else 1,
-                       max(backend.worker_count(), 1), total)
+    sizer = ChunkSizer(opts.chunksize, max(backend.worker_count(), 1), total)
     in_flight: dict[Future, _Chunk] = {}
     results: dict[int, tuple[_Chunk, ChunkResult]] = {}
     next_start = 0

@@ -1,0 +1,35 @@
+"""``python -m benchmarks [workload ...] [--rounds N]``: run the workloads and
+print the Markdown table (what ``make bench`` runs; BENCHMARKS.md holds the
+latest)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .harness import shell, table
+from . import workloads_threads
+
+WORKLOADS = {
+    "io": workloads_threads.io_sleep,
+    "cpu_overhead": workloads_threads.cpu_overhead,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("workloads", nargs="*", choices=[[], *WORKLOADS], default=[])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    names = args.workloads or list(WORKLOADS)
+    ip = shell()
+    results = []
+    for name in names:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results.append(WORKLOADS[name](ip, args.rounds))
+    print(table(results))
+    ip.run_cell("%unload_ext parloop", store_history=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
