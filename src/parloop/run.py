@@ -388,7 +388,8 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
                      roles=plan.roles())
     parloop.last_run = record
     job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
-              inputs={n for n in plan.inputs if n in ns}, private=set(plan.private),
+              inputs={n for n in plan.inputs | worker_roots if n in ns},
+              private=set(plan.private),
               on_error=opts.on_error, seed=opts.seed)
     backend.prepare(job)
     threads = None

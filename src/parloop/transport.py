@@ -1,0 +1,486 @@
+"""Moving the loop's inputs to the engines: by value, once per engine, never stale (DESIGN §4).
+
+Kernel side, :class:`Transport` serialises every input with cloudpickle
+(protocol 5): functions and classes defined in the notebook travel by value,
+modules by reference.  Buffers of at least :data:`OOB_THRESHOLD` bytes (NumPy
+arrays, pandas blocks, ``bytearray``, a ``bytes`` input) are kept out of the
+pickle stream and sent zero-copy as separate message frames.
+
+Keys are content hashes (SHA-1 of the pickle stream and of every out-of-band
+buffer), so a value is re-sent exactly when what it pickles to has changed --
+including, for a function, the globals it reads.  An unchanged buffer is not
+sent again even when the value around it changed (a function that closes over a
+big array and a new threshold only sends the small pickle), and a buffer shared
+by several inputs travels once.
+
+Engine side, the payloads live in :data:`_STORE` of this module.  A value is
+unpickled once per engine per broadcast (per cell): every cell starts from the
+kernel's snapshot, and a mutation an engine made to its copy in one cell is not
+seen in the next.  Within a cell, the tasks that run on one engine share the
+objects.  Out-of-band buffers are handed out *read-only* (zero-copy views of the
+received frames): writing into an input array on an engine raises
+``ValueError: assignment destination is read-only`` instead of silently
+diverging from the kernel's array (joblib's memmapped inputs behave the same).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import sys
+import types
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping
+
+import cloudpickle
+
+from .errors import LoopAnalysisError
+
+__all__ = [
+    "Transport",
+    "TransportError",
+    "TransportStats",
+    "check_picklable",
+    "engine_resolve",
+    "dumps",
+    "loads",
+]
+
+#: buffers at least this large travel out of band (zero-copy, hashed and cached on their own)
+OOB_THRESHOLD = 64 * 1024
+#: an engine drops a value that the last KEEP broadcasts did not use
+KEEP = 3
+
+# ---------------------------------------------------------------------------
+# engine side
+# ---------------------------------------------------------------------------
+#: content key -> payload: ("pickle"|"bytes", pickle stream, buffer keys) or a read-only buffer
+_STORE: dict[str, object] = {}
+#: (name, content key) -> (epoch, object): the objects handed out in the current epoch
+_LIVE: dict[tuple[str, str], tuple[str, object]] = {}
+_EPOCH: list[str | None] = [None]
+
+
+class TransportError(RuntimeError):
+    """An input could not be loaded on an engine (e.g. a module missing there)."""
+
+    def __init__(self, message: str, *, name: str | None = None):
+        self.name = name
+        super().__init__(message)
+
+
+def _materialize(key: str) -> object:
+    try:
+        kind, data, bkeys = _STORE[key]
+    except KeyError:
+        raise TransportError(
+            f"parloop: input {key} is not on this engine (pid {os.getpid()}); "
+            "was the engine restarted? Transport.forget() resends everything"
+        ) from None
+    bufs = [_STORE[b] for b in bkeys]
+    if kind == "bytes":
+        return bytes(bufs[0])
+    return pickle.loads(data, buffers=bufs)
+
+
+def _enter_epoch(epoch: str) -> None:
+    if _EPOCH[0] != epoch:
+        _EPOCH[0] = epoch
+        _LIVE.clear()  # objects of earlier cells: a new cell starts from the kernel's values
+
+
+def engine_resolve(keys: Mapping[str, str]) -> dict[str, object]:
+    """Runs ON THE ENGINE: name -> value for the keys that :meth:`Transport.broadcast` returned."""
+    out = {}
+    for name, key in keys.items():
+        content, _, epoch = key.partition("@")
+        _enter_epoch(epoch)
+        live = _LIVE.get((name, content))
+        if live is None:
+            live = _LIVE[(name, content)] = (epoch, _materialize(content))
+        out[name] = live[1]
+    return out
+
+
+def _engine_store(index: dict, *blobs) -> dict:
+    """Runs ON THE ENGINE: store the payloads of one broadcast, load the new values once.
+
+    Returns ``{"pid", "stored", "errors": {name: "ExcType: message"}}``.
+    """
+    for key in index["drop"]:
+        _STORE.pop(key, None)
+    if index["drop"]:
+        dropped = set(index["drop"])
+        for live_key in [k for k in _LIVE if k[1] in dropped]:
+            del _LIVE[live_key]
+    for bkey, i in index["buffers"].items():
+        # a read-only view of the received frame: zero-copy, and inputs cannot be corrupted
+        _STORE[bkey] = memoryview(blobs[i]).toreadonly()
+    for vkey, (kind, i, bkeys) in index["values"].items():
+        _STORE[vkey] = (kind, None if i is None else blobs[i], tuple(bkeys))
+    errors = {}
+    if index["load"]:
+        _enter_epoch(index["epoch"])
+        for name, vkey in index["load"].items():
+            try:
+                _LIVE[(name, vkey)] = (index["epoch"], _materialize(vkey))
+            except Exception as e:  # reported in the kernel with the variable's name
+                errors[name] = f"{type(e).__name__}: {e}"
+    return {"pid": os.getpid(), "stored": len(_STORE), "errors": errors}
+
+
+# ---------------------------------------------------------------------------
+# kernel side
+# ---------------------------------------------------------------------------
+def _hash(*parts) -> str:
+    h = hashlib.sha1(usedforsecurity=False)  # fast (SHA-NI), 160 bits: not adversarial input
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+@dataclass
+class _Packed:
+    key: str  # content key
+    kind: str  # "pickle" or "bytes"
+    data: bytes | None  # the pickle stream
+    buffers: list[tuple[str, memoryview]]  # out-of-band buffers: (content key, bytes view)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data or b"") + sum(b.nbytes for _, b in self.buffers)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except that open files are refused.
+
+    cloudpickle pickles a file opened for reading as a StringIO of its contents;
+    a loop that reads from a shared file handle would then see the same lines on
+    every engine, so parloop reports it instead (DESIGN §4).
+    """
+
+    def reducer_override(self, obj):
+        if (isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO))
+                and not any(obj is s for s in (sys.stdin, sys.stdout, sys.stderr))):
+            name = getattr(obj, "name", None)
+            raise TypeError(f"cannot pickle an open file{f' ({name!r})' if name else ''}")
+        return super().reducer_override(obj)
+
+
+def _cloudpickle(value: Any, buffer_callback) -> bytes:
+    f = io.BytesIO()
+    _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(value)
+    return f.getvalue()
+
+
+def _dumps_oob(value: Any, buffers: list) -> bytes:
+    """cloudpickle ``value``; buffers of at least OOB_THRESHOLD bytes go into ``buffers``."""
+
+    def callback(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()  # flat unsigned-byte view; BufferError if not contiguous
+        except BufferError:
+            return True
+        if raw.nbytes < OOB_THRESHOLD:
+            return True  # in band
+        buffers.append(raw)
+        return False
+
+    return _cloudpickle(value, callback)
+
+
+def _pack(name: str, value: Any) -> _Packed:
+    if type(value) is bytes and len(value) >= OOB_THRESHOLD:
+        # pickle keeps bytes in band (a copy); send the object's own buffer instead
+        bkey = "b" + _hash(value)
+        return _Packed("v" + _hash(b"bytes:", bkey.encode()), "bytes", None, [(bkey, memoryview(value))])
+    raws: list[memoryview] = []
+    try:
+        data = _dumps_oob(value, raws)
+    except Exception as e:
+        raise _unpicklable(name, value, e) from e
+    buffers = [("b" + _hash(raw), raw) for raw in raws]
+    key = "v" + _hash(data, *(k.encode() for k, _ in buffers))
+    return _Packed(key, "pickle", data, buffers)
+
+
+@dataclass
+class TransportStats:
+    """Counters of what :meth:`Transport.broadcast` sent (``Transport.stats``: since creation;
+    ``Transport.last``: the last broadcast).  Per engine: sending one value to two
+    engines counts 2 in ``values_sent`` and twice its size in ``bytes``."""
+
+    broadcasts: int = 0
+    messages: int = 0  # store messages (at most one per engine per broadcast)
+    bytes: int = 0  # payload bytes sent, summed over engines
+    values_sent: int = 0  # (value, engine) pairs sent
+    values_cached: int = 0  # (value, engine) pairs already there
+    buffers_sent: int = 0  # (out-of-band buffer, engine) pairs sent
+    evicted: int = 0  # keys engines were told to drop
+    seconds: float = 0.0  # wall time in broadcast()
+
+    def add(self, other: TransportStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class Transport:
+    """Broadcasts a cell's inputs to engines and keeps track of what each engine holds.
+
+    One per ``ipyparallel.Client``; bookkeeping is per engine *uuid*, so an
+    engine that is replaced (even under a reused id) starts empty.
+    """
+
+    def __init__(self, client, *, keep: int = KEEP):
+        self.client = client
+        self.keep = keep
+        self._uid = uuid.uuid4().hex[:12]
+        self._gen = 0
+        # engine uuid -> {content key -> generation that last used it}
+        self._have: dict[object, dict[str, int]] = {}
+        self.stats = TransportStats()
+        self.last = TransportStats()
+
+    def broadcast(self, values: dict[str, object], targets: Iterable[int], *,
+                  timeout: float | None = None) -> dict[str, str]:
+        """Make every value available on every target engine; return name -> key.
+
+        A value (or out-of-band buffer) already present on an engine is not sent
+        again.  Blocks until every engine has stored and loaded what it was sent.
+        Pass the keys to :func:`engine_resolve` in the task that runs on the engine.
+
+        Raises :class:`~parloop.errors.LoopAnalysisError` (naming the variable) for
+        a value that cannot be pickled, :class:`TransportError` for one that an
+        engine cannot load, and ipyparallel's errors if an engine dies meanwhile.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        stats = TransportStats(broadcasts=1)
+        packed = {name: _pack(name, value) for name, value in values.items()}
+        self._gen += 1
+        gen, epoch = self._gen, f"{self._uid}.{self._gen}"
+        used = {p.key for p in packed.values()} | {bk for p in packed.values() for bk, _ in p.buffers}
+        pending = []
+        for eid in targets:
+            ident = self._ident(eid)
+            have = self._have.setdefault(ident, {})
+            index: dict[str, Any] = {"drop": [], "values": {}, "buffers": {}, "load": {}, "epoch": epoch}
+            blobs: list = []
+            for name, p in packed.items():
+                if p.key in have or p.key in index["values"]:
+                    stats.values_cached += p.key in have
+                    continue
+                for bkey, raw in p.buffers:
+                    if bkey not in have and bkey not in index["buffers"]:
+                        index["buffers"][bkey] = len(blobs)
+                        blobs.append(raw)
+                        stats.buffers_sent += 1
+                        stats.bytes += raw.nbytes
+                if p.data is not None:
+                    index["values"][p.key] = ("pickle", len(blobs), [k for k, _ in p.buffers])
+                    blobs.append(memoryview(p.data))
+                    stats.bytes += len(p.data)
+                else:
+                    index["values"][p.key] = (p.kind, None, [k for k, _ in p.buffers])
+                index["load"][name] = p.key
+                stats.values_sent += 1
+            # values with the same content under two names: load both names
+            for name, p in packed.items():
+                if p.key in index["values"]:
+                    index["load"].setdefault(name, p.key)
+            index["drop"] = [k for k, g in have.items() if k not in used and g <= gen - self.keep]
+            stats.evicted += len(index["drop"])
+            if index["values"] or index["buffers"] or index["drop"]:
+                ar = self.client[eid].apply_async(_engine_store, index, *blobs)
+                stats.messages += 1
+                pending.append((eid, ident, index, ar))
+            else:
+                for k in used:
+                    have[k] = gen
+        for eid, ident, index, ar in pending:
+            reply = ar.get(timeout=timeout)
+            have = self._have[ident]
+            for k in index["drop"]:
+                have.pop(k, None)
+            for k in used:
+                have[k] = gen
+            if reply["errors"]:
+                name, err = next(iter(reply["errors"].items()))
+                raise TransportError(
+                    f"parloop: engine {eid} cannot load the input {name!r}: {err}. "
+                    "Modules are imported on the engines by name, so they must be "
+                    "installed there too; or create the value inside the loop.",
+                    name=name,
+                )
+        stats.seconds = time.perf_counter() - t0
+        self.last = stats
+        self.stats.add(stats)
+        return {name: f"{p.key}@{epoch}" for name, p in packed.items()}
+
+    def forget(self) -> None:
+        """Drop the kernel-side bookkeeping: the next broadcast sends everything again."""
+        self._have.clear()
+
+    def _ident(self, eid: int) -> object:
+        engines = getattr(self.client, "_engines", None) or {}
+        return engines.get(eid, eid)  # the engine's uuid, where the client knows it
+
+
+# ---------------------------------------------------------------------------
+# results and other payloads in either direction
+# ---------------------------------------------------------------------------
+def dumps(obj: Any) -> list:
+    """``[pickle stream, *out-of-band buffers]`` for ``obj`` (cloudpickle, protocol 5).
+
+    Return this from an engine task, and :func:`loads` it in the kernel: big
+    buffers in the result travel zero-copy, and instances of notebook classes
+    come back as the kernel's own classes (cloudpickle tracks classes it sent by
+    value).  It also keeps results independent of ipyparallel's serializer
+    settings (``use_cloudpickle`` or not).
+    """
+    raws: list[memoryview] = []
+    data = _dumps_oob(obj, raws)
+    return [data, *raws]
+
+
+def loads(frames: list) -> Any:
+    """Inverse of :func:`dumps`, for the kernel: leaves the kernel's own classes alone.
+
+    When a stream holds a notebook class that the kernel already has (cloudpickle
+    finds it by its tracker id), plain ``pickle.loads`` returns the kernel's
+    class -- but then *overwrites its attributes* with the copies from the
+    stream (``cloudpickle._class_setstate``): the methods would become copies
+    whose globals are the snapshot the engine got, and a global changed later
+    in the notebook would not be seen by them.  This unpickler skips that step
+    for classes that existed before.
+    """
+    return _KernelUnpickler(io.BytesIO(frames[0]), buffers=frames[1:]).load()
+
+
+class _KernelUnpickler(pickle.Unpickler):
+    def __init__(self, file, *, buffers=()):
+        super().__init__(file, buffers=buffers)
+        self._existing: set[int] = set()
+
+    def find_class(self, module: str, name: str):
+        obj = super().find_class(module, name)
+        if module.startswith("cloudpickle"):
+            if name == "_make_skeleton_class":
+                return self._tracking(obj, 4)  # (type, name, bases, kwargs, tracker id, extra)
+            if name == "_make_skeleton_enum":
+                return self._tracking(obj, 5)  # (bases, name, qualname, members, module, tracker id, extra)
+            if name == "_class_setstate":
+                return self._setstate(obj)
+        return obj
+
+    def _tracking(self, make, position: int):
+        tracker = getattr(getattr(cloudpickle, "cloudpickle", None), "_DYNAMIC_CLASS_TRACKER_BY_ID", {})
+
+        def make_skeleton(*args):
+            tracker_id = args[position] if len(args) > position else None
+            known = tracker_id is not None and tracker.get(tracker_id) is not None
+            cls = make(*args)
+            if known:
+                self._existing.add(id(cls))
+            return cls
+
+        return make_skeleton
+
+    def _setstate(self, setstate):
+        def class_setstate(obj, state):
+            if id(obj) in self._existing:
+                return obj  # the kernel's own class: keep its attributes
+            return setstate(obj, state)
+
+        return class_setstate
+
+
+# ---------------------------------------------------------------------------
+# the check before anything runs
+# ---------------------------------------------------------------------------
+def check_picklable(values: Mapping[str, object], *, linenos: Mapping[str, int] | None = None) -> None:
+    """Raise :class:`LoopAnalysisError` naming the first variable that cannot be sent to engines.
+
+    Cheap for large NumPy arrays and other protocol-5 buffers: they are not
+    copied (an out-of-band callback discards them), only the objects around them
+    are pickled.
+    """
+    for name, value in values.items():
+        if type(value) in (bytes, str, int, float, bool, type(None)):
+            continue
+        try:
+            _cloudpickle(value, _discard)
+        except Exception as e:
+            raise _unpicklable(name, value, e, linenos) from e
+
+
+def _discard(_buffer) -> bool:
+    return False  # out of band: not copied into the stream
+
+
+def _probe(value: Any) -> Exception | None:
+    try:
+        _cloudpickle(value, _discard)
+    except Exception as e:
+        return e
+    return None
+
+
+def _culprit(value: Any, depth: int = 3) -> tuple[list[str], Any, Exception] | None:
+    """The innermost part of ``value`` that does not pickle: (path, part, exception).
+
+    E.g. a function reading a global lock gives (["global tally_lock"], <lock>, TypeError(...)).
+    """
+    if depth == 0:
+        return None
+    parts: list[tuple[str, Any]] = []
+    if isinstance(value, types.FunctionType):
+        code_names: set[str] = set()
+        stack = [value.__code__]
+        while stack:
+            code = stack.pop()
+            code_names.update(code.co_names)
+            stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        parts += [(f"global {n}", value.__globals__[n]) for n in sorted(code_names) if n in value.__globals__]
+        for var, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
+            try:
+                parts.append((f"closure variable {var}", cell.cell_contents))
+            except ValueError:  # empty cell
+                pass
+        parts += [(f"a default of {value.__name__}()", d) for d in value.__defaults__ or ()]
+    elif isinstance(value, dict):
+        parts += [(f"[{k!r}]", v) for k, v in list(value.items())[:1000]]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        parts += [(f"[{i}]", v) for i, v in enumerate(list(value)[:1000])]
+    elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType)):
+        parts += [(f".{k}", v) for k, v in list(vars(value).items())[:1000]]
+    for label, part in parts:
+        if isinstance(part, types.ModuleType):
+            continue
+        exc = _probe(part)
+        if exc is not None:
+            inner = _culprit(part, depth - 1)
+            if inner is not None:
+                return [label, *inner[0]], inner[1], inner[2]
+            return [label], part, exc
+    return None
+
+
+def _unpicklable(name: str, value: Any, exc: Exception,
+                 linenos: Mapping[str, int] | None = None) -> LoopAnalysisError:
+    found = _culprit(value)
+    if found is None:
+        detail = f"{name!r} ({type(value).__name__}): {exc}"
+    else:
+        path, part, exc = found
+        where = "".join(p if p.startswith(("[", ".")) else f" {p}" for p in path).strip()
+        detail = f"{name!r}: it refers to {where} ({type(part).__name__}): {exc}"
+    message = (
+        f"%%parallel cannot send {detail}. Engines are separate processes and get "
+        f"copies of what the loop reads: use %%threaded (threads share the kernel's "
+        f"objects), or create {name!r} inside the loop."
+    )
+    return LoopAnalysisError(message, lineno=(linenos or {}).get(name), name=name)
