@@ -151,6 +151,7 @@ class ParloopMagics(Magics):
         return TextProgress()  # type: ignore[return-value]
 
     def _run(self, magic: str, line: str, cell: str) -> Any:
+        __tracebackhide__ = True  # IPython hides parloop's frames from tracebacks
         opts = self._options(line, magic)
         if cell is None or not cell.strip():
             raise UsageError(f"%%{magic} needs a cell with a `for` loop below the magic line")
@@ -159,10 +160,12 @@ class ParloopMagics(Magics):
 
     @cell_magic
     def threaded(self, line: str, cell: str) -> Any:
+        __tracebackhide__ = True
         return self._run("threaded", line, cell)
 
     @cell_magic
     def parallel(self, line: str, cell: str) -> Any:
+        __tracebackhide__ = True
         return self._run("parallel", line, cell)
 
     @line_magic

@@ -184,6 +184,14 @@ class _Committer:
         self.ns.update(self.snapshot)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by the kernel interrupt; says how far it got.  A
+    KeyboardInterrupt, so nothing that catches those is surprised."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
 class _IterationFailed(Exception):
     def __init__(self, index: int, exc: BaseException, item: Any):
         self.index, self.exc, self.item = index, exc, item
@@ -320,7 +328,7 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
         backend.interrupt()
         _drain(in_flight, results, committer, timeout=2.0)
         progress.close(record)
-        raise KeyboardInterrupt(
+        raise Interrupted(
             f"parloop: interrupted after {committer.next} of "
             f"{'?' if total is None else total} iterations; iterations 0..{committer.next - 1}"
             " were applied") from None
@@ -368,6 +376,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     expression (as serial execution would display it)."""
     import parloop
 
+    __tracebackhide__ = True  # IPython: tracebacks start at the user's cell
     tree = cell.parse()
     plan = analyse(tree)
     if opts.explain:
