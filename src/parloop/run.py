@@ -275,6 +275,7 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
             record.threads.update(t1=threads.t1, t2=threads.t2, cores=threads.cores)
         results[chunk.start] = (chunk, res)
 
+    poll = getattr(backend, "poll", None)
     progress.start(record)
     try:
         while True:
@@ -296,6 +297,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
             if not in_flight and committer.next >= next_start:
                 break
             if in_flight:
+                if poll is not None:
+                    poll()
                 done, _ = wait(list(in_flight), timeout=0.25, return_when=FIRST_COMPLETED)
                 for fut in done:
                     collect(fut)
@@ -339,6 +342,10 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
         if in_flight and not record.interrupted:
             wait(list(in_flight), timeout=5.0)
     progress.close(record)
+    record.notes.extend(getattr(backend, "events", ()))
+    retried = getattr(backend, "retried", ())
+    for c in record.chunks:
+        c.retried = c.start in retried
     if failure is not None:
         index, exc, item = failure
         record.errors.append(ErrorRecord(index, committer.targets.describe(item), exc))

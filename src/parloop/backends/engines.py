@@ -61,13 +61,17 @@ class EngineBackend:
         self.client = client
         self.opts = opts
         self.ids = list(client.ids)
-        self.view = client.load_balanced_view(self.ids)
+        # no fixed targets: a chunk re-run after an engine died must go to the
+        # engines still registered
+        self.view = client.load_balanced_view()
         self.transport = Transport(client)
         self.keys: dict[str, str] = {}
         self.retries = opts.retries
         self._pending: dict[str, tuple[Any, int]] = {}  # msg_id -> (async result, start)
         self._lock = threading.Lock()
         self._cancel_from: int | None = None
+        self.events: list[str] = []     # what happened (lost engines), for last_run
+        self.retried: set[int] = set()  # chunk starts that were re-run
 
     @classmethod
     def for_options(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
@@ -79,7 +83,7 @@ class EngineBackend:
         return cls(client, opts)
 
     def worker_count(self) -> int:
-        return len(self.ids)
+        return max(len(self.ids), 1)
 
     def worker_names(self) -> list[str]:
         return [f"engine {i}" for i in self.ids]
@@ -121,7 +125,13 @@ class EngineBackend:
                     fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))
                     return
                 if _engine_lost(e) and retries_left > 0:
-                    self._send(fut, payload, start, retries_left - 1)
+                    self.events.append(f"the engine running iterations from {start} died; "
+                                       "they were re-run on another engine")
+                    self.retried.add(start)
+                    try:
+                        self._send(fut, payload, start, retries_left - 1)
+                    except Exception as again:  # noqa: BLE001 - no engine left
+                        fut.set_exception(_as_local(again, start))
                     return
                 fut.set_exception(_as_local(e, start))
                 return
@@ -134,6 +144,17 @@ class EngineBackend:
             fut.set_result(res)
 
         ar.add_done_callback(done)
+
+    def poll(self) -> None:
+        """Called by the dispatcher between waits: a managed engine whose
+        process is gone is unregistered now, so its chunks fail at once and
+        are re-run, rather than after the controller's heartbeat timeout."""
+        from ..cluster import MANAGER
+        dead = MANAGER.dead_engines(self.client)
+        for eid in dead:
+            if eid in self.ids:
+                self.ids.remove(eid)
+                self.events.append(f"engine {eid} died during the run")
 
     def cancel_after(self, index: int) -> None:
         self._cancel_from = index if self._cancel_from is None else min(index,
@@ -159,7 +180,7 @@ class EngineBackend:
 
 def _engine_lost(e: BaseException) -> bool:
     from ipyparallel.error import EngineError
-    return isinstance(e, EngineError) or "EngineError" in type(e).__name__
+    return isinstance(e, EngineError) or getattr(e, "ename", None) == "EngineError"
 
 
 def _as_local(e: BaseException, start: int) -> BaseException:
