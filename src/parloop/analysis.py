@@ -400,9 +400,11 @@ class _CarriedReads:
         self.private = private
         self.reductions = reductions
 
-    def check_expr(self, node: ast.AST | None, bound: set[str]) -> None:
+    def check_expr(self, node: ast.AST | None, bound: set[str]) -> set[str]:
+        """Check the reads of an expression; return the names its walrus
+        operators bind (bound from here on)."""
         if node is None:
-            return
+            return set()
         sn = _ScopeNames()
         sn.visit(node)
         walrus = set(sn.stores)
@@ -418,6 +420,7 @@ class _CarriedReads:
                     "value would come from the previous iteration (a loop-carried "
                     f"dependency); assign `{name}` first in the body, or keep this loop "
                     "serial", lineno=ln, name=name)
+        return walrus
 
     def block(self, stmts: list[ast.stmt], bound: set[str] | None) -> set[str] | None:
         for st in stmts:
@@ -444,7 +447,7 @@ class _CarriedReads:
                 self.check_expr(st.cause, b)
             return _ALL
         if isinstance(st, ast.Assign):
-            self.check_expr(st.value, b)
+            b |= self.check_expr(st.value, b)
             for t in st.targets:
                 self._check_target(t, b)
             return b | set(_stored_names(st.targets))
@@ -453,7 +456,7 @@ class _CarriedReads:
             self._check_target(st.target, b)
             return b | set(_stored_names([st.target])) if st.value is not None else b
         if isinstance(st, ast.AugAssign):
-            self.check_expr(st.value, b)
+            b |= self.check_expr(st.value, b)
             if isinstance(st.target, ast.Name):
                 name = st.target.id
                 if name in self.private and name not in b:
@@ -465,22 +468,22 @@ class _CarriedReads:
             self._check_target(st.target, b)
             return b
         if isinstance(st, ast.If):
-            self.check_expr(st.test, b)
+            b |= self.check_expr(st.test, b)
             return self._meet(self.block(st.body, b), self.block(st.orelse, b))
         if isinstance(st, (ast.For, ast.AsyncFor)):
-            self.check_expr(st.iter, b)
+            b |= self.check_expr(st.iter, b)
             inner = b | set(_stored_names([st.target]))
             self.block(st.body, inner)
             after = self.block(st.orelse, b)
             return b if after is _ALL else after
         if isinstance(st, ast.While):
-            self.check_expr(st.test, b)
+            b |= self.check_expr(st.test, b)
             self.block(st.body, b)
             after = self.block(st.orelse, b)
             return b if after is _ALL else after
         if isinstance(st, (ast.With, ast.AsyncWith)):
             for item in st.items:
-                self.check_expr(item.context_expr, b)
+                b |= self.check_expr(item.context_expr, b)
                 if item.optional_vars is not None:
                     b |= set(_stored_names([item.optional_vars]))
             return self.block(st.body, b)
@@ -499,7 +502,7 @@ class _CarriedReads:
                 return _ALL
             return after | fin
         if isinstance(st, ast.Match):
-            self.check_expr(st.subject, b)
+            b |= self.check_expr(st.subject, b)
             ends = []
             for case in st.cases:
                 sn = _ScopeNames()

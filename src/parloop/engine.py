@@ -37,18 +37,16 @@ class Program:
     private: set[str]
     on_error: str
     seed: int | None
+    timeout: float | None = None
 
 
 def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
     fn = _FUNCTIONS.get(key)
-    if fn is not None and fn.__globals__.get("___inputs_key") != key:
-        fn = None
     if fn is None:
         linecache.cache[program.filename] = (sum(map(len, program.cell_lines)), None,
                                              program.cell_lines, program.filename)
         globals_: dict[str, Any] = {"__builtins__": builtins, "__name__": "__parloop__"}
         globals_.update(inputs)
-        globals_["___inputs_key"] = key
         scratch: dict[str, Any] = {}
         exec(compile(program.chunk_module, program.filename, "exec"), globals_, scratch)
         fn = scratch["___parloop_chunk"]
@@ -108,7 +106,7 @@ def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
     try:
         with OutputCapture():
             res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
-                            worker=worker)
+                            worker=worker, timeout=program.timeout)
     finally:
         if program.seed is not None:
             seeding.end_run()

@@ -295,9 +295,11 @@ def _target_assign(plan: LoopPlan, copy_items: bool) -> ast.stmt:
 
 
 def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
-                         copy_items: bool, seeded: bool) -> ast.Module:
+                         copy_items: bool, hooked: bool) -> ast.Module:
     """The module that defines the chunk function for this loop.
 
+    ``hooked``: call ``___ctl.begin(n)`` before each iteration (per-iteration
+    random streams, the per-iteration timeout).
     ``copy_items``: give the worker its own copy of each item (threads share
     the kernel's objects; a body that writes through the loop target must not
     touch the kernel's item before its turn to commit)."""
@@ -312,9 +314,10 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     rewritten = _BodyRewriter(plan, worker_call_roots).block(body)
     target = _target_assign(plan, copy_items)
     try_.body = [target, *rewritten]
-    if seeded:
-        seed_call = ast.parse("___ctl.seed(___n)").body[0]
-        loop.body.insert(len(loop.body) - 1, seed_call)
+    if hooked:
+        # per-iteration set-up (seed=, timeout=): only paid for when asked for
+        hook = ast.parse("___ctl.begin(___n)").body[0]
+        loop.body.insert(len(loop.body) - 1, hook)
     # template lines sit at the loop's own line so tracebacks stay in the cell
     line = plan.loop.lineno
     user_nodes = _descendants(rewritten)

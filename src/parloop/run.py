@@ -398,7 +398,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     worker_roots = classify_call_roots(plan, ns)
     module = build_chunk_function(plan, worker_roots,
                                   copy_items=backend.shares_memory and bool(plan.target_roots),
-                                  seeded=opts.seed is not None)
+                                  hooked=opts.seed is not None or opts.timeout is not None)
     record = LastRun(magic=opts.magic, backend=backend.name,
                      options=dict(opts.given), workers=backend.worker_count(), total=total,
                      roles=plan.roles())
@@ -406,7 +406,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
               inputs={n for n in plan.inputs | worker_roots if n in ns},
               private=set(plan.private),
-              on_error=opts.on_error, seed=opts.seed)
+              on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout)
     backend.prepare(job)
     threads = None
     if backend.name == "threads" and opts.threads is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import copy
 import io
+import signal
 import sys
 import threading
 import time
@@ -177,10 +178,12 @@ class ChunkControl:
     iteration, and what to do when an iteration raises."""
 
     __slots__ = ("stop", "start", "on_error", "marks", "errors", "raised", "halted_at",
-                 "log", "parts", "seed_value", "private")
+                 "log", "parts", "seed_value", "private", "timeout")
 
     def __init__(self, start: int, on_error: str, log: list, parts: list,
-                 private: set[str], seed_value: int | None = None):
+                 private: set[str], seed_value: int | None = None,
+                 timeout: float | None = None):
+        self.timeout = timeout
         self.stop = False
         self.start = start
         self.on_error = on_error
@@ -196,8 +199,12 @@ class ChunkControl:
     def halt(self, n: int) -> None:
         self.halted_at = n
 
-    def seed(self, n: int) -> None:
-        seeding.seed_iteration(self.seed_value, self.start + n)  # type: ignore[arg-type]
+    def begin(self, n: int) -> None:
+        """Per-iteration set-up, emitted only when seed= or timeout= is given."""
+        if self.seed_value is not None:
+            seeding.seed_iteration(self.seed_value, self.start + n)
+        if self.timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
 
     def failed(self, n: int, exc: BaseException, m0: int, m1: int,
                local_vars: dict[str, Any]) -> bool:
@@ -221,15 +228,28 @@ class ChunkControl:
         return False
 
 
+class IterationTimeout(TimeoutError):
+    """An iteration ran longer than ``timeout=`` (raised inside it, on the engine)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise IterationTimeout("the iteration ran longer than the timeout= option allows")
+
+
 def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set[str],
               seed_value: int | None = None, worker: str = "",
-              register: Callable[[ChunkControl], None] | None = None) -> ChunkResult:
-    """Run one chunk through the generated function ``fn``."""
+              register: Callable[[ChunkControl], None] | None = None,
+              timeout: float | None = None) -> ChunkResult:
+    """Run one chunk through the generated function ``fn``.
+
+    ``timeout`` (engines only: it needs the main thread's SIGALRM) interrupts
+    an iteration that runs longer, as an IterationTimeout raised in it."""
     log: list = []
     parts: list[str] = []
-    ctl = ChunkControl(start, on_error, log, parts, private, seed_value)
+    ctl = ChunkControl(start, on_error, log, parts, private, seed_value, timeout)
     if register is not None:
         register(ctl)
+    old_handler = signal.signal(signal.SIGALRM, _on_alarm) if timeout is not None else None
     t0 = time.perf_counter()
     c0 = time.thread_time()
     _tls.parts = parts
@@ -237,6 +257,9 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
         local_vars = fn(items, log, parts, ctl, HELPERS)
     finally:
         _tls.parts = None
+        if timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
         if seed_value is not None:
             seeding.end_iterations()
     c1 = time.thread_time()

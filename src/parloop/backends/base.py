@@ -23,6 +23,7 @@ class Job:
     private: set[str]               # names whose last values come back
     on_error: str
     seed: int | None
+    timeout: float | None = None    # per iteration (engines)
     facts: dict[str, Any] = field(default_factory=dict)  # what the backend reports
 
 

@@ -100,7 +100,8 @@ class EngineBackend:
         program = Program(chunk_module=job.chunk_module, filename=job.filename,
                           cell_lines=[line + "\n" for line in
                                       ("\n" + job.cell_source).splitlines()],
-                          private=job.private, on_error=job.on_error, seed=job.seed)
+                          private=job.private, on_error=job.on_error, seed=job.seed,
+                          timeout=job.timeout)
         inputs["___program"] = program
         self.keys = self.transport.broadcast(inputs, self.ids)
 
