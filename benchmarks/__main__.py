@@ -7,10 +7,14 @@ import argparse
 import sys
 
 from .harness import shell, table
-from . import workloads_threads
+from . import workloads_engines, workloads_threads
 
 WORKLOADS = {
+    "cpu": workloads_engines.cpu,
+    "tiny": workloads_engines.tiny,
     "io": workloads_threads.io_sleep,
+    "big_input": workloads_engines.big_input,
+    "warm": workloads_engines.warm_cell,
     "cpu_overhead": workloads_threads.cpu_overhead,
 }
 

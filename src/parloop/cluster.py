@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -110,12 +111,40 @@ def _reap(pid: int) -> None:
         pass
 
 
+# The command that starts the controller and every engine: `python -m MODULE ARGS`,
+# after asking Linux to SIGTERM the process when the kernel dies (prctl
+# PR_SET_PDEATHSIG, kept across exec).  A kernel that is killed, crashes or runs
+# out of memory -- so that atexit never runs -- then leaves no cluster behind:
+# on SIGTERM the controller stops its scheduler processes and engines exit.
+_EXEC_WATCHING_PARENT = """\
+import os, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except Exception:
+        pass
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit("parloop: the kernel exited while its cluster was starting")
+os.execv(sys.executable, [sys.executable, "-m", *sys.argv[2:]])
+"""
+
+
+def _command(module: str) -> list[str]:
+    return [sys.executable, "-c", _EXEC_WATCHING_PARENT, str(os.getpid()), module]
+
+
 def _whoami() -> tuple[str, int]:
     """Runs on an engine."""
     import os
     import socket
 
     return socket.gethostname(), os.getpid()
+
+
+# Travel by value (ipyparallel and cloudpickle both do that for __main__
+# functions): the engines of an external cluster need not have parloop.
+_whoami.__module__ = "__main__"
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -448,6 +477,10 @@ class ClusterManager:
         config = Config()
         config.LocalEngineSetLauncher.delay = 0.0
         config.LocalEngineSetLauncher.engine_args = ["--IPEngine.enable_nanny=False"]
+        # PR_SET_PDEATHSIG fires when the *thread* that started the child ends:
+        # these run on the manager's loop thread, which lives as long as the kernel.
+        config.LocalControllerLauncher.controller_cmd = _command("ipyparallel.controller")
+        config.LocalEngineSetLauncher.engine_cmd = _command("ipyparallel.engine")
         cluster = ipp.Cluster(
             config=config,
             log=_ipp_log,

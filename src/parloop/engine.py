@@ -64,6 +64,12 @@ def _portable(res: ChunkResult) -> bytes:
         err.tb_text = "".join(traceback.format_exception(err.exc))  # type: ignore[attr-defined]
         err.exc.__traceback__ = None
     try:
+        # the C pickler first: several times faster on big logs; anything it
+        # cannot do by reference (notebook classes, lambdas) goes to cloudpickle
+        return pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         return cloudpickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - find what does not pickle
         pass

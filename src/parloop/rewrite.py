@@ -36,13 +36,11 @@ def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
         if ___ctl.stop:
             ___ctl.halt(___n)
             break
-        ___m0 = ___len(___log)
-        ___mark(___m0)
-        ___m1 = ___len(___parts)
+        ___mark(___len(___log))
         try:
             pass
         except BaseException as ___e:
-            if ___ctl.failed(___n, ___e, ___m0, ___m1, ___h.locals()):
+            if ___ctl.failed(___n, ___e, ___h.locals()):
                 break
     return ___h.locals()
 '''

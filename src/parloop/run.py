@@ -239,7 +239,7 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
              threads: ThreadCount | None) -> None:
     """Hand chunks out, keep the workers fed, commit contiguous prefixes as
     they complete; stop early on an error (on_error=raise) or an interrupt."""
-    it = iter(iterable)
+    take = _taker(iterable)
     sizer = ChunkSizer(opts.chunksize, max(backend.worker_count(), 1), total)
     in_flight: dict[Future, _Chunk] = {}
     results: dict[int, tuple[_Chunk, ChunkResult]] = {}
@@ -284,7 +284,7 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
                                                          concurrency(), 1000)):
                 remaining = None if total is None else total - next_start
                 size = sizer.next_size(remaining)
-                items = list(itertools.islice(it, size))
+                items = take(next_start, size)
                 if not items:
                     exhausted = True
                     break
@@ -350,6 +350,18 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
         index, exc, item = failure
         record.errors.append(ErrorRecord(index, committer.targets.describe(item), exc))
         raise _IterationFailed(index, exc, item)
+
+
+def _taker(iterable: Any) -> Callable[[int, int], Any]:
+    """How chunks are cut from the iterable: a ``range`` into sub-ranges (never
+    materialised: a chunk of a million iterations is three integers on the
+    wire), a list or tuple by slicing, anything else by pulling items."""
+    if isinstance(iterable, range):
+        return lambda start, size: iterable[start:start + size]
+    if isinstance(iterable, (list, tuple)):
+        return lambda start, size: iterable[start:start + size]
+    it = iter(iterable)
+    return lambda start, size: list(itertools.islice(it, size))
 
 
 def _drain(in_flight: dict[Future, _Chunk], results: dict[int, tuple[_Chunk, ChunkResult]],

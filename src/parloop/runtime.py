@@ -206,13 +206,14 @@ class ChunkControl:
         if self.timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
 
-    def failed(self, n: int, exc: BaseException, m0: int, m1: int,
-               local_vars: dict[str, Any]) -> bool:
+    def failed(self, n: int, exc: BaseException, local_vars: dict[str, Any]) -> bool:
         """Record a failing iteration; True means stop the chunk."""
+        m0 = self.marks[n]  # where the iteration's log entries begin
         if isinstance(exc, KeyboardInterrupt) or self.stop:
-            # interrupted mid-iteration: that iteration did not happen
+            # interrupted mid-iteration: its writes are dropped (the completed
+            # prefix is what gets applied); what it printed stays, as serial
+            # execution would have shown it before the interrupt
             del self.log[m0:]
-            del self.parts[m1:]
             del self.marks[n:]
             self.halted_at = n
             return True

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 #: Aim for chunks of about this many seconds: long enough that dispatch and
 #: commit costs vanish, short enough that the load stays balanced.
 TARGET_CHUNK_SECONDS = 0.1
+#: ...but never cut chunks shorter than this near the end: a chunk's round
+#: trip costs milliseconds, so finishing "together" at finer grain than this
+#: costs more than it saves (measured: 200 000 tiny iterations spent most of
+#: their time in a tail of 40 ever smaller chunks)
+MIN_CHUNK_SECONDS = 0.02
 
 
 @dataclass
@@ -51,8 +56,11 @@ class ChunkSizer:
             else:
                 size = max(1, int(TARGET_CHUNK_SECONDS / max(t, 1e-9)))
                 if remaining is not None:
-                    # near the end: at most a share of what is left per worker
-                    size = min(size, max(1, math.ceil(remaining / (2 * self.workers))))
+                    # near the end: at most a share of what is left per worker,
+                    # but not below MIN_CHUNK_SECONDS of work
+                    share = math.ceil(remaining / (2 * self.workers))
+                    floor = max(1, int(MIN_CHUNK_SECONDS / max(t, 1e-9)))
+                    size = min(size, max(share, floor))
         if remaining is not None:
             size = min(size, remaining)
         return max(1, size)

@@ -161,9 +161,17 @@ class _Pickler(cloudpickle.Pickler):
     every engine, so parloop reports it instead (DESIGN §4).
     """
 
+    _STREAMS = ("stdout", "stderr", "stdin", "__stdout__", "__stderr__", "__stdin__")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._streams = {id(getattr(sys, s)): s.strip("_") for s in self._STREAMS if getattr(sys, s, None) is not None}
+
     def reducer_override(self, obj):
-        if (isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO))
-                and not any(obj is s for s in (sys.stdin, sys.stdout, sys.stderr))):
+        stream = self._streams.get(id(obj))
+        if stream is not None:
+            return getattr, (sys, stream)  # the engine's own stream (parloop captures it there)
+        if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
             name = getattr(obj, "name", None)
             raise TypeError(f"cannot pickle an open file{f' ({name!r})' if name else ''}")
         return super().reducer_override(obj)

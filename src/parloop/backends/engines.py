@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -72,6 +73,7 @@ class EngineBackend:
         self._cancel_from: int | None = None
         self.events: list[str] = []     # what happened (lost engines), for last_run
         self.retried: set[int] = set()  # chunk starts that were re-run
+        self._polled = time.monotonic()
 
     @classmethod
     def for_options(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
@@ -149,8 +151,13 @@ class EngineBackend:
     def poll(self) -> None:
         """Called by the dispatcher between waits: a managed engine whose
         process is gone is unregistered now, so its chunks fail at once and
-        are re-run, rather than after the controller's heartbeat timeout."""
+        are re-run, rather than after the controller's heartbeat timeout.
+        (A pid check; at most twice a second.)"""
         from ..cluster import MANAGER
+        now = time.monotonic()
+        if now - self._polled < 0.5:
+            return
+        self._polled = now
         dead = MANAGER.dead_engines(self.client)
         for eid in dead:
             if eid in self.ids:

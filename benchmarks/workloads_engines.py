@@ -1,0 +1,130 @@
+"""Workloads of the %%parallel issue: CPU-bound (W1), tiny iterations (W2),
+a big input (W4), the warm one-iteration cell (W5), against the peers."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from . import work
+from .harness import Result, Variant, measure, run_cell
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu(ip, rounds: int) -> Result:
+    """W1: 32 iterations of ~60 ms pure Python, 2 workers everywhere."""
+    n = work.calibrate()
+    ip.run_cell(work.CPU_SOURCE + f"\nSPIN = {n}\nout = {{}}", store_history=False)
+    run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
+    cell = "for i in range(32):\n    out[i] = spin(SPIN)\n"
+    pool = mp.get_context("fork").Pool(2)
+    pool.map(work.tiny, range(4))
+    ppe = ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
+    list(ppe.map(work.tiny, range(4)))
+    import joblib
+    par = joblib.Parallel(n_jobs=2)
+    par(joblib.delayed(work.tiny)(i) for i in range(4))
+    import ipyparallel  # noqa: F401
+    from parloop.cluster import MANAGER
+    rc = MANAGER.client(processes=2)
+    lview = rc.load_balanced_view()
+    lview.map_sync(work.tiny, range(4))
+    variants = [
+        Variant("serial", lambda: run_cell(ip, cell)),
+        Variant("%%parallel processes=2", lambda: run_cell(
+            ip, "%%parallel processes=2 progress=off\n" + cell), True),
+        Variant("multiprocessing.Pool(2).map", lambda: _timed(
+            lambda: pool.map(work.spin_task, range(32)))),
+        Variant("ProcessPoolExecutor(2).map (fork)", lambda: _timed(
+            lambda: list(ppe.map(work.spin_task, range(32))))),
+        Variant("joblib.Parallel(n_jobs=2)", lambda: _timed(
+            lambda: par(joblib.delayed(work.spin_task)(i) for i in range(32)))),
+        Variant("ipyparallel LoadBalancedView.map", lambda: _timed(
+            lambda: lview.map_sync(work.spin_task, range(32))),
+            note="same engines as parloop"),
+    ]
+    try:
+        res = measure(f"W1 CPU: 32 × ~60 ms pure Python (spin({n}))", variants, rounds)
+    finally:
+        pool.terminate()
+        ppe.shutdown()
+    return res
+
+
+def tiny(ip, rounds: int) -> Result:
+    """W2: 200 000 × ``out[i] = i * i + 1``."""
+    ip.run_cell("out = {}", store_history=False)
+    run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
+    cell = "for i in range(200_000):\n    out[i] = i * i + 1\n"
+    pool = mp.get_context("fork").Pool(2)
+    pool.map(work.tiny, range(4))
+
+    def pool_map() -> float:
+        return _timed(lambda: dict(enumerate(pool.map(work.tiny, range(200_000)))))
+
+    variants = [
+        Variant("serial", lambda: run_cell(ip, cell)),
+        Variant("%%parallel processes=2", lambda: run_cell(
+            ip, "%%parallel processes=2 progress=off\n" + cell), True),
+        Variant("%%threaded threads=2", lambda: run_cell(
+            ip, "%%threaded threads=2 progress=off\n" + cell), True),
+        Variant("multiprocessing.Pool(2).map", pool_map, note="default chunksize"),
+    ]
+    try:
+        return measure("W2 tiny: 200 000 × out[i] = i*i + 1", variants, rounds)
+    finally:
+        pool.terminate()
+
+
+def big_input(ip, rounds: int) -> Result:
+    """W4: a 200 MB array read by 16 iterations; then the same cell with the
+    array unchanged."""
+    import numpy as np  # noqa: F401
+    run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    pass")
+    from parloop.cluster import MANAGER
+    rc = MANAGER.client(processes=2)
+    dview = rc[:]
+    cell = ("%%parallel processes=2 progress=off\nfor i in range(16):\n"
+            "    part[i] = float(big[i::16].sum())\n")
+    fresh = [0]
+
+    def first() -> float:
+        fresh[0] += 1
+        ip.run_cell(f"import numpy as np\nbig = np.full(25_000_000, {fresh[0]}.0)\npart = {{}}",
+                    store_history=False)
+        return run_cell(ip, cell)
+
+    def second() -> float:
+        return run_cell(ip, cell)
+
+    def raw_push() -> float:
+        arr = ip.user_ns["big"]
+        return _timed(lambda: dview.push({"big": arr}, block=True))
+
+    variants = [Variant("%%parallel, new 200 MB array", first, True),
+                Variant("%%parallel, same array again", second, True),
+                Variant("raw ipyparallel DirectView.push (2 engines)", raw_push)]
+    res = measure("W4 big input: 200 MB float64 array read by 16 iterations", variants,
+                  rounds)
+    return res
+
+
+def warm_cell(ip, rounds: int) -> Result:
+    """W5 (warm): a one-iteration cell on warm engines, against the same cell
+    run serially."""
+    ip.run_cell("out = {}", store_history=False)
+    run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
+    variants = [
+        Variant("serial", lambda: run_cell(ip, "for i in range(1):\n    out[i] = i\n")),
+        Variant("%%parallel processes=2", lambda: run_cell(
+            ip, "%%parallel processes=2 progress=off\nfor i in range(1):\n    out[i] = i\n"),
+            True),
+        Variant("%%threaded", lambda: run_cell(
+            ip, "%%threaded progress=off\nfor i in range(1):\n    out[i] = i\n"), True),
+    ]
+    return measure("W5 warm one-iteration cell", variants, max(rounds, 10))
