@@ -74,6 +74,9 @@ class LoopPlan:
     call_roots: set[str]
     target_roots: set[str]
     mutations: list[Mutation] = field(default_factory=list)
+    #: loop-target names whose objects a recorded write stores (``sel.append(row)``):
+    #: the kernel must store its own item there, not a worker's copy
+    stored_targets: set[str] = field(default_factory=set)
     is_async: bool = False
 
     @property
@@ -129,6 +132,18 @@ def _target_names(node: ast.AST, where: str) -> list[str]:
         "use a plain name and assign inside the body",
         lineno=node.lineno,
     )
+
+
+def _free_names(fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> set[str]:
+    """Names a function or lambda reads from its enclosing scope *when called*
+    (not its default values, which are evaluated when it is made)."""
+    inner = _ScopeNames()
+    for st in fn.body if isinstance(fn.body, list) else [fn.body]:
+        inner.visit(st)
+    a = fn.args
+    params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+    params |= {x.arg for x in (a.vararg, a.kwarg) if x}
+    return set(inner.loads) - set(inner.stores) - params
 
 
 def _spine(node: ast.AST) -> frozenset[int]:
@@ -310,9 +325,8 @@ class _ScopeNames(ast.NodeVisitor):
 class _Forbidden(ast.NodeVisitor):
     """break/return/yield/global/nonlocal in the body's own scope."""
 
-    def __init__(self, allow_await: bool) -> None:
+    def __init__(self) -> None:
         self.loop_depth = 0
-        self.allow_await = allow_await
 
     def _nested_scope(self, node: ast.AST) -> None:
         # a nested function may return/yield/break freely; only its default
@@ -330,8 +344,6 @@ class _Forbidden(ast.NodeVisitor):
     visit_ClassDef = _nested_scope
 
     def _loop(self, node: ast.For | ast.While | ast.AsyncFor) -> None:
-        if isinstance(node, ast.AsyncFor) and not self.allow_await:
-            self._await(node)
         self.visit(node.iter if not isinstance(node, ast.While) else node.test)
         self.loop_depth += 1
         for st in node.body:
@@ -373,16 +385,6 @@ class _Forbidden(ast.NodeVisitor):
         raise LoopAnalysisError(
             f"`nonlocal {', '.join(node.names)}` in the loop body cannot run in parallel",
             lineno=node.lineno, name=node.names[0])
-
-    def _await(self, node: ast.AST) -> None:
-        if not self.allow_await:
-            raise LoopAnalysisError(
-                "`await` in the loop body: coroutine loop bodies are not supported by "
-                "this magic yet", lineno=node.lineno)  # type: ignore[attr-defined]
-        self.generic_visit(node)
-
-    visit_Await = _await
-    visit_AsyncWith = _await
 
 
 # ---------------------------------------------------------------------------
@@ -555,6 +557,8 @@ class _Mutations:
         self.reductions = reductions
         self.found: list[Mutation] = []
         self.call_roots: set[str] = set()
+        self.stored_targets: set[str] = set()
+        self.body_functions: dict[str, set[str]] = {}  # def/lambda name -> free names
 
     def _classify_root(self, root: str | None, node: ast.AST, what: str) -> str | None:
         if root is None:
@@ -586,7 +590,64 @@ class _Mutations:
                 lineno=lineno, name=root)
         self.found.append(Mutation(kind, root, lineno, root in self.targets))
 
+    def _stores_targets(self, st: ast.stmt) -> None:
+        """Loop-target names a recorded write stores as a value (not only reads
+        through: ``out[i] = row["a"]`` stores no target)."""
+        through = set()
+        for n in ast.walk(st):
+            if isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.value, ast.Name):
+                through.add(id(n.value))
+        for n in ast.walk(st):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) \
+                    and n.id in self.targets and id(n) not in through:
+                self.stored_targets.add(n.id)
+
     def stmt(self, st: ast.stmt) -> None:
+        before = len(self.found)
+        self._stmt(st)
+        if any(not m.through_target for m in self.found[before:]) and not isinstance(
+                st, (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor,
+                     ast.AsyncWith, ast.Match)):
+            self._stores_targets(st)
+            self._escaping_closures(st)
+        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            self.body_functions[st.name] = _free_names(st)
+        elif isinstance(st, ast.Assign) and isinstance(st.value, ast.Lambda):
+            for name in _stored_names(st.targets):
+                self.body_functions[name] = _free_names(st.value)
+
+    def _escaping_closures(self, st: ast.stmt) -> None:
+        """A function made in the body and stored outside it (``fns.append(lambda:
+        i)``) reads the iteration's names when it is called: serial Python
+        would show it the *last* iteration's values (late binding), a parallel
+        iteration its own.  Rejected rather than silently different."""
+        local = self.private | self.targets
+        stored: list[ast.AST] = []
+        if isinstance(st, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and st.value is not None:
+            stored = [st.value]
+        elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+            stored = list(st.value.args) + [k.value for k in st.value.keywords]
+        for v in list(stored):
+            if isinstance(v, (ast.Tuple, ast.List, ast.Set)):
+                stored.extend(v.elts)
+            elif isinstance(v, ast.Dict):
+                stored.extend(v.values)
+        for n in stored:
+            free: set[str] = set()
+            if isinstance(n, ast.Lambda):
+                free = _free_names(n)
+            elif isinstance(n, ast.Name) and n.id in self.body_functions:
+                free = self.body_functions[n.id]
+            late = sorted(free & local)
+            if late:
+                raise LoopAnalysisError(
+                    f"a function made in the loop body is stored outside it and reads "
+                    f"`{late[0]}` when called: serial Python would show it the last "
+                    f"iteration's `{late[0]}` (late binding), parallel iterations their "
+                    f"own; bind the value now with a default argument "
+                    f"(`lambda {late[0]}={late[0]}: ...`)", lineno=st.lineno, name=late[0])
+
+    def _stmt(self, st: ast.stmt) -> None:
         if isinstance(st, ast.Assign):
             for t in st.targets:
                 self._write(t, "set", st.lineno)
@@ -686,6 +747,90 @@ class _Mutations:
                             lineno=n.lineno, name=root)
 
 
+class _ReadsAfterWrites:
+    """An iteration that changes an outside object and then reads it sees the
+    snapshot, not its own change (the change is replayed in the kernel after
+    the iteration): ``out[0] = i; print(out[0])``.  Rejected."""
+
+    def __init__(self, roots: set[str]):
+        self.roots = roots
+
+    def block(self, stmts: list[ast.stmt], written: set[str] | None = None) -> set[str]:
+        written = set() if written is None else written
+        for st in stmts:
+            written = self.stmt(st, written)
+        return written
+
+    def stmt(self, st: ast.stmt, written: set[str]) -> set[str]:
+        if isinstance(st, (ast.For, ast.AsyncFor, ast.While)):
+            # a nested loop: a write in one of its passes is seen by the next
+            self._check(st.iter if not isinstance(st, ast.While) else st.test, written, None)
+            inner = written | self._writes(st.body)
+            self.block(st.body, inner)
+            return self.block(st.orelse, inner)
+        subs = [getattr(st, f, None) or [] for f in ("body", "orelse", "finalbody")]
+        subs += [h.body for h in getattr(st, "handlers", []) or []]
+        subs += [c.body for c in getattr(st, "cases", []) or []]
+        if any(subs) and not isinstance(st, _SCOPES):
+            for field_ in ("test", "subject"):
+                if getattr(st, field_, None) is not None:
+                    self._check(getattr(st, field_), written, None)
+            for item in getattr(st, "items", []) or []:
+                self._check(item.context_expr, written, None)
+            out = set(written)
+            for sub in subs:
+                out |= self.block(sub, set(written))
+            return out
+        own = self._roots_of(st)
+        self._check(st, written, own)
+        return written | own
+
+    def _writes(self, stmts: list[ast.stmt]) -> set[str]:
+        out: set[str] = set()
+        for st in stmts:
+            for n in walk_scope(st):
+                if isinstance(n, ast.stmt):
+                    out |= self._roots_of(n)
+        return out
+
+    def _roots_of(self, st: ast.stmt) -> set[str]:
+        targets: list[ast.AST] = []
+        if isinstance(st, (ast.Assign, ast.Delete)):
+            targets = list(st.targets)
+        elif isinstance(st, (ast.AugAssign, ast.AnnAssign)):
+            targets = [st.target]
+        elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+            targets = [st.value]
+        out = set()
+        for t in targets:
+            for leaf in _flatten_targets(t):
+                r = _leftmost_name(leaf)
+                if r is not None and r.id in self.roots:
+                    out.add(r.id)
+        return out
+
+    def _check(self, node: ast.AST, written: set[str], own: set[str] | None) -> None:
+        if not written:
+            return
+        spine_roots: set[int] = set()
+        if own:
+            for leaf in _flatten_targets(getattr(node, "value", node)) + [
+                    t for t in getattr(node, "targets", []) or []] + (
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []):
+                for t in _flatten_targets(leaf):
+                    r = _leftmost_name(t)
+                    if r is not None:
+                        spine_roots.add(id(r))
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in written \
+                    and id(n) not in spine_roots:
+                raise LoopAnalysisError(
+                    f"`{n.id}` is read after the same iteration changed it: iterations see "
+                    f"`{n.id}` as it was when the loop started (their changes are applied "
+                    f"in order afterwards); compute the value in a variable of the "
+                    f"iteration and use that", lineno=n.lineno, name=n.id)
+
+
 # ---------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------
@@ -700,20 +845,18 @@ def split_cell(tree: ast.Module) -> tuple[list[ast.stmt], ast.For | ast.AsyncFor
         "split at its first top-level `for` statement)", lineno=first)
 
 
-def analyse(tree: ast.Module, *, allow_await: bool = False) -> LoopPlan:
-    """Analyse a parsed cell; raise LoopAnalysisError for what cannot be parallel."""
+def analyse(tree: ast.Module) -> LoopPlan:
+    """Analyse a parsed cell; raise LoopAnalysisError for what cannot be parallel.
+
+    A loop that awaits (``async for`` at the top, or ``await``/``async with``/
+    ``async for`` in the body) is accepted here with ``plan.is_async`` set; the
+    magic decides whether it can run it (as asyncio tasks under %%threaded)."""
     prologue, loop, epilogue = split_cell(tree)
-    is_async = isinstance(loop, ast.AsyncFor)
-    if is_async and not allow_await:
-        raise LoopAnalysisError("`async for` at the top of the cell is not supported by "
-                                "this magic", lineno=loop.lineno)
     targets = _target_names(loop.target, "loop")
-    _Forbidden(allow_await).visit(ast.Module(body=loop.body, type_ignores=[]))
-    if not is_async and not allow_await:
-        for n in ast.walk(ast.Module(body=loop.body, type_ignores=[])):
-            if isinstance(n, ast.Await):
-                raise LoopAnalysisError("`await` in the loop body is not supported by "
-                                        "this magic", lineno=n.lineno)
+    _Forbidden().visit(ast.Module(body=loop.body, type_ignores=[]))
+    is_async = isinstance(loop, ast.AsyncFor) or any(
+        isinstance(n, (ast.Await, ast.AsyncWith, ast.AsyncFor))
+        for st in loop.body for n in walk_scope(st))
 
     names = _ScopeNames()
     for st in loop.body:
@@ -741,6 +884,7 @@ def analyse(tree: ast.Module, *, allow_await: bool = False) -> LoopPlan:
     muts = _Mutations(private, target_set - reassigned_targets, set(reductions))
     for st in loop.body:
         muts.stmt(st)
+    _ReadsAfterWrites({m.root for m in muts.found if not m.through_target}).block(loop.body)
     target_roots = {m.root for m in muts.found if m.through_target}
     roots = {m.root for m in muts.found if not m.through_target and m.kind != "call"}
     call_roots = muts.call_roots - roots
@@ -754,7 +898,8 @@ def analyse(tree: ast.Module, *, allow_await: bool = False) -> LoopPlan:
                     targets=targets, private=private - target_set | reassigned_targets,
                     inputs=inputs, roots=roots, reductions=reductions,
                     call_roots=call_roots, target_roots=target_roots,
-                    mutations=muts.found, is_async=is_async)
+                    mutations=muts.found, is_async=is_async,
+                    stored_targets=muts.stored_targets)
 
 
 def _loads_outside_mutations(body: list[ast.stmt], roots: set[str]) -> set[str]:

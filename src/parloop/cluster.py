@@ -5,11 +5,20 @@ One :class:`ClusterManager` (the module-level :data:`MANAGER`) owns at most one
 started itself -- and keeps it warm between cells.  Clusters that somebody else
 started (``profile=`` / ``cluster_id=``) are only connected to, never stopped.
 
-Engines are ordinary ``python -m ipyparallel.engine`` subprocesses of the kernel,
-started with the kernel's own interpreter (``sys.executable``, ipyparallel's
-default launcher command) in the kernel's working directory.  They are not
-forked from the kernel and nothing in them depends on the kernel's ``__main__``:
-code and data travel by value (``parloop.transport``).
+Engines are subprocesses of the kernel running ``python -m ipyparallel.engine``
+with the kernel's own interpreter (``sys.executable``) in the kernel's working
+directory.  They are not forked from the kernel and nothing in them depends on
+the kernel's ``__main__``: code and data travel by value (``parloop.transport``).
+The controller listens on 127.0.0.1 only, and its files live in a private
+profile directory (removed by :meth:`ClusterManager.stop`), so neither the
+user's default profile configuration nor ``~/.ipython`` is involved.
+
+No orphans: :meth:`ClusterManager.stop` (also registered with atexit) waits until
+every process it started has exited, killing stragglers by pid.  Every process
+is started through a small ``python -c`` wrapper that sets Linux's
+``PR_SET_PDEATHSIG`` before exec-ing ``python -m ipyparallel.…`` (~20 ms): if the
+kernel is killed or crashes, so that atexit never runs, the controller and the
+engines get SIGTERM and exit.
 
 Start-up cost (2-core machine, 2 engines; see ``tests/test_cluster.py``):
 
@@ -19,22 +28,25 @@ Start-up cost (2-core machine, 2 engines; see ``tests/test_cluster.py``):
   the default period is 3 s.  We run the controller with
   ``HeartMonitor.period=250`` ms (the heart monitor is a process of its own and
   engines answer pings from a C thread, so a short period costs nothing and
-  busy engines are not dropped).  Cold start is then
-  ~1.5 s: ~0.6 s until the controller has written its connection files, ~0.9 s
-  for the engines to import and register.
-* Engines run without ipyparallel's "nanny" helper process.  The nanny is the
-  engine's child and outlives it for up to 3 s (zmq LINGER) and, where PID 1
-  does not reap orphans (containers, sandboxes), stays a zombie for good, which
-  orphan checks count as a leftover.  What it offers is covered otherwise: a dead
-  engine is seen at once by :meth:`ClusterManager.dead_engines` (its pid) and by
-  the controller after ``HEARTBEAT_MISSES`` beats (5 s); signals go straight to
-  the engine's pid (:meth:`ClusterManager.signal_engines`).
+  busy engines are not dropped).  Cold start is then ~1.7 s (2.4 s in a fresh
+  kernel, which also imports ipyparallel): ~0.6 s until the controller has
+  written its connection files, ~1 s for the engines to import and register.
 * ``Cluster.delay`` (1 s sleep between controller and engines) is useless here
   because engines are handed the controller's connection info and only start
   after it exists; it is set to 0, as is the 0.1 s between engines.
+* Engines run without ipyparallel's "nanny" helper process (~0.1 s less).  The
+  nanny is the engine's child and outlives it for up to 3 s (zmq LINGER) and,
+  where PID 1 does not reap orphans (containers, sandboxes), stays a zombie for
+  good, which orphan checks count as a leftover.  What it offers is covered
+  otherwise: a dead engine is seen at once by :meth:`ClusterManager.dead_engines`
+  (its pid) and by the controller after ``HEARTBEAT_MISSES`` beats (5 s);
+  signals go straight to the engine's pid (:meth:`ClusterManager.signal_engines`).
 * Tried and not worth it: ``--usethreads`` for the controller's schedulers,
   starting engines before the controller (``send_engines_connection_env=False``),
   a lower engine log level.
+* Warm reuse (same ``processes``) is ~0.3 ms: a pid check of the processes.
+  Growing adds an engine set (~1 s); shrinking stops the newest engines (~0.3 s);
+  both keep the other engines warm.
 * :meth:`ClusterManager.prestart` starts the cluster in the background (e.g. at
   ``%load_ext``), so that the first cell only waits for what is left.
 """
@@ -292,6 +304,9 @@ class ClusterManager:
                     pass
             cluster, client = self._cluster, self._client
             if cluster is None and client is None and not self.owned_pids():
+                if self._profile_dir:  # left by a start that failed
+                    shutil.rmtree(self._profile_dir, ignore_errors=True)
+                    self._profile_dir = None
                 return False
             self._cluster = self._client = None
             self._processes = 0
@@ -306,9 +321,8 @@ class ClusterManager:
                     pass
             if cluster is not None:
                 try:
-                    # Engines first: each engine's nanny then tells the still
-                    # running controller, and exits at once.  With the
-                    # controller gone first, a nanny waits 3 s (zmq LINGER).
+                    # Engines first, while the controller can still take
+                    # their goodbyes; then the controller and its schedulers.
                     self._run(cluster.stop_engines(), timeout=20)
                 except Exception as e:  # fall through to killing by pid
                     log.debug("stop_engines failed: %r", e)

@@ -21,7 +21,7 @@ import types
 from typing import Any, Mapping
 
 from .analysis import AUG_OPS, LoopPlan, chain_root
-from .replay import CALL, PATH, REDUCE, SET_ATTR, SET_ITEM, TARGET
+from .replay import CALL, PATH, REDUCE, SET_ATTR, SET_ITEM
 
 CHUNK_FN = "___parloop_chunk"
 
@@ -30,7 +30,6 @@ def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
     ___rec = ___log.append
     ___mark = ___ctl.marks.append
     ___len = ___h.len
-    ___apply = ___h.apply
     ___slice = ___h.slice
     for ___n, ___item in ___h.enumerate(___items):
         if ___ctl.stop:
@@ -119,7 +118,6 @@ class _BodyRewriter:
 
     def __init__(self, plan: LoopPlan, worker_call_roots: set[str]):
         self.plan = plan
-        self.targets = set(plan.targets) - plan.private
         self.recorded_roots = plan.roots | (plan.call_roots - worker_call_roots)
         self.tmp = 0
 
@@ -128,22 +126,14 @@ class _BodyRewriter:
         return f"___t{self.tmp}"
 
     def _is_recorded(self, root: str | None) -> bool:
-        return root is not None and (root in self.targets or root in self.plan.roots
-                                     or root in self.plan.reductions)
+        """Writes through outside names are recorded; writes through the loop
+        target run as written (on the kernel's own item under threads, on the
+        engine's copy under %%parallel, whose final state is synced back)."""
+        return root is not None and (root in self.plan.roots or root in self.plan.reductions)
 
     # -- entries ------------------------------------------------------------
     def _emit(self, root: str, entry: ast.expr, lineno: int) -> list[ast.stmt]:
-        """Record an entry; through the loop target also apply it locally."""
-        if root not in self.targets:
-            return [ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))]
-        tmp = self._temp()
-        return [
-            ast.Assign(targets=[_name(tmp, True)], value=entry),
-            ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
-                [_const(TARGET), _name("___n"), _const(root), _name(tmp)])], keywords=[])),
-            ast.Expr(ast.Call(func=_name("___apply"), args=[_name(root), _name(tmp)],
-                              keywords=[])),
-        ]
+        return [ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))]
 
     def _write_entry(self, target: ast.expr, value: ast.expr) -> ast.expr:
         if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
@@ -272,7 +262,7 @@ class _BodyRewriter:
         call = st.value
         assert isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
         root = chain_root(call)[0]
-        if root is None or not (root in self.targets or root in self.recorded_roots):
+        if root is None or root not in self.recorded_roots:
             return [st]
         args, kw = _call_parts(call)
         if isinstance(call.func.value, ast.Name):
@@ -284,23 +274,16 @@ class _BodyRewriter:
         return self._emit(root, entry, st.lineno)
 
 
-def _target_assign(plan: LoopPlan, copy_items: bool) -> ast.stmt:
-    value: ast.expr = _name("___item")
-    if copy_items:
-        value = ast.Call(func=ast.Attribute(value=_name("___h"), attr="copy", ctx=ast.Load()),
-                         args=[value], keywords=[])
-    return ast.Assign(targets=[plan.loop.target], value=value)
-
-
 def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
-                         copy_items: bool, hooked: bool) -> ast.Module:
+                         sync_names: set[str], hooked: bool) -> ast.Module:
     """The module that defines the chunk function for this loop.
 
     ``hooked``: call ``___ctl.begin(n)`` before each iteration (per-iteration
     random streams, the per-iteration timeout).
-    ``copy_items``: give the worker its own copy of each item (threads share
-    the kernel's objects; a body that writes through the loop target must not
-    touch the kernel's item before its turn to commit)."""
+    ``sync_names``: loop-target names whose objects go back to the kernel at
+    the end of every iteration (workers with their own copies of the items:
+    the kernel syncs its own item to the copy's final state, and maps the copy
+    back to its item wherever the log stores it)."""
     module = ast.parse(_TEMPLATE)
     fn = module.body[0]
     assert isinstance(fn, ast.FunctionDef)
@@ -310,20 +293,27 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     assert isinstance(try_, ast.Try)
     body = copy.deepcopy(plan.loop.body)
     rewritten = _BodyRewriter(plan, worker_call_roots).block(body)
-    target = _target_assign(plan, copy_items)
-    try_.body = [target, *rewritten]
+    target = ast.Assign(targets=[plan.loop.target], value=_name("___item"))
+    ast.copy_location(target, plan.loop.target)
+    inner: list[ast.stmt] = [target, *rewritten]
+    if sync_names:
+        # a finally: `continue` and exceptions pass through it too
+        mutated = sorted(sync_names & plan.target_roots)
+        sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {sorted(sync_names)!r}, "
+                         f"{mutated!r})").body
+        inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
+    try_.body = inner
     if hooked:
         # per-iteration set-up (seed=, timeout=): only paid for when asked for
         hook = ast.parse("___ctl.begin(___n)").body[0]
         loop.body.insert(len(loop.body) - 1, hook)
     # template lines sit at the loop's own line so tracebacks stay in the cell
     line = plan.loop.lineno
-    user_nodes = _descendants(rewritten)
+    user_nodes = _descendants(rewritten) | set(ast.walk(target))
     for node in ast.walk(module):
         if "lineno" in node._attributes and node not in user_nodes:
             node.lineno = line  # type: ignore[attr-defined]
             node.end_lineno = line  # type: ignore[attr-defined]
-    ast.copy_location(target, plan.loop.target)
     ast.fix_missing_locations(module)
     return module
 

@@ -122,7 +122,8 @@ class _Committer:
     keeps last values, and records errors."""
 
     def __init__(self, ns: dict[str, Any], targets: _Targets, record: LastRun,
-                 on_error: str, t0: float):
+                 on_error: str, t0: float, synced: bool):
+        self.synced = synced  # the log holds TARGET entries
         self.ns = ns
         self.targets = targets
         self.record = record
@@ -146,7 +147,7 @@ class _Committer:
         pos = 0
         while True:
             try:
-                replay(self.ns, res.log, target_env, pos)
+                replay(self.ns, res.log, target_env if self.synced else None, pos)
                 break
             except Exception as exc:
                 # an entry raised in the kernel (``out[k] = v`` on a list too
@@ -239,7 +240,7 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
              threads: ThreadCount | None) -> None:
     """Hand chunks out, keep the workers fed, commit contiguous prefixes as
     they complete; stop early on an error (on_error=raise) or an interrupt."""
-    take = _taker(iterable)
+    take = _Taker(iterable)
     sizer = ChunkSizer(opts.chunksize, max(backend.worker_count(), 1), total)
     in_flight: dict[Future, _Chunk] = {}
     results: dict[int, tuple[_Chunk, ChunkResult]] = {}
@@ -288,6 +289,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
                 if not items:
                     exhausted = True
                     break
+                if take.error is not None:
+                    exhausted = True
                 largest = max(largest, len(items))
                 chunk = _Chunk(next_start, items)
                 in_flight[backend.submit(items, next_start)] = chunk
@@ -342,6 +345,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
         if in_flight and not record.interrupted:
             wait(list(in_flight), timeout=5.0)
     progress.close(record)
+    if failure is None and take.error is not None:
+        raise take.error
     record.notes.extend(getattr(backend, "events", ()))
     retried = getattr(backend, "retried", ())
     for c in record.chunks:
@@ -352,16 +357,30 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
         raise _IterationFailed(index, exc, item)
 
 
-def _taker(iterable: Any) -> Callable[[int, int], Any]:
+class _Taker:
     """How chunks are cut from the iterable: a ``range`` into sub-ranges (never
     materialised: a chunk of a million iterations is three integers on the
-    wire), a list or tuple by slicing, anything else by pulling items."""
-    if isinstance(iterable, range):
-        return lambda start, size: iterable[start:start + size]
-    if isinstance(iterable, (list, tuple)):
-        return lambda start, size: iterable[start:start + size]
-    it = iter(iterable)
-    return lambda start, size: list(itertools.islice(it, size))
+    wire), a list or tuple by slicing, anything else by pulling items.
+
+    An iterator that raises after yielding some items keeps those items (they
+    run, as in serial) and the exception is raised once they are committed."""
+
+    def __init__(self, iterable: Any):
+        self.error: BaseException | None = None
+        self.sliceable = isinstance(iterable, (range, list, tuple))
+        self.iterable = iterable
+        self.it = None if self.sliceable else iter(iterable)
+
+    def __call__(self, start: int, size: int) -> Any:
+        if self.sliceable:
+            return self.iterable[start:start + size]
+        out: list = []
+        if self.error is None:
+            try:
+                out.extend(itertools.islice(self.it, size))  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - raised after the items before it ran
+                self.error = e
+        return out
 
 
 def _drain(in_flight: dict[Future, _Chunk], results: dict[int, tuple[_Chunk, ChunkResult]],
@@ -408,8 +427,9 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     iterable = eval(compile(ast.Expression(body=plan.loop.iter), cell.filename, "eval"), ns)
     total = _total(iterable)
     worker_roots = classify_call_roots(plan, ns)
-    module = build_chunk_function(plan, worker_roots,
-                                  copy_items=backend.shares_memory and bool(plan.target_roots),
+    # workers with their own copies of the items send the loop target back
+    sync_names = set() if backend.shares_memory else plan.target_roots | plan.stored_targets
+    module = build_chunk_function(plan, worker_roots, sync_names=sync_names,
                                   hooked=opts.seed is not None or opts.timeout is not None)
     record = LastRun(magic=opts.magic, backend=backend.name,
                      options=dict(opts.given), workers=backend.worker_count(), total=total,
@@ -427,7 +447,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
         record.threads.update(mode="auto", cores=threads.cores, cap=MAX_THREADS)
     targets = _Targets(plan, cell, ns)
     t0 = time.perf_counter()
-    committer = _Committer(ns, targets, record, opts.on_error, t0)
+    committer = _Committer(ns, targets, record, opts.on_error, t0, bool(sync_names))
     if opts.seed is not None:
         seeding.begin_run()
     try:

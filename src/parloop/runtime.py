@@ -7,6 +7,7 @@ The same code serves both backends, so the two magics cannot drift apart.
 from __future__ import annotations
 
 import builtins
+import contextvars
 import copy
 import io
 import signal
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .replay import apply_entry
+from .replay import _SCALARS, TARGET, apply_entry
 from . import seeding
 
 
@@ -30,7 +31,10 @@ class StderrText(str):
 # ---------------------------------------------------------------------------
 # output capture
 # ---------------------------------------------------------------------------
-_tls = threading.local()
+#: the calling worker's output list; a context variable, so that it is per
+#: thread for the thread pool and per task for asyncio iterations
+_parts_var: contextvars.ContextVar[list | None] = contextvars.ContextVar("parloop_parts",
+                                                                        default=None)
 
 
 class _Router(io.TextIOBase):
@@ -43,7 +47,7 @@ class _Router(io.TextIOBase):
         self._err = err
 
     def write(self, s: str) -> int:  # type: ignore[override]
-        parts = getattr(_tls, "parts", None)
+        parts = _parts_var.get()
         if parts is None:
             return self._fallback.write(s)
         if not isinstance(s, str):
@@ -52,7 +56,7 @@ class _Router(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        if getattr(_tls, "parts", None) is None:
+        if _parts_var.get() is None:
             self._fallback.flush()
 
     def writable(self) -> bool:
@@ -168,9 +172,13 @@ class _Helpers:
     locals = staticmethod(builtins.locals)
     apply = staticmethod(apply_entry)
     copy = staticmethod(copy.deepcopy)
+    once = (0,)  # the async iteration function's one-pass loop (for `continue`)
 
 
 HELPERS = _Helpers()
+
+
+_NOTHING = object()
 
 
 class ChunkControl:
@@ -198,6 +206,15 @@ class ChunkControl:
 
     def halt(self, n: int) -> None:
         self.halted_at = n
+
+    def sync(self, n: int, local_vars: dict[str, Any], names: list[str],
+             mutated: list[str]) -> None:
+        """End of an iteration on a worker with its own copies of the items:
+        send the loop target's objects back (see replay.TARGET)."""
+        for name in names:
+            v = local_vars.get(name, _NOTHING)
+            if v is not _NOTHING and not isinstance(v, _SCALARS):
+                self.log.append((TARGET, n, name, v, name in mutated))
 
     def begin(self, n: int) -> None:
         """Per-iteration set-up, emitted only when seed= or timeout= is given."""
@@ -237,6 +254,11 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise IterationTimeout("the iteration ran longer than the timeout= option allows")
 
 
+def capture_into(parts: list) -> contextvars.Token:
+    """Route this thread's (or task's) output into ``parts``."""
+    return _parts_var.set(parts)
+
+
 def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set[str],
               seed_value: int | None = None, worker: str = "",
               register: Callable[[ChunkControl], None] | None = None,
@@ -253,11 +275,11 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if timeout is not None else None
     t0 = time.perf_counter()
     c0 = time.thread_time()
-    _tls.parts = parts
+    token = _parts_var.set(parts)
     try:
         local_vars = fn(items, log, parts, ctl, HELPERS)
     finally:
-        _tls.parts = None
+        _parts_var.reset(token)
         if timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_handler)

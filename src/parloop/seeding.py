@@ -14,13 +14,17 @@ seed are not covered.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import random
 import sys
 import threading
 from typing import Any, Callable
 
-_tls = threading.local()
+#: the per-iteration generators of the calling thread or asyncio task
+_py: contextvars.ContextVar[Any] = contextvars.ContextVar("parloop_random", default=None)
+_np: contextvars.ContextVar[Any] = contextvars.ContextVar("parloop_np_random", default=None)
+_VARS = {"py": _py, "np": _np}
 _lock = threading.Lock()
 _active = 0
 _saved: list[tuple[Any, str, Any]] = []
@@ -35,9 +39,10 @@ def derive(seed: int, index: int, bits: int = 64) -> int:
 
 def _dispatcher(module_inst: Any, attr: str, key: str) -> Callable:
     default = getattr(module_inst, attr)
+    var = _VARS[key]
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        gen = getattr(_tls, key, None)
+        gen = var.get()
         if gen is None:
             return default(*args, **kwargs)
         return getattr(gen, attr)(*args, **kwargs)
@@ -80,14 +85,14 @@ def end_run() -> None:
 
 
 def seed_iteration(seed: int, index: int) -> None:
-    """Give the calling thread fresh generators for iteration ``index``."""
-    _tls.py = random.Random(derive(seed, index))
+    """Give the calling thread (or task) fresh generators for iteration ``index``."""
+    _py.set(random.Random(derive(seed, index)))
     np = sys.modules.get("numpy")
     if np is not None:
-        _tls.np = np.random.RandomState(derive(seed, index, 32))
+        _np.set(np.random.RandomState(derive(seed, index, 32)))
 
 
 def end_iterations() -> None:
     """The calling thread goes back to the shared generators."""
-    _tls.py = None
-    _tls.np = None
+    _py.set(None)
+    _np.set(None)

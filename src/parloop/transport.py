@@ -29,9 +29,10 @@ import io
 import os
 import pickle
 import sys
+import time
 import types
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
 import cloudpickle
@@ -263,8 +264,6 @@ class Transport:
         a value that cannot be pickled, :class:`TransportError` for one that an
         engine cannot load, and ipyparallel's errors if an engine dies meanwhile.
         """
-        import time
-
         t0 = time.perf_counter()
         stats = TransportStats(broadcasts=1)
         packed = {name: _pack(name, value) for name, value in values.items()}
@@ -272,7 +271,7 @@ class Transport:
         gen, epoch = self._gen, f"{self._uid}.{self._gen}"
         used = {p.key for p in packed.values()} | {bk for p in packed.values() for bk, _ in p.buffers}
         pending = []
-        for eid in targets:
+        for eid in dict.fromkeys(targets):
             ident = self._ident(eid)
             have = self._have.setdefault(ident, {})
             index: dict[str, Any] = {"drop": [], "values": {}, "buffers": {}, "load": {}, "epoch": epoch}
@@ -308,6 +307,7 @@ class Transport:
             else:
                 for k in used:
                     have[k] = gen
+        error = None
         for eid, ident, index, ar in pending:
             reply = ar.get(timeout=timeout)
             have = self._have[ident]
@@ -315,14 +315,17 @@ class Transport:
                 have.pop(k, None)
             for k in used:
                 have[k] = gen
-            if reply["errors"]:
-                name, err = next(iter(reply["errors"].items()))
-                raise TransportError(
-                    f"parloop: engine {eid} cannot load the input {name!r}: {err}. "
-                    "Modules are imported on the engines by name, so they must be "
-                    "installed there too; or create the value inside the loop.",
-                    name=name,
-                )
+            for name, err in reply["errors"].items():
+                have.pop(packed[name].key, None)  # not usable there: check it again next time
+                if error is None:
+                    error = TransportError(
+                        f"parloop: engine {eid} cannot load the input {name!r}: {err}. "
+                        "Modules are imported on the engines by name, so they must be "
+                        "installed there too; or create the value inside the loop.",
+                        name=name,
+                    )
+        if error is not None:
+            raise error
         stats.seconds = time.perf_counter() - t0
         self.last = stats
         self.stats.add(stats)
@@ -354,8 +357,9 @@ def dumps(obj: Any) -> list:
     return [data, *raws]
 
 
-def loads(frames: list) -> Any:
-    """Inverse of :func:`dumps`, for the kernel: leaves the kernel's own classes alone.
+def loads(frames: list | bytes) -> Any:
+    """Inverse of :func:`dumps` (or of any cloudpickle stream), for the kernel:
+    unlike ``pickle.loads`` it leaves the kernel's own classes alone.
 
     When a stream holds a notebook class that the kernel already has (cloudpickle
     finds it by its tracker id), plain ``pickle.loads`` returns the kernel's
@@ -365,6 +369,8 @@ def loads(frames: list) -> Any:
     in the notebook would not be seen by them.  This unpickler skips that step
     for classes that existed before.
     """
+    if isinstance(frames, (bytes, bytearray, memoryview)):
+        frames = [frames]  # a plain (cloud)pickle stream
     return _KernelUnpickler(io.BytesIO(frames[0]), buffers=frames[1:]).load()
 
 

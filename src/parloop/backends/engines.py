@@ -22,6 +22,7 @@ from ..engine import Program, run_remote
 from ..errors import WorkerLostError
 from ..options import Options
 from ..runtime import ChunkResult
+from ..transport import loads as transport_loads
 from .base import Job
 
 _last_client: Any = None
@@ -122,7 +123,9 @@ class EngineBackend:
             with self._lock:
                 self._pending.pop(ar.msg_ids[0], None)
             try:
-                res: ChunkResult = pickle.loads(ar_.get())
+                # transport.loads, not pickle.loads: it leaves the kernel's own
+                # notebook classes as they are when instances of them come back
+                res: ChunkResult = transport_loads(ar_.get())
             except BaseException as e:  # noqa: B902
                 if self._cancel_from is not None and start > self._cancel_from:
                     fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))

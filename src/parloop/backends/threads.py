@@ -107,6 +107,11 @@ class ThreadBackend:
         self._job: Job | None = None
         self._tracker = _Tracker()
         self._interrupted = False
+        # worker names are slots 0..threads-1 (the shared pool has more
+        # threads than a run uses; the report shows the run's own workers)
+        self._slots_lock = threading.Lock()
+        self._free: set[int] = set()
+        self._next_slot = 0
 
     def worker_count(self) -> int:
         return self.threads
@@ -124,12 +129,17 @@ class ThreadBackend:
     def _run(self, items: list, start: int) -> ChunkResult:
         job = self._job
         assert job is not None and self._fn is not None
+        with self._slots_lock:
+            slot = min(self._free) if self._free else self._next_slot
+            self._free.discard(slot)
+            self._next_slot = max(self._next_slot, slot + 1)
         try:
             return run_chunk(self._fn, items, start, job.on_error, job.private, job.seed,
-                             worker=threading.current_thread().name,
-                             register=self._tracker.register)
+                             worker=f"thread {slot}", register=self._tracker.register)
         finally:
             self._tracker.done(start)
+            with self._slots_lock:
+                self._free.add(slot)
 
     def submit(self, items: list, start: int) -> "Future[ChunkResult]":
         return _pool(MAX_THREADS).submit(self._run, items, start)
