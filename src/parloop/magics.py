@@ -15,6 +15,7 @@ from traitlets import Unicode
 
 from .analysis import LoopPlan
 from .backends.base import Backend
+from .errors import LoopAnalysisError
 from .options import SPECS, Options, manual, parse_options
 from .run import Cell, Progress, run_cell
 from .schedule import cpu_count
@@ -190,6 +191,15 @@ ParloopMagics.parallel.__doc__ = _USAGE["parallel"].format(options=manual("paral
 def make_backend(opts: Options, plan: LoopPlan) -> Backend:
     """The backend for a run, from the magic and its options."""
     from .backends.threads import SerialBackend, ThreadBackend
+    if plan.is_async:
+        if opts.magic == "parallel":
+            raise LoopAnalysisError(
+                "the loop awaits (`await`, `async for`, `async with`): engines run plain "
+                "functions; use %%threaded, which runs each iteration as an asyncio task "
+                "(tasks=N at once)", lineno=plan.loop.lineno)
+        from .backends.tasks import TaskBackend
+        return TaskBackend(1 if opts.serial else opts.tasks,  # type: ignore[return-value]
+                           opts.chunksize)
     if opts.serial:
         return SerialBackend()  # type: ignore[return-value]
     if opts.magic == "threaded":

@@ -318,6 +318,51 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     return module
 
 
+_ITERATION_TEMPLATE = '''
+async def ___parloop_iter(___item, ___n, ___log, ___ctl, ___h):
+    ___rec = ___log.append
+    ___len = ___h.len
+    ___slice = ___h.slice
+    try:
+        for ___once in ___h.once:
+            pass
+    except BaseException as ___e:
+        return ___h.locals(), ___e
+    return ___h.locals(), None
+'''
+
+ITERATION_FN = "___parloop_iter"
+
+
+def build_iteration_function(plan: LoopPlan, worker_call_roots: set[str], *,
+                             hooked: bool) -> ast.Module:
+    """For a body that awaits: one coroutine function per *iteration* (each
+    iteration becomes an asyncio task).  The body sits in a one-pass ``for``
+    so that its ``continue`` means what it meant."""
+    module = ast.parse(_ITERATION_TEMPLATE)
+    fn = module.body[0]
+    assert isinstance(fn, ast.AsyncFunctionDef)
+    try_ = fn.body[-2]
+    assert isinstance(try_, ast.Try)
+    once = try_.body[0]
+    assert isinstance(once, ast.For)
+    body = copy.deepcopy(plan.loop.body)
+    rewritten = _BodyRewriter(plan, worker_call_roots).block(body)
+    target = ast.Assign(targets=[plan.loop.target], value=_name("___item"))
+    ast.copy_location(target, plan.loop.target)
+    once.body = [target, *rewritten]
+    if hooked:
+        fn.body.insert(3, ast.parse("___ctl.begin(___n)").body[0])
+    line = plan.loop.lineno
+    user_nodes = _descendants(rewritten) | set(ast.walk(target))
+    for node in ast.walk(module):
+        if "lineno" in node._attributes and node not in user_nodes:
+            node.lineno = line  # type: ignore[attr-defined]
+            node.end_lineno = line  # type: ignore[attr-defined]
+    ast.fix_missing_locations(module)
+    return module
+
+
 def _descendants(stmts: list[ast.stmt]) -> set[ast.AST]:
     out: set[ast.AST] = set()
     for st in stmts:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import inspect
 import itertools
 import operator
 import reprlib
@@ -25,7 +26,8 @@ from .errors import LoopAnalysisError
 from .options import Options
 from .record import ChunkRecord, ErrorRecord, LastRun
 from .replay import replay
-from .rewrite import CHUNK_FN, build_chunk_function, classify_call_roots
+from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_iteration_function,
+                      classify_call_roots)
 from .runtime import ChunkResult, OutputCapture, write_parts
 from .schedule import ChunkSizer, ThreadCount, cpu_count
 
@@ -78,11 +80,22 @@ def _exec_block(stmts: list[ast.stmt], cell: Cell, ns: dict[str, Any],
     value_expr = last.value if want_value and isinstance(last, ast.Expr) else None
     body = stmts[:-1] if value_expr is not None else stmts
     if body:
-        code = compile(ast.Module(body=body, type_ignores=[]), cell.filename, "exec")
-        exec(code, ns)
+        code = compile(ast.Module(body=body, type_ignores=[]), cell.filename, "exec",
+                       ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        _run_code(code, ns)
     if value_expr is not None:
-        return eval(compile(ast.Expression(body=value_expr), cell.filename, "eval"), ns)
+        return _run_code(compile(ast.Expression(body=value_expr), cell.filename, "eval",
+                                 ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), ns)
     return None
+
+
+def _run_code(code: Any, ns: dict[str, Any]) -> Any:
+    """eval/exec; code with a top-level ``await`` (allowed in notebook cells)
+    runs on parloop's event loop."""
+    if code.co_flags & inspect.CO_COROUTINE:
+        from .backends.tasks import run_on_loop
+        return run_on_loop(eval(code, ns))
+    return eval(code, ns)
 
 
 class _Targets:
@@ -95,6 +108,7 @@ class _Targets:
         ast.fix_missing_locations(assign)
         self.code = compile(ast.Module(body=[assign], type_ignores=[]), cell.filename, "exec")
         self.ns = ns
+        self.loop = plan.loop
         self.names = plan.targets
 
     def bind(self, item: Any) -> dict[str, Any]:
@@ -203,7 +217,7 @@ def _worker_traceback(tb: TracebackType | None) -> TracebackType | None:
     at the user's cell line."""
     t = tb
     while t is not None:
-        if t.tb_frame.f_code.co_name == CHUNK_FN:
+        if t.tb_frame.f_code.co_name in (CHUNK_FN, ITERATION_FN):
             return t
         t = t.tb_next
     return tb
@@ -240,8 +254,15 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
              threads: ThreadCount | None) -> None:
     """Hand chunks out, keep the workers fed, commit contiguous prefixes as
     they complete; stop early on an error (on_error=raise) or an interrupt."""
-    take = _Taker(iterable)
-    sizer = ChunkSizer(opts.chunksize, max(backend.worker_count(), 1), total)
+    if isinstance(committer.targets.loop, ast.AsyncFor):
+        from .backends.tasks import AsyncTaker
+        take: Any = AsyncTaker(iterable)
+    else:
+        take = _Taker(iterable)
+    # a backend may size its own chunks (asyncio tasks: a chunk is a batch of
+    # concurrent iterations, not a stretch of work)
+    sizer = ChunkSizer(opts.chunksize or getattr(backend, "chunksize", None),
+                       max(backend.worker_count(), 1), total)
     in_flight: dict[Future, _Chunk] = {}
     results: dict[int, tuple[_Chunk, ChunkResult]] = {}
     next_start = 0
@@ -348,6 +369,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
     if failure is None and take.error is not None:
         raise take.error
     record.notes.extend(getattr(backend, "events", ()))
+    if hasattr(backend, "peak"):
+        record.threads["peak_in_flight"] = backend.peak
     retried = getattr(backend, "retried", ())
     for c in record.chunks:
         c.retried = c.start in retried
@@ -429,8 +452,11 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     worker_roots = classify_call_roots(plan, ns)
     # workers with their own copies of the items send the loop target back
     sync_names = set() if backend.shares_memory else plan.target_roots | plan.stored_targets
-    module = build_chunk_function(plan, worker_roots, sync_names=sync_names,
-                                  hooked=opts.seed is not None or opts.timeout is not None)
+    hooked = opts.seed is not None or opts.timeout is not None
+    if plan.is_async:
+        module = build_iteration_function(plan, worker_roots, hooked=hooked)
+    else:
+        module = build_chunk_function(plan, worker_roots, sync_names=sync_names, hooked=hooked)
     record = LastRun(magic=opts.magic, backend=backend.name,
                      options=dict(opts.given), workers=backend.worker_count(), total=total,
                      roles=plan.roles())
@@ -441,6 +467,8 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
               on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout)
     backend.prepare(job)
     threads = None
+    if backend.name == "tasks":
+        record.threads.update(mode="asyncio tasks", tasks=backend.worker_count())
     if backend.name == "threads" and opts.threads is None:
         from .backends.threads import MAX_THREADS
         threads = ThreadCount(cores=cpu_count(), cap=MAX_THREADS)

@@ -45,11 +45,12 @@ def shutdown_pool() -> None:
         _executor_size = 0
 
 
-def compile_chunk_function(job: Job, globals_: dict[str, Any]) -> Callable:
+def compile_chunk_function(job: Job, globals_: dict[str, Any],
+                           name: str = "___parloop_chunk") -> Callable:
     code = compile(job.chunk_module, job.filename, "exec")
     scratch: dict[str, Any] = {}
     exec(code, globals_, scratch)
-    return scratch["___parloop_chunk"]
+    return scratch[name]
 
 
 class _Tracker:
