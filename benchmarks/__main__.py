@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .harness import shell, table
-from . import workloads_engines, workloads_threads
+from . import workloads_async, workloads_engines, workloads_threads
 
 WORKLOADS = {
     "cpu": workloads_engines.cpu,
@@ -16,6 +16,8 @@ WORKLOADS = {
     "big_input": workloads_engines.big_input,
     "warm": workloads_engines.warm_cell,
     "cpu_overhead": workloads_threads.cpu_overhead,
+    "async_sleep": workloads_async.sleep_tasks,
+    "async_memory": workloads_async.task_memory,
 }
 
 

@@ -100,7 +100,15 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
     lines.append(f"  prologue: {len(plan.prologue)} statement(s), run in the kernel first")
     lines.append(f"  loop:     lines {first}-{last}, iterable evaluated in the kernel")
     lines.append(f"  epilogue: {len(plan.epilogue)} statement(s), run in the kernel after")
-    if opts.magic == "threaded":
+    if plan.is_async:
+        if opts.magic == "parallel":
+            lines.append("  the loop awaits: %%parallel cannot run it (use %%threaded)")
+        else:
+            lines[0] = (f"parloop {opts.magic}: the loop at line {plan.loop.lineno} awaits; "
+                        "each iteration runs as an asyncio task on parloop's own event loop "
+                        "(in a worker thread).")
+            lines.append(f"  tasks:    at most {1 if opts.serial else opts.tasks} at once")
+    elif opts.magic == "threaded":
         t = "auto (TC = N x (T1 + T2) / T1, measured on the first iterations)" \
             if opts.threads is None else str(opts.threads)
         lines.append(f"  threads:  {t}")

@@ -349,6 +349,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
                     backend.cancel_after(stop_at)
                     for c in [c for c, _ in results.values() if c.start > stop_at]:
                         del results[c.start]
+            if hasattr(backend, "in_flight"):
+                record.threads["in_flight"] = backend.in_flight()
             progress.update(record)
     except KeyboardInterrupt:
         record.interrupted = True

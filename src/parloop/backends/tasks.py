@@ -105,6 +105,10 @@ class TaskBackend:
     def worker_names(self) -> list[str]:
         return ["asyncio tasks"]
 
+    def in_flight(self) -> int:
+        """Iterations running right now (for the live view)."""
+        return self._active
+
     def max_in_flight(self) -> int:
         return math.ceil(self.tasks / self.chunksize) + 1
 

@@ -30,8 +30,13 @@ class TextProgress:
         if record.done > self._shown:
             self._bar.update(record.done - self._shown)
             self._shown = record.done
+        post = {}
+        if "in_flight" in record.threads:
+            post["in flight"] = record.threads["in_flight"]
         if record.errors:
-            self._bar.set_postfix(errors=len(record.errors), refresh=False)
+            post["errors"] = len(record.errors)
+        if post:
+            self._bar.set_postfix(post, refresh=False)
 
     def close(self, record: LastRun) -> None:
         if self._bar is None:
