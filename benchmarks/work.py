@@ -27,9 +27,5 @@ def calibrate(target: float = 0.060) -> int:
     return SPIN
 
 
-def spin_task(i: int) -> int:
-    return spin(SPIN)  # noqa: F821
-
-
 def tiny(i: int) -> int:
     return i * i + 1

@@ -38,14 +38,16 @@ def cpu(ip, rounds: int) -> Result:
         Variant("serial", lambda: run_cell(ip, cell)),
         Variant("%%parallel processes=2", lambda: run_cell(
             ip, "%%parallel processes=2 progress=off\n" + cell), True),
+        # n travels as an argument: workers that re-import the module (loky,
+        # engines) must do the same work as the kernel calibrated
         Variant("multiprocessing.Pool(2).map", lambda: _timed(
-            lambda: pool.map(work.spin_task, range(32)))),
+            lambda: pool.map(work.spin, [n] * 32))),
         Variant("ProcessPoolExecutor(2).map (fork)", lambda: _timed(
-            lambda: list(ppe.map(work.spin_task, range(32))))),
+            lambda: list(ppe.map(work.spin, [n] * 32)))),
         Variant("joblib.Parallel(n_jobs=2)", lambda: _timed(
-            lambda: par(joblib.delayed(work.spin_task)(i) for i in range(32)))),
+            lambda: par(joblib.delayed(work.spin)(n) for _ in range(32)))),
         Variant("ipyparallel LoadBalancedView.map", lambda: _timed(
-            lambda: lview.map_sync(work.spin_task, range(32))),
+            lambda: lview.map_sync(work.spin, [n] * 32)),
             note="same engines as parloop"),
     ]
     try:

@@ -63,9 +63,9 @@ class EngineBackend:
         self.client = client
         self.opts = opts
         self.ids = list(client.ids)
-        # no fixed targets: a chunk re-run after an engine died must go to the
-        # engines still registered
-        self.view = client.load_balanced_view()
+        self.views = {eid: client[eid] for eid in self.ids}
+        self.load = {eid: 0 for eid in self.ids}   # chunks queued on each engine
+        self.sent = {eid: 0 for eid in self.ids}
         self.transport = Transport(client)
         self.keys: dict[str, str] = {}
         self.retries = opts.retries
@@ -114,14 +114,30 @@ class EngineBackend:
         self._send(fut, payload, start, self.retries)
         return fut
 
+    def _pick_engine(self) -> int:
+        """The live engine with the fewest chunks queued on it.  Chunks go to
+        an engine directly (not through the controller's load balancer, which
+        hands an engine its next task only after the last one is done, a
+        round trip of idle time per chunk: measured 3-5 ms per 60 ms chunk)."""
+        with self._lock:
+            live = [e for e in self.ids if e in self.views]
+            if not live:
+                raise WorkerLostError("no engine is left to run the loop")
+            eid = min(live, key=lambda e: (self.load[e], self.sent[e]))
+            self.load[eid] += 1
+            self.sent[eid] += 1
+            return eid
+
     def _send(self, fut: Future, payload: bytes, start: int, retries_left: int) -> None:
-        ar = self.view.apply_async(run_remote, self.keys, payload)
+        eid = self._pick_engine()
+        ar = self.views[eid].apply_async(run_remote, self.keys, payload)
         with self._lock:
             self._pending[ar.msg_ids[0]] = (ar, start)
 
         def done(ar_: Any) -> None:
             with self._lock:
                 self._pending.pop(ar.msg_ids[0], None)
+                self.load[eid] -= 1
             try:
                 # transport.loads, not pickle.loads: it leaves the kernel's own
                 # notebook classes as they are when instances of them come back
@@ -130,6 +146,8 @@ class EngineBackend:
                 if self._cancel_from is not None and start > self._cancel_from:
                     fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))
                     return
+                if _engine_lost(e):
+                    self._lost(eid)
                 if _engine_lost(e) and retries_left > 0:
                     self.events.append(f"the engine running iterations from {start} died; "
                                        "they were re-run on another engine")
@@ -141,8 +159,7 @@ class EngineBackend:
                     return
                 fut.set_exception(_as_local(e, start))
                 return
-            engine = ar_.engine_id if getattr(ar_, "engine_id", None) is not None else "?"
-            res.worker = f"engine {engine} ({res.worker})"
+            res.worker = f"engine {eid} ({res.worker})"
             for err in res.errors + ([res.raised] if res.raised else []):
                 tb = getattr(err, "tb_text", None)
                 if tb and err.exc.__cause__ is None:
@@ -163,7 +180,12 @@ class EngineBackend:
         self._polled = now
         dead = MANAGER.dead_engines(self.client)
         for eid in dead:
-            if eid in self.ids:
+            self._lost(eid)
+
+    def _lost(self, eid: int) -> None:
+        with self._lock:
+            if eid in self.views:
+                del self.views[eid]
                 self.ids.remove(eid)
                 self.events.append(f"engine {eid} died during the run")
 
