@@ -6,9 +6,20 @@ how many chunks may be in flight.
 """
 from __future__ import annotations
 
+import ast
+import itertools
 import math
 import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import Backend
+from .commit import Chunk, Committer, ErrorRecord, Interrupted, IterationFailed
+from .options import Options
+from .record import LastRun
+from .runtime import ChunkResult
 
 #: Aim for chunks of about this many seconds: long enough that dispatch and
 #: commit costs vanish, short enough that the load stays balanced.
@@ -110,3 +121,201 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+#: at most this many iterations may be handed out beyond the last committed one
+#: (bounds the kernel's memory when one chunk is slow and the others race ahead)
+WINDOW_CHUNKS = 8
+
+
+class Progress:
+    """What the dispatcher tells a live view (the text bar and, later, the widget)."""
+
+    def start(self, record: LastRun) -> None: ...
+
+    def update(self, record: LastRun) -> None: ...
+
+    def close(self, record: LastRun) -> None: ...
+
+
+def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
+             committer: Committer, record: LastRun, progress: Progress,
+             threads: ThreadCount | None) -> None:
+    """Hand chunks out, keep the workers fed, commit contiguous prefixes as
+    they complete; stop early on an error (on_error=raise) or an interrupt."""
+    if isinstance(committer.targets.loop, ast.AsyncFor):
+        from .backends.tasks import AsyncTaker
+        take: Any = AsyncTaker(iterable)
+    else:
+        take = Taker(iterable)
+    # a backend may size its own chunks (asyncio tasks: a chunk is a batch of
+    # concurrent iterations, not a stretch of work)
+    sizer = ChunkSizer(opts.chunksize or getattr(backend, "chunksize", None),
+                       max(backend.worker_count(), 1), total)
+    in_flight: dict[Future, Chunk] = {}
+    results: dict[int, tuple[Chunk, ChunkResult]] = {}
+    next_start = 0
+    exhausted = False
+    stop_at: int | None = None       # an iteration raised (on_error=raise)
+    failure: tuple[int, BaseException, Any] | None = None
+    largest = 1
+
+    def concurrency() -> int:
+        if threads is not None:
+            n = threads.threads()
+            if total is not None:
+                n = min(n, max(total, 1))  # no more threads than iterations
+            record.threads.update(threads=n)
+            record.workers = max(record.workers, n)
+        else:
+            n = backend.max_in_flight()
+        sizer.workers = n
+        return n
+
+    def collect(fut: Future) -> None:
+        chunk = in_flight.pop(fut)
+        try:
+            res = fut.result()
+        except BaseException:
+            if stop_at is not None and chunk.start > stop_at:
+                return  # cancelled after an earlier iteration failed
+            raise
+        sizer.observe(res.done, res.t_end - res.t_start)
+        if threads is not None:
+            threads.observe(res.done, res.cpu, res.t_end - res.t_start)
+            record.threads.update(t1=threads.t1, t2=threads.t2, cores=threads.cores)
+        results[chunk.start] = (chunk, res)
+
+    poll = getattr(backend, "poll", None)
+    progress.start(record)
+    try:
+        while True:
+            while (not exhausted and stop_at is None and len(in_flight) < concurrency()
+                   and next_start - committer.next < max(WINDOW_CHUNKS * largest *
+                                                         concurrency(), 1000)):
+                remaining = None if total is None else total - next_start
+                size = sizer.next_size(remaining)
+                items = take(next_start, size)
+                if not items:
+                    exhausted = True
+                    break
+                if take.error is not None:
+                    exhausted = True
+                largest = max(largest, len(items))
+                chunk = Chunk(next_start, items)
+                in_flight[backend.submit(items, next_start)] = chunk
+                next_start += len(items)
+                if len(items) < size:
+                    exhausted = True
+            if not in_flight and committer.next >= next_start:
+                break
+            if in_flight:
+                if poll is not None:
+                    poll()
+                done, _ = wait(list(in_flight), timeout=0.25, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    collect(fut)
+            while committer.next in results:
+                chunk, res = results.pop(committer.next)
+                if res.halted and (stop_at is None or res.start <= stop_at):
+                    committer.commit(chunk, res)
+                    raise KeyboardInterrupt
+                try:
+                    committer.commit(chunk, res)
+                except IterationFailed as f:
+                    failure = (f.index, f.exc, f.item)
+                    break
+                if res.raised is not None:
+                    failure = (res.raised.index, res.raised.exc,
+                               chunk.items[res.raised.index - chunk.start])
+                    break
+            if failure is not None:
+                break
+            # an error further on: stop what comes after it, finish what comes before
+            for chunk, res in list(results.values()):
+                if res.raised is not None and (stop_at is None or res.raised.index < stop_at):
+                    stop_at = res.raised.index
+                    backend.cancel_after(stop_at)
+                    for c in [c for c, _ in results.values() if c.start > stop_at]:
+                        del results[c.start]
+            if hasattr(backend, "in_flight"):
+                record.threads["in_flight"] = backend.in_flight()
+            progress.update(record)
+    except KeyboardInterrupt:
+        record.interrupted = True
+        backend.interrupt()
+        drain(in_flight, results, committer, timeout=2.0)
+        progress.close(record)
+        raise Interrupted(
+            f"parloop: interrupted after {committer.next} of "
+            f"{'?' if total is None else total} iterations; iterations 0..{committer.next - 1}"
+            " were applied") from None
+    finally:
+        if stop_at is not None or failure is not None:
+            backend.cancel_after(failure[0] if failure else stop_at)  # type: ignore[arg-type]
+        # wait for the chunks still running (they stop at their next iteration)
+        if in_flight and not record.interrupted:
+            wait(list(in_flight), timeout=5.0)
+    progress.close(record)
+    if failure is None and take.error is not None:
+        raise take.error
+    record.notes.extend(getattr(backend, "events", ()))
+    if hasattr(backend, "peak"):
+        record.threads["peak_in_flight"] = backend.peak
+    retried = getattr(backend, "retried", ())
+    for c in record.chunks:
+        c.retried = c.start in retried
+    if failure is not None:
+        index, exc, item = failure
+        record.errors.append(ErrorRecord(index, committer.targets.describe(item), exc))
+        raise IterationFailed(index, exc, item)
+
+
+class Taker:
+    """How chunks are cut from the iterable: a ``range`` into sub-ranges (never
+    materialised: a chunk of a million iterations is three integers on the
+    wire), a list or tuple by slicing, anything else by pulling items.
+
+    An iterator that raises after yielding some items keeps those items (they
+    run, as in serial) and the exception is raised once they are committed."""
+
+    def __init__(self, iterable: Any):
+        self.error: BaseException | None = None
+        self.sliceable = isinstance(iterable, (range, list, tuple))
+        self.iterable = iterable
+        self.it = None if self.sliceable else iter(iterable)
+
+    def __call__(self, start: int, size: int) -> Any:
+        if self.sliceable:
+            return self.iterable[start:start + size]
+        out: list = []
+        if self.error is None:
+            try:
+                out.extend(itertools.islice(self.it, size))  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - raised after the items before it ran
+                self.error = e
+        return out
+
+
+def drain(in_flight: dict[Future, Chunk], results: dict[int, tuple[Chunk, ChunkResult]],
+           committer: Committer, timeout: float) -> None:
+    """After an interrupt: take what finishes within ``timeout`` and commit the
+    contiguous prefix of completed iterations."""
+    deadline = time.monotonic() + timeout
+    while in_flight and time.monotonic() < deadline:
+        done, _ = wait(list(in_flight), timeout=max(deadline - time.monotonic(), 0),
+                       return_when=FIRST_COMPLETED)
+        for fut in done:
+            chunk = in_flight.pop(fut)
+            try:
+                results[chunk.start] = (chunk, fut.result())
+            except BaseException:  # noqa: B902 - a worker lost while stopping
+                pass
+    while committer.next in results:
+        chunk, res = results.pop(committer.next)
+        try:
+            committer.commit(chunk, res)
+        except IterationFailed:
+            break
+        if res.done < len(chunk.items) or res.raised is not None:
+            break
