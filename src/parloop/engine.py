@@ -14,6 +14,7 @@ import linecache
 import os
 import pickle
 import socket
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,6 +39,7 @@ class Program:
     on_error: str
     seed: int | None
     timeout: float | None = None
+    live: bool = False
 
 
 def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
@@ -98,6 +100,43 @@ class _Unpicklable:
         return f"<{self.type_name} {self.name!r} stayed on the engine: {self.why}>"
 
 
+class _ProgressPublisher:
+    """Publishes how many iterations of the running chunk are done, four
+    times a second, through ipyparallel's data publication (the kernel reads
+    it from the AsyncResult's ``data``): progress per iteration, not per chunk."""
+
+    PERIOD = 0.25
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._ctl: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def watch(self, ctl: Any) -> None:
+        self._ctl = ctl
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            from ipyparallel.datapub import publish_data
+        except ImportError:  # not on an engine (tests calling run_remote directly)
+            return
+        last = -1
+        wait = self.PERIOD / 2.5  # a first reading soon, then four a second
+        while not self._stop.wait(wait):
+            wait = self.PERIOD
+            n = len(self._ctl.marks)
+            if n != last:
+                try:
+                    publish_data({"parloop_done": n})
+                except Exception:  # noqa: BLE001 - not inside an engine task
+                    return
+                last = n
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
     """Run one chunk: ``payload`` is ``cloudpickle((items, start))``."""
     from .transport import engine_resolve
@@ -109,11 +148,15 @@ def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if program.seed is not None:
         seeding.begin_run()
+    publisher = _ProgressPublisher() if program.live else None
     try:
         with OutputCapture():
             res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
-                            worker=worker, timeout=program.timeout)
+                            worker=worker, timeout=program.timeout,
+                            register=publisher.watch if publisher else None)
     finally:
+        if publisher is not None:
+            publisher.stop()
         if program.seed is not None:
             seeding.end_run()
     return _portable(res)

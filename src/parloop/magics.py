@@ -97,7 +97,7 @@ def _widget_capable(shell: Any) -> bool:
     if shell is None or not hasattr(shell, "kernel"):
         return False
     try:
-        import ipywidgets  # noqa: F401
+        import ipywidgets  # noqa: F401 - importable is the question
     except ImportError:
         return False
     return True
@@ -146,8 +146,13 @@ class ParloopMagics(Magics):
         mode = opts.resolved_progress(_widget_capable(self.shell))
         if mode == "off":
             return Progress()
-        # the widget view is its own issue; until it lands, a widget frontend
-        # gets the text bar
+        if mode == "widget":
+            try:
+                from .progress.widget import WidgetProgress
+            except ImportError:  # the widget view is not there yet
+                pass
+            else:
+                return WidgetProgress()  # type: ignore[return-value]
         from .progress.text import TextProgress
         return TextProgress()  # type: ignore[return-value]
 

@@ -37,6 +37,24 @@ class ErrorRecord:
 
 
 @dataclass
+class WorkerState:
+    """One worker as the live view shows it."""
+
+    name: str
+    done: int = 0                 # iterations it completed in this run
+    busy: float = 0.0             # seconds spent in chunks (finished ones)
+    current: int | None = None    # the iteration it is on now
+    current_values: str = ""      # a short repr of that iteration's loop values
+    failed: int = 0               # iterations that raised on it
+    chunks: int = 0
+    partial: int = 0              # iterations done in the chunk it is running
+
+    @property
+    def shown_done(self) -> int:
+        return self.done + self.partial
+
+
+@dataclass
 class LastRun:
     magic: str
     backend: str
@@ -51,6 +69,11 @@ class LastRun:
     roles: dict[str, str] = field(default_factory=dict)
     threads: dict[str, Any] = field(default_factory=dict)  # threads=auto: choice and inputs
     notes: list[str] = field(default_factory=list)
+    #: worker name -> its state, kept up to date during the run for the live view
+    live: dict[str, WorkerState] = field(default_factory=dict)
+    #: the most iterations handed out but not yet committed at any moment (the
+    #: kernel's memory bound: never the whole loop)
+    max_outstanding: int = 0
 
     @property
     def per_worker(self) -> dict[str, dict[str, float]]:

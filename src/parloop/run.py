@@ -144,7 +144,8 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
               inputs={n for n in plan.inputs | worker_roots if n in ns},
               private=set(plan.private),
-              on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout)
+              on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout,
+              live=bool(progress is not None and progress.wants_live))
     backend.prepare(job)
     threads = None
     if backend.name == "tasks":

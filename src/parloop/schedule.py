@@ -18,7 +18,7 @@ from typing import Any
 from .backends.base import Backend
 from .commit import Chunk, Committer, ErrorRecord, Interrupted, IterationFailed
 from .options import Options
-from .record import LastRun
+from .record import LastRun, WorkerState
 from .runtime import ChunkResult
 
 #: Aim for chunks of about this many seconds: long enough that dispatch and
@@ -128,8 +128,35 @@ def cpu_count() -> int:
 WINDOW_CHUNKS = 8
 
 
+#: seconds between two readings of the workers' live state
+LIVE_PERIOD = 0.2
+
+
+def _live_state(record: LastRun, running: dict[int, tuple[str, int]],
+                chunks: dict[int, Chunk], committer: Committer) -> None:
+    """Per-worker rows of the live view from the backend's running chunks:
+    ``{chunk start: (worker, iterations done in it so far)}``."""
+    for w in record.live.values():
+        w.current = None
+        w.partial = 0
+    for start, (worker, n) in running.items():
+        w = record.live.get(worker)
+        if w is None:
+            w = record.live[worker] = WorkerState(worker)
+        chunk = chunks.get(start)
+        w.current = start + n
+        if chunk is not None and n < len(chunk.items):
+            w.current_values = committer.targets.describe(chunk.items[n])
+        w.partial = n
+
+
 class Progress:
-    """What the dispatcher tells a live view (the text bar and, later, the widget)."""
+    """What the dispatcher tells a live view (the text bar, the widget).
+
+    ``update`` is called at most about four times a second; ``record.live``
+    holds the per-worker rows when ``wants_live`` is true."""
+
+    wants_live = False
 
     def start(self, record: LastRun) -> None: ...
 
@@ -180,6 +207,15 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
             if stop_at is not None and chunk.start > stop_at:
                 return  # cancelled after an earlier iteration failed
             raise
+        w = record.live.get(res.worker)
+        if w is None:
+            w = record.live[res.worker] = WorkerState(res.worker)
+        w.done += res.done
+        w.busy += res.t_end - res.t_start
+        w.failed += len(res.errors) + (res.raised is not None)
+        w.chunks += 1
+        w.current = None
+        w.partial = 0
         sizer.observe(res.done, res.t_end - res.t_start)
         if threads is not None:
             threads.observe(res.done, res.cpu, res.t_end - res.t_start)
@@ -187,6 +223,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
         results[chunk.start] = (chunk, res)
 
     poll = getattr(backend, "poll", None)
+    live = getattr(backend, "running", None) if progress.wants_live else None
+    last_live = 0.0
     progress.start(record)
     try:
         while True:
@@ -212,7 +250,8 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
             if in_flight:
                 if poll is not None:
                     poll()
-                done, _ = wait(list(in_flight), timeout=0.25, return_when=FIRST_COMPLETED)
+                done, _ = wait(list(in_flight), timeout=LIVE_PERIOD / 2 if live else 0.25,
+                               return_when=FIRST_COMPLETED)
                 for fut in done:
                     collect(fut)
             while committer.next in results:
@@ -240,6 +279,12 @@ def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
                         del results[c.start]
             if hasattr(backend, "in_flight"):
                 record.threads["in_flight"] = backend.in_flight()
+            record.max_outstanding = max(record.max_outstanding, next_start - committer.next)
+            now = time.monotonic()
+            if now - last_live >= LIVE_PERIOD and live is not None:
+                last_live = now
+                _live_state(record, live(), {c.start: c for c in in_flight.values()},
+                            committer)
             progress.update(record)
     except KeyboardInterrupt:
         record.interrupted = True

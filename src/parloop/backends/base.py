@@ -24,6 +24,7 @@ class Job:
     on_error: str
     seed: int | None
     timeout: float | None = None    # per iteration (engines)
+    live: bool = False              # workers report progress while a chunk runs
     facts: dict[str, Any] = field(default_factory=dict)  # what the backend reports
 
 

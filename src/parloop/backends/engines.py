@@ -66,6 +66,8 @@ class EngineBackend:
         self.views = {eid: client[eid] for eid in self.ids}
         self.load = {eid: 0 for eid in self.ids}   # chunks queued on each engine
         self.sent = {eid: 0 for eid in self.ids}
+        self._labels: dict[int, str] = {}
+        self.live = False  # engines publish progress (set by the run when a view wants it)
         self.transport = Transport(client)
         self.keys: dict[str, str] = {}
         self.retries = opts.retries
@@ -104,7 +106,7 @@ class EngineBackend:
                           cell_lines=[line + "\n" for line in
                                       ("\n" + job.cell_source).splitlines()],
                           private=job.private, on_error=job.on_error, seed=job.seed,
-                          timeout=job.timeout)
+                          timeout=job.timeout, live=job.live)
         inputs["___program"] = program
         self.keys = self.transport.broadcast(inputs, self.ids)
 
@@ -113,6 +115,29 @@ class EngineBackend:
         payload = cloudpickle.dumps((items, start), protocol=pickle.HIGHEST_PROTOCOL)
         self._send(fut, payload, start, self.retries)
         return fut
+
+    def label(self, eid: int) -> str:
+        """``engine 3 (host:pid)``: the worker's name in the live view and report."""
+        label = self._labels.get(eid)
+        if label is None:
+            from ..cluster import MANAGER
+            info = {e["id"]: e for e in MANAGER.engine_info(self.client)}.get(eid, {})
+            where = f" ({info.get('host')}:{info.get('pid')})" if info.get("pid") else ""
+            label = self._labels[eid] = f"engine {eid}{where}"
+        return label
+
+    def running(self) -> dict[int, tuple[str, int]]:
+        """chunk start -> (engine, iterations done in it so far): engines
+        publish their progress while a chunk runs (ipyparallel's data
+        publication, four times a second)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        out = {}
+        for ar, start, eid in pending:
+            data = getattr(ar, "data", None) or {}
+            if "parloop_done" in data:
+                out[start] = (self.label(eid), int(data["parloop_done"]))
+        return out
 
     def _pick_engine(self) -> int:
         """The live engine with the fewest chunks queued on it.  Chunks go to
@@ -132,7 +157,7 @@ class EngineBackend:
         eid = self._pick_engine()
         ar = self.views[eid].apply_async(run_remote, self.keys, payload)
         with self._lock:
-            self._pending[ar.msg_ids[0]] = (ar, start)
+            self._pending[ar.msg_ids[0]] = (ar, start, eid)
 
         def done(ar_: Any) -> None:
             with self._lock:
@@ -159,7 +184,7 @@ class EngineBackend:
                     return
                 fut.set_exception(_as_local(e, start))
                 return
-            res.worker = f"engine {eid} ({res.worker})"
+            res.worker = self.label(eid)
             for err in res.errors + ([res.raised] if res.raised else []):
                 tb = getattr(err, "tb_text", None)
                 if tb and err.exc.__cause__ is None:
@@ -193,7 +218,7 @@ class EngineBackend:
         self._cancel_from = index if self._cancel_from is None else min(index,
                                                                         self._cancel_from)
         with self._lock:
-            doomed = [ar for ar, start in self._pending.values() if start > index]
+            doomed = [ar for ar, start, _ in self._pending.values() if start > index]
         for ar in doomed:
             try:
                 self.client.abort(ar, block=False)

@@ -113,6 +113,14 @@ class ThreadBackend:
         self._slots_lock = threading.Lock()
         self._free: set[int] = set()
         self._next_slot = 0
+        self._names: dict[int, str] = {}  # chunk start -> worker running it
+
+    def running(self) -> dict[int, tuple[str, int]]:
+        """chunk start -> (worker, iterations done in it so far), for the live view."""
+        with self._tracker.lock:
+            ctls = list(self._tracker.ctls.items())
+        return {start: (self._names.get(start, "thread"), len(ctl.marks))
+                for start, ctl in ctls}
 
     def worker_count(self) -> int:
         return self.threads
@@ -134,11 +142,13 @@ class ThreadBackend:
             slot = min(self._free) if self._free else self._next_slot
             self._free.discard(slot)
             self._next_slot = max(self._next_slot, slot + 1)
+        self._names[start] = name = f"thread {slot}"
         try:
             return run_chunk(self._fn, items, start, job.on_error, job.private, job.seed,
-                             worker=f"thread {slot}", register=self._tracker.register)
+                             worker=name, register=self._tracker.register)
         finally:
             self._tracker.done(start)
+            self._names.pop(start, None)
             with self._slots_lock:
                 self._free.add(slot)
 
