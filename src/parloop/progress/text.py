@@ -9,12 +9,13 @@ from tqdm.std import tqdm
 
 from ..record import LastRun
 from ..runtime import OutputCapture
+from ..schedule import Progress
 
 #: seconds before the bar appears at all
 DELAY = 1.0
 
 
-class TextProgress:
+class TextProgress(Progress):
     def __init__(self) -> None:
         self._bar: tqdm | None = None
         self._shown = 0
