@@ -74,6 +74,8 @@ class LastRun:
     #: the most iterations handed out but not yet committed at any moment (the
     #: kernel's memory bound: never the whole loop)
     max_outstanding: int = 0
+    #: the loop ran natively in the kernel (iterations cheaper than shipping them)
+    native: bool = False
 
     @property
     def per_worker(self) -> dict[str, dict[str, float]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Iterator
 
-from . import seeding
+from . import native, seeding
 from .analysis import LoopPlan, analyse
 from .backends.base import Backend, Job
 from .commit import Committer, Interrupted, IterationFailed, TargetBinder
@@ -25,7 +25,7 @@ from .record import LastRun
 from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_iteration_function,
                       classify_call_roots)
 from .runtime import OutputCapture
-from .schedule import Progress, ThreadCount, cpu_count, dispatch
+from .schedule import Progress, ThreadCount, cpu_count, dispatch, make_taker
 
 class _Return(Exception):
     """A ``return`` in a decorated function's prologue or epilogue."""
@@ -110,6 +110,48 @@ def _total(iterable: Any) -> int | None:
         return n if n >= 0 and not isinstance(iterable, Iterator) else None
 
 
+def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
+                  backend: Backend, take: Any, total: int | None, record: LastRun,
+                  threads: ThreadCount | None) -> tuple[int, tuple[int, float, float] | None]:
+    """Time the first iterations natively in the kernel; if the workers cannot
+    win against iterations this cheap, run the whole loop natively (see
+    parloop.native).  Returns (iterations run, their measurement)."""
+    if not native.eligible(opts, plan, backend.name, total):
+        return 0, None
+    loop = native.NativeLoop(plan, cell.filename, ns)
+    ran, wall, cpu, batch = 0, 0.0, 0.0, 1
+    try:
+        while wall < native.PROBE_SECONDS:
+            items = take(ran, batch)
+            if not items:
+                break
+            n, w, c = loop.run(items, ran)
+            ran, wall, cpu, batch = ran + n, wall + w, cpu + c, batch * 2
+            if take.error is not None and n == len(items):
+                raise take.error
+        remaining = None if total is None else total - ran
+        if remaining == 0 or native.native_wins(wall, cpu, ran, remaining, backend.name,
+                                                 backend.worker_count()):
+            record.native = True
+            record.notes.append(
+                f"ran natively in the kernel: an iteration costs {wall / max(ran, 1) * 1e6:.2f}"
+                f" us, less than handing it to a worker")
+            rest = take.iterable[ran:] if take.sliceable else take.it
+            n, w, c = loop.run(rest, ran)
+            ran += n
+            if take.error is not None:
+                raise take.error
+        return ran, (ran, wall, cpu)
+    except BaseException as e:
+        index = getattr(e, "parloop_index", None)
+        if index is not None and not isinstance(e, KeyboardInterrupt):
+            of = f" of {total}" if total is not None else ""
+            e.add_note(f"parloop: raised in iteration {index}{of} ({loop.values()})")
+        raise
+    finally:
+        record.done = max(record.done, ran)
+
+
 def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
              make_backend: Callable[[Options, LoopPlan], Backend],
              progress: Progress | None = None) -> Any:
@@ -159,11 +201,15 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names))
     if opts.seed is not None:
         seeding.begin_run()
+    take = make_taker(iterable, isinstance(plan.loop, ast.AsyncFor))
     try:
         with OutputCapture():
             try:
-                dispatch(backend, iterable, total, opts, committer, record,
-                         progress or Progress(), threads)
+                ran, measured = _native_first(plan, cell, ns, opts, backend, take, total,
+                                              record, threads)
+                if not record.native:
+                    dispatch(backend, take, total, opts, committer, record,
+                             progress or Progress(), threads, start=ran, measured=measured)
             finally:
                 committer.finish()
                 record.wall = time.perf_counter() - t0

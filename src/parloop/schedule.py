@@ -6,7 +6,6 @@ how many chunks may be in flight.
 """
 from __future__ import annotations
 
-import ast
 import itertools
 import math
 import os
@@ -165,23 +164,36 @@ class Progress:
     def close(self, record: LastRun) -> None: ...
 
 
-def dispatch(backend: Backend, iterable: Any, total: int | None, opts: Options,
-             committer: Committer, record: LastRun, progress: Progress,
-             threads: ThreadCount | None) -> None:
-    """Hand chunks out, keep the workers fed, commit contiguous prefixes as
-    they complete; stop early on an error (on_error=raise) or an interrupt."""
-    if isinstance(committer.targets.loop, ast.AsyncFor):
+def make_taker(iterable: Any, is_async: bool) -> Any:
+    """The object that cuts chunks from the loop's iterable."""
+    if is_async:
         from .backends.tasks import AsyncTaker
-        take: Any = AsyncTaker(iterable)
-    else:
-        take = Taker(iterable)
+        return AsyncTaker(iterable)
+    return Taker(iterable)
+
+
+def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
+             committer: Committer, record: LastRun, progress: Progress,
+             threads: ThreadCount | None, start: int = 0,
+             measured: tuple[int, float, float] | None = None) -> None:
+    """Hand chunks out, keep the workers fed, commit contiguous prefixes as
+    they complete; stop early on an error (on_error=raise) or an interrupt.
+
+    ``start``: iterations before it already ran (natively, see parloop.native);
+    ``measured``: (iterations, wall s, CPU s) they took, so sizing starts
+    from a measurement rather than from probing chunks."""
     # a backend may size its own chunks (asyncio tasks: a chunk is a batch of
     # concurrent iterations, not a stretch of work)
     sizer = ChunkSizer(opts.chunksize or getattr(backend, "chunksize", None),
                        max(backend.worker_count(), 1), total)
+    if measured is not None:
+        sizer.observe(measured[0], measured[1])
+        if threads is not None:
+            threads.observe(measured[0], measured[2], measured[1])
     in_flight: dict[Future, Chunk] = {}
     results: dict[int, tuple[Chunk, ChunkResult]] = {}
-    next_start = 0
+    next_start = start
+    committer.next = start
     exhausted = False
     stop_at: int | None = None       # an iteration raised (on_error=raise)
     failure: tuple[int, BaseException, Any] | None = None

@@ -70,6 +70,7 @@ class EngineBackend:
         self.live = False  # engines publish progress (set by the run when a view wants it)
         self.transport = Transport(client)
         self.keys: dict[str, str] = {}
+        self._inputs: dict[str, Any] | None = None
         self.retries = opts.retries
         self._pending: dict[str, tuple[Any, int]] = {}  # msg_id -> (async result, start)
         self._lock = threading.Lock()
@@ -108,9 +109,13 @@ class EngineBackend:
                           private=job.private, on_error=job.on_error, seed=job.seed,
                           timeout=job.timeout, live=job.live)
         inputs["___program"] = program
-        self.keys = self.transport.broadcast(inputs, self.ids)
+        # sent with the first chunk: a loop that runs natively needs none of it
+        self._inputs = inputs
 
     def submit(self, items: list, start: int) -> "Future[ChunkResult]":
+        if self._inputs is not None:
+            self.keys = self.transport.broadcast(self._inputs, self.ids)
+            self._inputs = None
         fut: Future[ChunkResult] = Future()
         payload = cloudpickle.dumps((items, start), protocol=pickle.HIGHEST_PROTOCOL)
         self._send(fut, payload, start, self.retries)

@@ -1,0 +1,278 @@
+"""The widget live view (DESIGN §6): a header and a row per worker.
+
+Built like tqdm's notebook bar (plain ``HBox(HTML, IntProgress, HTML)`` rows,
+state shown by ``bar_style``), quiet for quick cells like ipyparallel's
+``progress_after_seconds``:
+
+* nothing appears before DELAY seconds;
+* the header says backend, workers, iterations done/total, rate, ETA, elapsed
+  and errors; a row per worker says its name, iterations done, the iteration it
+  is on (index and loop values) and its busy share; an ``async for``/``await``
+  loop (asyncio tasks) has no worker rows, its header counts tasks in flight;
+* widgets are touched at most every PERIOD seconds and the comm messages that
+  sends are held under MSG_RATE per second in all, however many workers and
+  iterations there are (traitlets sends only what changed; ``hold_sync``
+  makes one message per widget);
+* beyond MAX_ROWS workers, rows stand for groups of workers (64 engines: 16
+  rows of 4);
+* a failure turns its row and the header red and they stay red; an interrupt
+  says "interrupted at k/n";
+* when the run ends, the widget's output is replaced by the report
+  (:mod:`.report`): plain MIME output that survives saving, reopening and
+  nbconvert.
+"""
+from __future__ import annotations
+
+import html
+import math
+import time
+from typing import Any
+
+import ipywidgets as W
+from IPython.display import display
+
+from ..record import LastRun, WorkerState
+from ..schedule import Progress
+from .report import natural_key, report_bundle
+
+#: seconds before the widget appears: quick cells stay quiet
+DELAY = 1.0
+#: seconds between two renderings at least
+PERIOD = 0.25
+#: comm messages per second at most, in all
+MSG_RATE = 40.0
+#: rows shown at most; more workers share rows
+MAX_ROWS = 16
+#: characters of an iteration's loop values shown
+VALUES_CHARS = 40
+
+_RED = "var(--jp-error-color1, #d32f2f)"
+_BACKENDS = {"threads": "threads", "engines": "engines", "tasks": "asyncio tasks",
+             "serial": "kernel"}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _short(name: str) -> str:
+    """``engine 3 (host:pid)`` -> ``engine 3``: group labels stay short."""
+    return name.split(" (", 1)[0]
+
+
+def _set(widget: W.Widget, **traits: Any) -> int:
+    """Set the traits that changed in one comm message; return the number of
+    messages sent (0 or 1)."""
+    changed = {k: v for k, v in traits.items() if getattr(widget, k) != v}
+    if not changed:
+        return 0
+    with widget.hold_sync():
+        # max before value: IntProgress clamps value to [min, max]
+        if "max" in changed:
+            widget.max = changed.pop("max")
+        for k, v in changed.items():
+            setattr(widget, k, v)
+    return 1
+
+
+class _Row:
+    """One row: a name, a bar, a line of details."""
+
+    def __init__(self) -> None:
+        self.name = W.HTML(layout=W.Layout(width="16em", overflow="hidden"))
+        self.bar = W.IntProgress(min=0, max=1, value=0, layout=W.Layout(width="30%"))
+        self.info = W.HTML()
+        self.box = W.HBox([self.name, self.bar, self.info])
+        self.box.add_class("parloop-worker")
+
+
+class WidgetProgress(Progress):
+    """The live widget; see the module's docstring."""
+
+    wants_live = True
+
+    def __init__(self, delay: float = DELAY, period: float = PERIOD) -> None:
+        self.delay = delay
+        self.period = period
+        self._t0 = 0.0
+        self._next = math.inf
+        self._handle: Any = None
+        self._rows: list[_Row] = []
+        self._failed_rows: set[int] = set()
+        #: comm messages sent (for the tests and the benchmark)
+        self.messages = 0
+        self.renders = 0
+
+    # -- Progress -----------------------------------------------------------
+    def start(self, record: LastRun) -> None:
+        self._t0 = time.monotonic()
+        self._next = self._t0 + self.delay
+
+    def update(self, record: LastRun) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        if self._handle is None:
+            self._build(record)
+        sent = self._render(record, now, final=False)
+        self._next = time.monotonic() + max(self.period, sent / MSG_RATE)
+
+    def close(self, record: LastRun) -> None:
+        if self._handle is None:
+            return  # a quick cell: it stays quiet
+        self._render(record, time.monotonic(), final=True)
+        self._next = math.inf
+        self._replace_by_report(record)
+
+    # -- building -------------------------------------------------------------
+    def _build(self, record: LastRun) -> None:
+        self._title = W.HTML()
+        self._bar = W.IntProgress(min=0, max=max(record.total or 1, 1), value=0,
+                                  layout=W.Layout(width="30%"))
+        self._stats = W.HTML()
+        header = W.HBox([self._title, self._bar, self._stats])
+        header.add_class("parloop-header")
+        self._rowbox = W.VBox([])
+        self._box = W.VBox([header, self._rowbox])
+        self._box.add_class("parloop-live")
+        self.messages += 8  # the widgets' comm_open messages, about
+        self._handle = display(self._box, display_id=True)
+
+    def _groups(self, record: LastRun) -> list[list[WorkerState]]:
+        """The workers, one per row, or in MAX_ROWS groups when there are more."""
+        if record.backend == "tasks":
+            return []  # no worker rows: tasks in flight are in the header
+        workers = sorted(record.live.values(), key=lambda w: natural_key(w.name))
+        size = max(1, math.ceil(len(workers) / MAX_ROWS))
+        return [workers[i:i + size] for i in range(0, len(workers), size)]
+
+    # -- rendering ------------------------------------------------------------
+    def _render(self, record: LastRun, now: float, final: bool) -> int:
+        self.renders += 1
+        elapsed = now - self._t0
+        live = list(record.live.values())
+        shown = sum(w.shown_done for w in live)
+        done = max(record.done, shown) if not final else max(record.done, shown)
+        failed = max(len(record.errors), sum(w.failed for w in live))
+        total = record.total
+        sent = 0
+
+        # header
+        backend = _BACKENDS.get(record.backend, record.backend)
+        n = record.workers
+        if record.backend == "tasks":
+            who = f"≤ {record.threads.get('tasks', n)} asyncio tasks"
+        else:
+            who = f"{n} {backend}"
+        title = f"<b>%%{html.escape(record.magic)}</b> · {html.escape(who)}"
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{done:,}/{total:,}" if total is not None else f"{done:,}"]
+        if record.interrupted:
+            parts = [f"interrupted at {record.done:,}/{'?' if total is None else f'{total:,}'}"]
+        parts.append(f"{rate:,.0f} it/s" if rate >= 10 else f"{rate:.2f} it/s")
+        if record.backend == "tasks" and "in_flight" in record.threads and not final:
+            parts.append(f"{record.threads['in_flight']} in flight")
+        if total is not None and not final and rate > 0:
+            parts.append(f"ETA {_clock((total - done) / rate)}")
+        parts.append(f"{_clock(elapsed)} elapsed")
+        if failed:
+            parts.append(f"{failed} error{'s' if failed != 1 else ''}")
+        stats = " · ".join(parts)
+        if failed or record.interrupted:
+            stats = f'<span style="color:{_RED}">{stats}</span>'
+        if failed or record.interrupted:
+            style = "danger"
+        elif final and (total is None or record.done >= total):
+            style = "success"
+        else:
+            style = "info" if total is None else ""
+        bar_max = max(total, 1) if total is not None else max(done, 1)
+        sent += _set(self._title, value=title)
+        sent += _set(self._stats, value=stats)
+        sent += _set(self._bar, max=bar_max, value=min(done, bar_max), bar_style=style)
+
+        # rows
+        groups = self._groups(record)
+        while len(self._rows) < len(groups):
+            self._rows.append(_Row())
+            self.messages += 8
+        if len(self._rowbox.children) != len(groups):
+            self._rowbox.children = tuple(r.box for r in self._rows[:len(groups)])
+            sent += 1
+        workers = max(record.workers, len(live), 1)
+        remaining = None if total is None else max(total - shown, 0)
+        for k, (row, group) in enumerate(zip(self._rows, groups)):
+            sent += self._render_row(k, row, group, elapsed, final, remaining, workers)
+        self.messages += sent
+        return sent
+
+    def _render_row(self, k: int, row: _Row, group: list[WorkerState], elapsed: float,
+                    final: bool, remaining: int | None, workers: int) -> int:
+        e = html.escape
+        done = sum(w.done if final else w.shown_done for w in group)
+        failed = sum(w.failed for w in group)
+        busy = sum(w.busy for w in group) / len(group)
+        share = min(busy / elapsed, 1.0) if elapsed > 0 else 0.0
+        if len(group) == 1:
+            label = group[0].name
+        else:
+            label = f"{_short(group[0].name)} – {_short(group[-1].name)} ({len(group)})"
+        if failed:
+            self._failed_rows.add(k)
+        red = k in self._failed_rows  # failures stay visible
+        name = f'<span title="{e(label)}">{e(label)}</span>'
+        if red:
+            name = f'<span style="color:{_RED}" title="{e(label)}">{e(label)}</span>'
+        info = [f"{done:,} it"]
+        if not final:
+            running = [w for w in group if w.current is not None]
+            if len(group) == 1 and running:
+                w = running[0]
+                values = w.current_values
+                if len(values) > VALUES_CHARS:
+                    values = values[:VALUES_CHARS - 1] + "…"
+                info.append(f"on #{w.current:,}" + (f" ({e(values)})" if values else ""))
+            elif len(group) > 1:
+                info.append(f"{len(running)}/{len(group)} running")
+            elif not running:
+                info.append("idle")
+        info.append(f"{share:.0%} busy")
+        if failed:
+            info.append(f'<span style="color:{_RED}">{failed} failed</span>')
+        # the bar: the row's iterations against its expected share of the
+        # loop (its own count once the run is over)
+        if final or remaining is None:
+            bar_max = max(done, 1)
+        else:
+            bar_max = max(done + math.ceil(remaining * len(group) / workers), 1)
+        style = "danger" if red else ("success" if final else "")
+        return (_set(row.name, value=name)
+                + _set(row.info, value=" · ".join(info))
+                + _set(row.bar, max=bar_max, value=min(done, bar_max), bar_style=style))
+
+    # -- the end ----------------------------------------------------------------
+    def _replace_by_report(self, record: LastRun) -> None:
+        """The report takes the widget's place.  In a kernel it is written
+        once the cell is over (IPython's ``post_execute``), because the run
+        sets ``wall`` and records an ``on_error=raise`` failure only after the
+        view is closed; elsewhere (a plain shell, the benchmark) at once."""
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        handle = self._handle
+
+        def show() -> None:
+            handle.update(report_bundle(record), raw=True)
+
+        if shell is None or not hasattr(shell, "kernel"):
+            show()
+            return
+
+        def once() -> None:
+            shell.events.unregister("post_execute", once)
+            show()
+
+        shell.events.register("post_execute", once)
