@@ -942,3 +942,11 @@ def _leftmost_name(node: ast.AST) -> ast.Name | None:
     while isinstance(node, (ast.Subscript, ast.Attribute, ast.Call)):
         node = node.func if isinstance(node, ast.Call) else node.value
     return node if isinstance(node, ast.Name) else None
+
+
+def prologue_names(plan: LoopPlan) -> set[str]:
+    """Names the statements before the loop bind."""
+    names = _ScopeNames()
+    for st in plan.prologue:
+        names.visit(st)
+    return set(names.stores)

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Callable, Iterator
 
 from . import native, seeding
-from .analysis import LoopPlan, analyse
+from .analysis import LoopPlan, analyse, prologue_names
 from .backends.base import Backend, Job
 from .commit import Committer, Interrupted, IterationFailed, TargetBinder
 from .errors import LoopAnalysisError
@@ -167,6 +167,9 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
         print(render(plan, opts, ns))
         return None
     backend = make_backend(opts, plan)
+    precheck = getattr(backend, "precheck", None)
+    if precheck is not None:
+        precheck(ns, plan.inputs - prologue_names(plan))
 
     _exec_block(plan.prologue, cell, ns)
     iterable = eval(compile(ast.Expression(body=plan.loop.iter), cell.filename, "eval"), ns)

@@ -8,8 +8,11 @@ lost engine (``retries``), and turns what comes back into
 """
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import sys
+import types
 import threading
 import time
 from concurrent.futures import Future
@@ -99,6 +102,13 @@ class EngineBackend:
         # waits for the kernel between chunks
         return 2 * len(self.ids)
 
+    def precheck(self, ns: dict[str, Any], names: set[str]) -> None:
+        """Before the cell runs at all: the inputs already bound in the
+        notebook must be able to travel (a lock, an open file, a generator
+        is reported by name, nothing having run)."""
+        from ..transport import check_picklable
+        check_picklable({n: ns[n] for n in sorted(names) if n in ns})
+
     def prepare(self, job: Job) -> None:
         from ..transport import check_picklable
         inputs = {name: job.ns[name] for name in sorted(job.inputs)}
@@ -114,7 +124,14 @@ class EngineBackend:
 
     def submit(self, items: list, start: int) -> "Future[ChunkResult]":
         if self._inputs is not None:
-            self.keys = self.transport.broadcast(self._inputs, self.ids)
+            local = _local_modules(self._inputs.values())
+            for module in local:
+                cloudpickle.register_pickle_by_value(module)
+            try:
+                self.keys = self.transport.broadcast(self._inputs, self.ids)
+            finally:
+                for module in local:
+                    cloudpickle.unregister_pickle_by_value(module)
             self._inputs = None
         fut: Future[ChunkResult] = Future()
         payload = cloudpickle.dumps((items, start), protocol=pickle.HIGHEST_PROTOCOL)
@@ -239,6 +256,31 @@ class EngineBackend:
 
     def finish(self) -> None:
         pass
+
+
+def _installed_roots() -> tuple[str, ...]:
+    import sysconfig
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return tuple(os.path.realpath(p) + os.sep for p in paths)
+
+
+def _local_modules(values: Any) -> list[types.ModuleType]:
+    """Modules of the notebook's own making (``helpers.py`` beside the
+    notebook) that inputs come from: engines need not have them -- a cluster
+    on other machines, or started from another directory -- so their
+    functions and classes travel by value, like the notebook's own."""
+    roots = _installed_roots()
+    found: dict[str, types.ModuleType] = {}
+    for v in values:
+        module = v if isinstance(v, types.ModuleType) else sys.modules.get(
+            getattr(v, "__module__", None) or "")
+        name = getattr(module, "__name__", "")
+        path = getattr(module, "__file__", None)
+        if module is None or not path or name == "__main__" or name.startswith("parloop"):
+            continue
+        if not os.path.realpath(path).startswith(roots) and name not in found:
+            found[name] = module
+    return list(found.values())
 
 
 def _engine_lost(e: BaseException) -> bool:
