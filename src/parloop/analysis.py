@@ -794,20 +794,7 @@ class _ReadsAfterWrites:
         return out
 
     def _roots_of(self, st: ast.stmt) -> set[str]:
-        targets: list[ast.AST] = []
-        if isinstance(st, (ast.Assign, ast.Delete)):
-            targets = list(st.targets)
-        elif isinstance(st, (ast.AugAssign, ast.AnnAssign)):
-            targets = [st.target]
-        elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
-            targets = [st.value]
-        out = set()
-        for t in targets:
-            for leaf in _flatten_targets(t):
-                r = _leftmost_name(leaf)
-                if r is not None and r.id in self.roots:
-                    out.add(r.id)
-        return out
+        return {r.id for r in write_root_names(st) if r.id in self.roots}
 
     def _check(self, node: ast.AST, written: set[str], own: set[str] | None) -> None:
         if not written:
@@ -912,19 +899,30 @@ def _loads_outside_mutations(body: list[ast.stmt], roots: set[str]) -> set[str]:
         for n in ast.walk(st):
             if isinstance(n, ast.Name) and n.id in roots:
                 total[n.id] = total.get(n.id, 0) + 1
-            tgts: list[ast.AST] = []
-            if isinstance(n, (ast.Assign, ast.Delete)):
-                tgts = list(n.targets)
-            elif isinstance(n, (ast.AugAssign, ast.AnnAssign)):
-                tgts = [n.target]
-            elif isinstance(n, ast.Expr) and isinstance(n.value, ast.Call):
-                tgts = [n.value]
-            for t in tgts:
-                for leaf in _flatten_targets(t):
-                    r = _leftmost_name(leaf)
-                    if r is not None and r.id in roots:
+            if isinstance(n, ast.stmt):
+                for r in write_root_names(n):
+                    if r.id in roots:
                         pure[r.id] = pure.get(r.id, 0) + 1
     return {n for n, c in total.items() if c > pure.get(n, 0)}
+
+
+def write_root_names(st: ast.stmt) -> list[ast.Name]:
+    """The Name nodes a statement writes through: ``out`` of ``out[k] = v``,
+    ``del out[k]``, ``out[k] += v``, ``out.append(v)``."""
+    targets: list[ast.AST] = []
+    if isinstance(st, (ast.Assign, ast.Delete)):
+        targets = list(st.targets)
+    elif isinstance(st, (ast.AugAssign, ast.AnnAssign)):
+        targets = [st.target]
+    elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+        targets = [st.value]
+    out = []
+    for t in targets:
+        for leaf in _flatten_targets(t):
+            r = _leftmost_name(leaf)
+            if r is not None:
+                out.append(r)
+    return out
 
 
 def _flatten_targets(t: ast.AST) -> list[ast.AST]:

@@ -307,15 +307,7 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
         # per-iteration set-up (seed=, timeout=): only paid for when asked for
         hook = ast.parse("___ctl.begin(___n)").body[0]
         loop.body.insert(len(loop.body) - 1, hook)
-    # template lines sit at the loop's own line so tracebacks stay in the cell
-    line = plan.loop.lineno
-    user_nodes = _descendants(rewritten) | set(ast.walk(target))
-    for node in ast.walk(module):
-        if "lineno" in node._attributes and node not in user_nodes:
-            node.lineno = line  # type: ignore[attr-defined]
-            node.end_lineno = line  # type: ignore[attr-defined]
-    ast.fix_missing_locations(module)
-    return module
+    return _at_loop_line(module, plan, rewritten, target)
 
 
 _ITERATION_TEMPLATE = '''
@@ -353,6 +345,13 @@ def build_iteration_function(plan: LoopPlan, worker_call_roots: set[str], *,
     once.body = [target, *rewritten]
     if hooked:
         fn.body.insert(3, ast.parse("___ctl.begin(___n)").body[0])
+    return _at_loop_line(module, plan, rewritten, target)
+
+
+def _at_loop_line(module: ast.Module, plan: LoopPlan, rewritten: list[ast.stmt],
+                  target: ast.stmt) -> ast.Module:
+    """Template lines sit at the loop's own line, the user's keep theirs, so
+    tracebacks stay in the cell."""
     line = plan.loop.lineno
     user_nodes = _descendants(rewritten) | set(ast.walk(target))
     for node in ast.walk(module):
