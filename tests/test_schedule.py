@@ -1,0 +1,94 @@
+"""Scheduling: chunk sizes, bounded kernel memory, the native path for tiny
+iterations, live per-worker state."""
+from __future__ import annotations
+
+import parloop
+from parloop.schedule import ChunkSizer, Progress, ThreadCount
+
+from helpers import differential, reset, run_cell
+
+
+def test_sizer_probes_then_targets_a_tenth_of_a_second():
+    s = ChunkSizer(None, workers=2, total=10_000)
+    assert [s.next_size(10_000) for _ in range(2)] == [1, 1]
+    s.observe(100, 0.01)                       # 0.1 ms per iteration
+    assert s.next_size(10_000) == 1000         # 0.1 s of work
+    assert s.next_size(300) == 200             # near the end, but not below 20 ms of work
+    assert ChunkSizer(7, workers=2, total=None).next_size(None) == 7
+
+
+def test_thread_count_formula():
+    t = ThreadCount(cores=2, cap=256)
+    assert t.threads() == 2                     # nothing measured yet
+    t.observe(10, cpu=0.001, wall=1.0)          # waits 99.9 % of the time
+    assert t.threads() == 256                   # capped
+    t2 = ThreadCount(cores=2, cap=256)
+    t2.observe(10, cpu=0.5, wall=1.0)           # T1 = T2
+    assert t2.threads() == 4
+
+
+def test_kernel_memory_is_bounded_by_the_window(ip):
+    """100 000 iterations never hold 100 000 uncommitted results."""
+    reset(ip)
+    run_cell(ip, "out = {}")
+    out, err = run_cell(ip, "%%threaded threads=4 chunksize=500 progress=off\n"
+                            "for i in range(100_000):\n    out[i] = i + 1\n")
+    assert err is None and len(ip.user_ns["out"]) == 100_000
+    assert parloop.last_run.max_outstanding < 50_000
+
+
+def test_tiny_iterations_run_natively_and_say_so(ip):
+    reset(ip)
+    run_cell(ip, "out = {}")
+    out, err = run_cell(ip, "%%threaded progress=off\nfor i in range(50_000):\n"
+                            "    out[i] = i * i + 1\n")
+    assert err is None and ip.user_ns["out"] == {i: i * i + 1 for i in range(50_000)}
+    assert parloop.last_run.native
+    assert any("natively" in n for n in parloop.last_run.notes)
+
+
+def test_native_path_keeps_serial_semantics(ip):
+    setup = "out = []\ntotal = 0\ns = ''"
+    cell = ("for i in range(3000):\n    out.append(i % 7)\n    total += i\n"
+            "    if i % 1000 == 0:\n        s += str(i)\n        print('at', i)\n")
+    differential(ip, setup, cell, "%%threaded progress=off", ["out", "total", "s", "i"])
+
+
+def test_native_path_error_has_the_iteration_note(ip):
+    reset(ip)
+    run_cell(ip, "out = {}")
+    out, err = run_cell(ip, "%%threaded progress=off\nfor i in range(5000):\n"
+                            "    out[i] = 1 // (i - 4000)\n")
+    assert isinstance(err, ZeroDivisionError)
+    assert any("iteration 4000" in n for n in err.__notes__)
+    assert len(ip.user_ns["out"]) == 4000 and ip.user_ns["i"] == 4000
+
+
+class _Spy(Progress):
+    wants_live = True
+
+    def __init__(self):
+        self.rows = []
+
+    def update(self, record):
+        self.rows.append({k: (w.shown_done, w.current) for k, w in record.live.items()})
+
+
+def test_live_rows_per_thread(ip):
+    from parloop.magics import make_backend
+    from parloop.options import parse_options
+    from parloop.run import Cell, run_cell as run_loop
+
+    reset(ip)
+    run_cell(ip, "import time\nout = {}")
+    spy = _Spy()
+    cell = Cell(source="for i in range(90):\n    time.sleep(0.01)\n    out[i] = i\n",
+                filename="<live>")
+    run_loop(cell, ip.user_ns, parse_options("threads=3 chunksize=15", "threaded"),
+             make_backend, spy)
+    names = set().union(*spy.rows)
+    assert names == {"thread 0", "thread 1", "thread 2"}
+    running = [r for r in spy.rows if any(cur is not None for _, cur in r.values())]
+    assert running, "no reading caught a worker mid-chunk"
+    assert parloop.last_run.live["thread 0"].done + parloop.last_run.live["thread 1"].done \
+        + parloop.last_run.live["thread 2"].done == 90
