@@ -677,10 +677,11 @@ class _Mutations:
                 self._expr(st.value, skip=_spine(st.value))
                 return
         for child in ast.iter_child_nodes(st):
-            if isinstance(child, ast.stmt):
-                continue
-            if isinstance(child, ast.AST):
+            # the statement's own expressions (blocks and handlers come below)
+            if isinstance(child, ast.expr):
                 self._expr(child)
+            elif isinstance(child, ast.withitem):
+                self._expr(child.context_expr)
         for block in ("body", "orelse", "finalbody", "handlers", "cases"):
             for sub in getattr(st, block, []) or []:
                 if isinstance(sub, ast.ExceptHandler):

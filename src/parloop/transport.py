@@ -25,6 +25,7 @@ diverging from the kernel's array (joblib's memmapped inputs behave the same).
 from __future__ import annotations
 
 import hashlib
+import functools
 import io
 import os
 import pickle
@@ -175,7 +176,24 @@ class _Pickler(cloudpickle.Pickler):
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
             name = getattr(obj, "name", None)
             raise TypeError(f"cannot pickle an open file{f' ({name!r})' if name else ''}")
+        if isinstance(obj, functools._lru_cache_wrapper) and _by_value(obj.__wrapped__):
+            # pickle would look the wrapper up by name in the engine's __main__
+            # (DESIGN §4: functools wrappers of cell functions travel by value)
+            return _rebuild_lru_cache, (obj.__wrapped__, obj.cache_parameters())
         return super().reducer_override(obj)
+
+
+def _by_value(fn: Any) -> bool:
+    """A function that cloudpickle sends by value (defined in a notebook cell
+    or a module registered for it)."""
+    module = getattr(fn, "__module__", None)
+    return module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
+
+
+def _rebuild_lru_cache(fn: Any, params: dict) -> Any:
+    """On the engine: the same cache wrapper around the function (empty)."""
+    return functools.lru_cache(maxsize=params.get("maxsize"),
+                               typed=params.get("typed", False))(fn)
 
 
 def _cloudpickle(value: Any, buffer_callback) -> bytes:

@@ -29,6 +29,7 @@ from ..transport import loads as transport_loads
 from .base import Job
 
 _last_client: Any = None
+_TRANSPORTS: dict[int, Any] = {}
 
 
 def stop_managed() -> bool:
@@ -36,6 +37,7 @@ def stop_managed() -> bool:
     from ..cluster import MANAGER
     global _last_client
     _last_client = None
+    _TRANSPORTS.clear()
     return MANAGER.stop()
 
 
@@ -69,9 +71,17 @@ class EngineBackend:
         self.views = {eid: client[eid] for eid in self.ids}
         self.load = {eid: 0 for eid in self.ids}   # chunks queued on each engine
         self.sent = {eid: 0 for eid in self.ids}
+        from ..cluster import MANAGER
         self._labels: dict[int, str] = {}
+        for e in MANAGER.engine_info(client):
+            where = f" ({e.get('host')}:{e.get('pid')})" if e.get("pid") else ""
+            self._labels[e["id"]] = f"engine {e['id']}{where}"
         self.live = False  # engines publish progress (set by the run when a view wants it)
-        self.transport = Transport(client)
+        # one Transport per client, kept across cells: it remembers what each
+        # engine already holds, so an unchanged big input is not sent again
+        self.transport = _TRANSPORTS.get(id(client))
+        if self.transport is None or self.transport.client is not client:
+            self.transport = _TRANSPORTS[id(client)] = Transport(client)
         self.keys: dict[str, str] = {}
         self._inputs: dict[str, Any] | None = None
         self.retries = opts.retries
@@ -140,13 +150,10 @@ class EngineBackend:
 
     def label(self, eid: int) -> str:
         """``engine 3 (host:pid)``: the worker's name in the live view and report."""
-        label = self._labels.get(eid)
-        if label is None:
-            from ..cluster import MANAGER
-            info = {e["id"]: e for e in MANAGER.engine_info(self.client)}.get(eid, {})
-            where = f" ({info.get('host')}:{info.get('pid')})" if info.get("pid") else ""
-            label = self._labels[eid] = f"engine {eid}{where}"
-        return label
+        # asked once, in the kernel's thread when the backend is made: never from
+        # ipyparallel's IO thread (the callbacks), where asking the engines
+        # would wait on the very thread that delivers the answer
+        return self._labels.get(eid) or f"engine {eid}"
 
     def running(self) -> dict[int, tuple[str, int]]:
         """chunk start -> (engine, iterations done in it so far): engines

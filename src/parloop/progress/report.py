@@ -24,10 +24,6 @@ SHOWN_ERRORS = 10
 #: beyond this many workers the HTML table scrolls
 SCROLL_ROWS = 16
 
-_BACKENDS = {"threads": "threads", "engines": "engines", "tasks": "asyncio tasks",
-             "serial": "kernel"}
-
-
 def natural_key(name: str) -> list[Any]:
     """``thread 2`` before ``thread 10``."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -99,11 +95,19 @@ def _progress_words(d: dict[str, Any]) -> str:
     return f"{d['done']:,}/{total} iterations"
 
 
+def workers_phrase(backend: str, n: int) -> str:
+    """``2 engines``, ``1 thread``, ``asyncio tasks``."""
+    if backend == "tasks":
+        return "asyncio tasks"
+    if backend == "serial":
+        return "the kernel"
+    noun = {"threads": "thread", "engines": "engine"}.get(backend, f"{backend} worker")
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def _head(d: dict[str, Any]) -> str:
-    backend = _BACKENDS.get(d["backend"], d["backend"])
-    n = len(d["workers"])
     failed = f", {len(d['errors'])} failed" if d["errors"] else ""
-    return (f"%%{d['magic']} on {n} {backend} worker{'s' if n != 1 else ''}: "
+    return (f"%%{d['magic']} on {workers_phrase(d['backend'], len(d['workers']))}: "
             f"{_progress_words(d)} in {d['wall']:.2f} s{failed}; "
             f"speedup {d['speedup']:.2f}× (busy {d['busy']:.2f} s / wall), "
             f"imbalance {d['imbalance']:.0%}")
@@ -118,6 +122,10 @@ def _error_lines(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _chunks(n: int) -> str:
+    return f"{n} chunk{'s' if n != 1 else ''}"
+
+
 def render_text(d: dict[str, Any]) -> str:
     lines = [_head(d)]
     width = max((len(w["name"]) for w in d["workers"]), default=0)
@@ -125,7 +133,7 @@ def render_text(d: dict[str, Any]) -> str:
         share = w["busy"] / d["wall"] if d["wall"] > 0 else 0.0
         failed = f", {w['failed']} failed" if w["failed"] else ""
         lines.append(f"  {w['name']:<{width}}  {w['iterations']:>8,} it  "
-                     f"{w['busy']:8.2f} s busy ({share:4.0%})  {w['chunks']} chunks{failed}")
+                     f"{w['busy']:8.2f} s busy ({share:4.0%})  {_chunks(w['chunks'])}{failed}")
     lines += ["  " + e for e in _error_lines(d)]
     lines += [f"  note: {n}" for n in d["notes"]]
     return "\n".join(lines)
@@ -154,10 +162,10 @@ def render_html(d: dict[str, Any]) -> str:
             f'width:{share * 100:.1f}%"></div></div></td>'
             f'<td style="text-align:right">{w["iterations"]:,} it</td>'
             f'<td style="text-align:right">{w["busy"]:.2f} s busy ({share:.0%})</td>'
-            f'<td style="text-align:right">{w["chunks"]} chunks</td>{failed}</tr>')
+            f'<td style="text-align:right">{_chunks(w["chunks"])}</td>{failed}</tr>')
     scroll = ' style="max-height:24em;overflow-y:auto"' if len(rows) > SCROLL_ROWS else ""
-    parts = [f'<div class="parloop-report" style="font-family:var(--jp-ui-font-family,'
-             f'sans-serif);font-size:0.9em">',
+    parts = ['<div class="parloop-report" style="font-family:var(--jp-ui-font-family,'
+             'sans-serif);font-size:0.9em">',
              f'<div style="margin-bottom:0.3em"><b>parloop</b> · {head}</div>',
              f'<div{scroll}><table style="border-collapse:collapse;width:100%">',
              *rows, "</table></div>"]

@@ -26,15 +26,18 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import sys
 import time
 from typing import Any
 
 import ipywidgets as W
 from IPython.display import display
+from ipywidgets.widgets.widget_int import ProgressStyle
+from ipywidgets.widgets.widget_string import HTMLStyle
 
 from ..record import LastRun, WorkerState
 from ..schedule import Progress
-from .report import natural_key, report_bundle
+from .report import workers_phrase, natural_key, report_bundle
 
 #: seconds before the widget appears: quick cells stay quiet
 DELAY = 1.0
@@ -48,8 +51,6 @@ MAX_ROWS = 16
 VALUES_CHARS = 40
 
 _RED = "var(--jp-error-color1, #d32f2f)"
-_BACKENDS = {"threads": "threads", "engines": "engines", "tasks": "asyncio tasks",
-             "serial": "kernel"}
 
 
 def _clock(seconds: float) -> str:
@@ -79,14 +80,33 @@ def _set(widget: W.Widget, **traits: Any) -> int:
     return 1
 
 
+class _Shared:
+    """Layouts and styles shared by all the view's widgets: each widget model
+    is a comm of its own, so sharing them halves the messages that open it."""
+
+    def __init__(self) -> None:
+        self.html = HTMLStyle()
+        self.progress = ProgressStyle()
+        self.plain = W.Layout()
+        self.name = W.Layout(width="16em", overflow="hidden")
+        self.bar = W.Layout(width="30%")
+
+    def html_widget(self, layout: W.Layout | None = None) -> W.HTML:
+        return W.HTML(style=self.html, layout=layout or self.plain)
+
+    def bar_widget(self, max_: int = 1) -> W.IntProgress:
+        return W.IntProgress(min=0, max=max_, value=0, style=self.progress,
+                             layout=self.bar)
+
+
 class _Row:
     """One row: a name, a bar, a line of details."""
 
-    def __init__(self) -> None:
-        self.name = W.HTML(layout=W.Layout(width="16em", overflow="hidden"))
-        self.bar = W.IntProgress(min=0, max=1, value=0, layout=W.Layout(width="30%"))
-        self.info = W.HTML()
-        self.box = W.HBox([self.name, self.bar, self.info])
+    def __init__(self, shared: _Shared) -> None:
+        self.name = shared.html_widget(shared.name)
+        self.bar = shared.bar_widget()
+        self.info = shared.html_widget()
+        self.box = W.HBox([self.name, self.bar, self.info], layout=shared.plain)
         self.box.add_class("parloop-worker")
 
 
@@ -116,28 +136,40 @@ class WidgetProgress(Progress):
         now = time.monotonic()
         if now < self._next:
             return
-        if self._handle is None:
-            self._build(record)
-        sent = self._render(record, now, final=False)
+        try:
+            if self._handle is None:
+                self._build(record)
+            sent = self._render(record, now, final=False)
+        except Exception as e:  # noqa: BLE001 - a broken view must not break the run
+            self._give_up(e)
+            return
         self._next = time.monotonic() + max(self.period, sent / MSG_RATE)
 
     def close(self, record: LastRun) -> None:
-        if self._handle is None:
-            return  # a quick cell: it stays quiet
-        self._render(record, time.monotonic(), final=True)
+        if self._handle is None or self._next == math.inf:
+            return  # a quick cell stays quiet (or the view gave up)
         self._next = math.inf
-        self._replace_by_report(record)
+        try:
+            self._render(record, time.monotonic(), final=True)
+            self._replace_by_report(record)
+        except Exception as e:  # noqa: BLE001
+            self._give_up(e)
+
+    def _give_up(self, exc: Exception) -> None:
+        self._next = math.inf
+        print(f"parloop: the progress widget stopped ({type(exc).__name__}: {exc}); "
+              "the run goes on", file=sys.stderr)
 
     # -- building -------------------------------------------------------------
     def _build(self, record: LastRun) -> None:
-        self._title = W.HTML()
-        self._bar = W.IntProgress(min=0, max=max(record.total or 1, 1), value=0,
-                                  layout=W.Layout(width="30%"))
-        self._stats = W.HTML()
-        header = W.HBox([self._title, self._bar, self._stats])
+        self._shared = shared = _Shared()
+        self._title = shared.html_widget(shared.name)  # the bars line up
+        self._bar = shared.bar_widget(max(record.total or 1, 1))
+        self._stats = shared.html_widget()
+        header = W.HBox([self._title, self._bar, self._stats], layout=shared.plain)
         header.add_class("parloop-header")
-        self._rowbox = W.VBox([])
-        self._box = W.VBox([header, self._rowbox])
+        self._rowbox = W.VBox([], layout=shared.plain)
+        self._box = W.VBox([header, self._rowbox], layout=shared.plain)
         self._box.add_class("parloop-live")
         self._handle = display(self._box, display_id=True)
 
@@ -161,12 +193,10 @@ class WidgetProgress(Progress):
         sent = 0
 
         # header
-        backend = _BACKENDS.get(record.backend, record.backend)
-        n = record.workers
         if record.backend == "tasks":
-            who = f"≤ {record.threads.get('tasks', n)} asyncio tasks"
+            who = f"≤ {record.threads.get('tasks', record.workers)} asyncio tasks"
         else:
-            who = f"{n} {backend}"
+            who = workers_phrase(record.backend, record.workers)
         title = f"<b>%%{html.escape(record.magic)}</b> · {html.escape(who)}"
         rate = done / elapsed if elapsed > 0 else 0.0
         parts = [f"{done:,}/{total:,}" if total is not None else f"{done:,}"]
@@ -197,7 +227,7 @@ class WidgetProgress(Progress):
         # rows
         groups = self._groups(record)
         while len(self._rows) < len(groups):
-            self._rows.append(_Row())
+            self._rows.append(_Row(self._shared))
         if len(self._rowbox.children) != len(groups):
             self._rowbox.children = tuple(r.box for r in self._rows[:len(groups)])
             sent += 1
@@ -236,8 +266,6 @@ class WidgetProgress(Progress):
                 info.append(f"on #{w.current:,}" + (f" ({e(values)})" if values else ""))
             elif len(group) > 1:
                 info.append(f"{len(running)}/{len(group)} running")
-            elif not running:
-                info.append("idle")
         info.append(f"{share:.0%} busy")
         if failed:
             info.append(f'<span style="color:{_RED}">{failed} failed</span>')
