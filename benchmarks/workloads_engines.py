@@ -108,11 +108,31 @@ def big_input(ip, rounds: int) -> Result:
         arr = ip.user_ns["big"]
         return _timed(lambda: dview.push({"big": arr}, block=True))
 
-    variants = [Variant("%%parallel, new 200 MB array", first, True),
-                Variant("%%parallel, same array again", second, True),
+    sent: dict[str, list[int]] = {"first": [], "second": []}
+
+    def bytes_sent() -> int:
+        from parloop.backends.engines import _TRANSPORTS
+        return sum(t.last.bytes for t in _TRANSPORTS.values() if t.last is not None)
+
+    def first_counted() -> float:
+        dt = first()
+        sent["first"].append(bytes_sent())
+        return dt
+
+    def second_counted() -> float:
+        dt = second()
+        sent["second"].append(bytes_sent())
+        return dt
+
+    variants = [Variant("%%parallel, new 200 MB array", first_counted, True),
+                Variant("%%parallel, same array again", second_counted, True),
                 Variant("raw ipyparallel DirectView.push (2 engines)", raw_push)]
     res = measure("W4 big input: 200 MB float64 array read by 16 iterations", variants,
                   rounds)
+    mb = 2 ** 20
+    res.extra.append(f"\nBytes sent to the engines per cell: new array "
+                     f"{max(sent['first']) / mb:.0f} MiB (2 engines × 191 MiB), unchanged "
+                     f"array {max(sent['second']) / mb:.2f} MiB.")
     return res
 
 
