@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# the browser tests drive Debian's Chromium (installed when missing)
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-browser chromium bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +22,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m parloop.demo notebooks/quickstart.ipynb
 
-test: $(STAMP)
+chromium:
+	@test -x $(CHROMIUM) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
+
+test-browser: $(STAMP) chromium
+	$(PY) -m pytest -q -s tests/test_browser.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .harness import shell, table
-from . import workloads_async, workloads_engines, workloads_threads
+from . import workloads_async, workloads_engines, workloads_threads, workloads_view
 
 WORKLOADS = {
     "cpu": workloads_engines.cpu,
@@ -18,6 +18,7 @@ WORKLOADS = {
     "cpu_overhead": workloads_threads.cpu_overhead,
     "async_sleep": workloads_async.sleep_tasks,
     "async_memory": workloads_async.task_memory,
+    "view": workloads_view.widget_overhead,
 }
 
 

@@ -143,10 +143,11 @@ class ParloopMagics(Magics):
         return Cell(source=source, filename=filename, first_line=2)
 
     def _progress(self, opts: Options) -> Progress:
-        mode = opts.resolved_progress(_widget_capable(self.shell))
+        capable = _widget_capable(self.shell)
+        mode = opts.resolved_progress(capable)
         if mode == "off":
             return Progress()
-        if mode == "widget":
+        if mode == "widget" and capable:
             try:
                 from .progress.widget import WidgetProgress
             except ImportError:  # the widget view is not there yet

@@ -205,17 +205,23 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     if opts.seed is not None:
         seeding.begin_run()
     take = make_taker(iterable, isinstance(plan.loop, ast.AsyncFor))
+    view = progress or Progress()
     try:
         with OutputCapture():
+            view.start(record)
             try:
                 ran, measured = _native_first(plan, cell, ns, opts, backend, take, total,
                                               record, threads)
                 if not record.native:
-                    dispatch(backend, take, total, opts, committer, record,
-                             progress or Progress(), threads, start=ran, measured=measured)
+                    dispatch(backend, take, total, opts, committer, record, view, threads,
+                             start=ran, measured=measured)
+            except KeyboardInterrupt:
+                record.interrupted = True
+                raise
             finally:
                 committer.finish()
                 record.wall = time.perf_counter() - t0
+                view.close(record)
     except IterationFailed as f:
         raise _annotate(f.exc, f.index, targets.describe(f.item), total) from None
     finally:

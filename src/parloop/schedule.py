@@ -150,10 +150,12 @@ def _live_state(record: LastRun, running: dict[int, tuple[str, int]],
 
 
 class Progress:
-    """What the dispatcher tells a live view (the text bar, the widget).
+    """What a run tells a live view (the text bar, the widget).
 
-    ``update`` is called at most about four times a second; ``record.live``
-    holds the per-worker rows when ``wants_live`` is true."""
+    ``start`` before the first iteration, ``update`` at most about ten times
+    a second while the run goes (``record.live`` holds the per-worker rows
+    when ``wants_live`` is true), ``close`` once, however the run ended, with
+    the record complete (wall time, errors, interrupt)."""
 
     wants_live = False
 
@@ -237,7 +239,6 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
     poll = getattr(backend, "poll", None)
     live = getattr(backend, "running", None) if progress.wants_live else None
     last_live = 0.0
-    progress.start(record)
     try:
         while True:
             while (not exhausted and stop_at is None and len(in_flight) < concurrency()
@@ -302,7 +303,6 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
         record.interrupted = True
         backend.interrupt()
         drain(in_flight, results, committer, timeout=2.0)
-        progress.close(record)
         raise Interrupted(
             f"parloop: interrupted after {committer.next} of "
             f"{'?' if total is None else total} iterations; iterations 0..{committer.next - 1}"
@@ -313,7 +313,6 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
         # wait for the chunks still running (they stop at their next iteration)
         if in_flight and not record.interrupted:
             wait(list(in_flight), timeout=5.0)
-    progress.close(record)
     if failure is None and take.error is not None:
         raise take.error
     record.notes.extend(getattr(backend, "events", ()))

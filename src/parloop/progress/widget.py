@@ -121,6 +121,7 @@ class WidgetProgress(Progress):
         self._t0 = 0.0
         self._next = math.inf
         self._handle: Any = None
+        self._shown = False
         self._rows: list[_Row] = []
         self._failed_rows: set[int] = set()
         #: widget updates sent (one comm message each; for the benchmark)
@@ -137,7 +138,7 @@ class WidgetProgress(Progress):
         if now < self._next:
             return
         try:
-            if self._handle is None:
+            if not self._shown:
                 self._build(record)
             sent = self._render(record, now, final=False)
         except Exception as e:  # noqa: BLE001 - a broken view must not break the run
@@ -146,7 +147,7 @@ class WidgetProgress(Progress):
         self._next = time.monotonic() + max(self.period, sent / MSG_RATE)
 
     def close(self, record: LastRun) -> None:
-        if self._handle is None or self._next == math.inf:
+        if not self._shown or self._next == math.inf:
             return  # a quick cell stays quiet (or the view gave up)
         self._next = math.inf
         try:
@@ -171,6 +172,8 @@ class WidgetProgress(Progress):
         self._rowbox = W.VBox([], layout=shared.plain)
         self._box = W.VBox([header, self._rowbox], layout=shared.plain)
         self._box.add_class("parloop-live")
+        self._shown = True
+        # None where no shell runs (display then just prints)
         self._handle = display(self._box, display_id=True)
 
     def _groups(self, record: LastRun) -> list[list[WorkerState]]:
@@ -295,7 +298,10 @@ class WidgetProgress(Progress):
         def show() -> None:
             # before run_cell has set it, the wall time is the view's own
             final = record if record.wall > 0 else dataclasses.replace(record, wall=elapsed)
-            handle.update(report_bundle(final), raw=True)
+            if handle is not None:
+                handle.update(report_bundle(final), raw=True)
+            else:
+                display(report_bundle(final), raw=True)
 
         if shell is None or not hasattr(shell, "kernel"):
             show()
@@ -303,6 +309,9 @@ class WidgetProgress(Progress):
 
         def once() -> None:
             shell.events.unregister("post_execute", once)
-            show()
+            try:
+                show()
+            except Exception as e:  # noqa: BLE001 - no traceback from an event hook
+                self._give_up(e)
 
         shell.events.register("post_execute", once)
