@@ -57,7 +57,14 @@ class _Router(io.TextIOBase):
 
     def flush(self) -> None:
         if _parts_var.get() is None:
-            self._fallback.flush()
+            try:
+                self._fallback.flush()
+            except ValueError:  # the stream it stood for was closed meanwhile
+                pass
+
+    def close(self) -> None:
+        """The router owns no stream: closing it (io's finaliser does, at
+        exit) must not flush or close the stream it stands for."""
 
     def writable(self) -> bool:
         return True
