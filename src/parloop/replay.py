@@ -118,7 +118,7 @@ def sync_into(dst: Any, src: Any, _memo: set[int] | None = None) -> None:
         same_order = list(dst) == list(src)
         merged = {}
         for k, v in src.items():
-            old = dst.get(k, _MISSING) if k in dst else _MISSING
+            old = dst.get(k, _MISSING)
             if old is not _MISSING and _syncable(old, v):
                 sync_into(old, v, memo)
                 merged[k] = old
