@@ -39,6 +39,8 @@ class ChunkSizer:
     fixed: int | None
     workers: int
     total: int | None
+    target: float = TARGET_CHUNK_SECONDS
+    first_share: bool = False
     iterations: int = 0
     seconds: float = 0.0
     probes: int = 0
@@ -59,12 +61,17 @@ class ChunkSizer:
             size = self.fixed
         else:
             t = self.per_iteration
-            if t is None:
+            if t is None and self.total is not None and self.first_share:
+                # nothing measured, the length known: a first share of the loop
+                # per chunk, as multiprocessing.Pool.map does (total / 4 workers);
+                # workers whose tasks cost milliseconds cannot afford probing
+                size = max(1, math.ceil(self.total / (4 * self.workers)))
+            elif t is None:
                 # nothing measured yet: one iteration per worker, then grow
                 self.probes += 1
                 size = 1 if self.probes <= self.workers else min(2 ** (self.probes // self.workers), 64)
             else:
-                size = max(1, int(TARGET_CHUNK_SECONDS / max(t, 1e-9)))
+                size = max(1, int(self.target / max(t, 1e-9)))
                 if remaining is not None:
                     # near the end: at most a share of what is left per worker,
                     # but not below MIN_CHUNK_SECONDS of work
@@ -187,7 +194,9 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
     # a backend may size its own chunks (asyncio tasks: a chunk is a batch of
     # concurrent iterations, not a stretch of work)
     sizer = ChunkSizer(opts.chunksize or getattr(backend, "chunksize", None),
-                       max(backend.worker_count(), 1), total)
+                       max(backend.worker_count(), 1), total,
+                       target=getattr(backend, "chunk_seconds", TARGET_CHUNK_SECONDS),
+                       first_share=getattr(backend, "chunk_seconds", 0) > TARGET_CHUNK_SECONDS)
     if measured is not None:
         sizer.observe(measured[0], measured[1])
         if threads is not None:
@@ -208,9 +217,10 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
                 n = min(n, max(total, 1))  # no more threads than iterations
             record.threads.update(threads=n)
             record.workers = max(record.workers, n)
+            sizer.workers = n
         else:
             n = backend.max_in_flight()
-        sizer.workers = n
+            sizer.workers = max(backend.worker_count(), 1)
         return n
 
     def collect(fut: Future) -> None:
