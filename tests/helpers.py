@@ -182,3 +182,23 @@ def differential(ip, setup: str, cell: str, magic_line: str, checks: Iterable[st
         d = deep_diff(pickle.loads(s_result), pickle.loads(m_result), "result")
         assert d is None, d
     return serial, magic
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie counts as gone)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids, timeout: float = 10.0) -> list[int]:
+    """Wait until the processes are gone; return those still alive."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not [p for p in pids if alive(p)]:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]

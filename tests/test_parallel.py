@@ -19,25 +19,12 @@ pytest.importorskip("ipyparallel")
 import parloop  # noqa: E402
 from parloop.cluster import MANAGER  # noqa: E402
 
-from helpers import differential, reset, run_cell, run_cell_result  # noqa: E402
+from helpers import (alive, differential, reset, run_cell, run_cell_result,  # noqa: E402
+                     wait_gone)
 
 P2 = "%%parallel processes=2 progress=off"
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_gone(pids, timeout=10.0) -> list[int]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not [p for p in pids if alive(p)]:
-            return []
-        time.sleep(0.05)
-    return [p for p in pids if alive(p)]
 
 
 def ok(ip, code):
