@@ -60,3 +60,6 @@ def shutdown() -> None:
     engines = sys.modules.get("parloop.backends.engines")
     if engines is not None:
         engines.stop_managed()
+    tasks = sys.modules.get("parloop.backends.tasks")
+    if tasks is not None:
+        tasks.stop_loop()
