@@ -61,11 +61,15 @@ class ChunkSizer:
             size = self.fixed
         else:
             t = self.per_iteration
-            if t is None and self.total is not None and self.first_share:
-                # nothing measured, the length known: a first share of the loop
-                # per chunk, as multiprocessing.Pool.map does (total / 4 workers);
-                # workers whose tasks cost milliseconds cannot afford probing
-                size = max(1, math.ceil(self.total / (4 * self.workers)))
+            share = (max(1, math.ceil(self.total / (4 * self.workers)))
+                     if self.total is not None and self.first_share else None)
+            if share is not None and (t is None or t * share <= 4 * self.target):
+                # the length known: a quarter of each worker's part per chunk, as
+                # multiprocessing.Pool.map does -- workers whose tasks cost
+                # milliseconds (engines) can afford neither probing nor a long
+                # tail of small chunks; guided sizes take over only when such
+                # chunks would run longer than a second
+                size = share
             elif t is None:
                 # nothing measured yet: one iteration per worker, then grow
                 self.probes += 1
