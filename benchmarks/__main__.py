@@ -15,6 +15,8 @@ WORKLOADS = {
     "io": workloads_threads.io_sleep,
     "big_input": workloads_engines.big_input,
     "warm": workloads_engines.warm_cell,
+    "cold": workloads_engines.cold_start,
+    "million": workloads_engines.million,
     "cpu_overhead": workloads_threads.cpu_overhead,
     "async_sleep": workloads_async.sleep_tasks,
     "async_memory": workloads_async.task_memory,

@@ -150,3 +150,47 @@ def warm_cell(ip, rounds: int) -> Result:
             ip, "%%threaded progress=off\nfor i in range(1):\n    out[i] = i\n"), True),
     ]
     return measure("W5 warm one-iteration cell", variants, max(rounds, 10))
+
+
+def cold_start(ip, rounds: int) -> Result:
+    """W5 (cold): from no cluster at all to the first committed iteration."""
+    ip.run_cell("out = {}", store_history=False)
+
+    def cold() -> float:
+        ip.run_cell("%parallel_stop", store_history=False, silent=True)
+        return run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(1):\n"
+                            "    out[i] = i\n")
+
+    return measure("W5 cold start: no cluster → first committed iteration (2 engines)",
+                   [Variant("%%parallel processes=2, cluster stopped before", cold, True)],
+                   max(1, min(rounds, 3)))
+
+
+def million(ip, rounds: int) -> Result:
+    """A 1 000 000-iteration loop with a reduction: the kernel's extra memory
+    while it runs (chunks handed out but not committed are bounded)."""
+    from .workloads_async import PeakRSS
+    ip.run_cell("total = 0", store_history=False)
+    peaks: dict[str, float] = {}
+
+    def variant(name: str, cell: str):
+        def run() -> float:
+            ip.run_cell("total = 0", store_history=False)
+            with PeakRSS() as rss:
+                dt = run_cell(ip, cell)
+            peaks[name] = max(peaks.get(name, 0.0), rss.extra_mb)
+            return dt
+        return Variant(name, run, True)
+
+    body = "for i in range(1_000_000):\n    total += i % 7\n"
+    res = measure("1 000 000 iterations (`total += i % 7`): time and the kernel's extra memory", [
+        variant("%%parallel processes=2 chunksize=20000", "%%parallel processes=2 "
+                "chunksize=20000 progress=off\n" + body),
+        variant("%%threaded threads=2 chunksize=20000", "%%threaded threads=2 "
+                "chunksize=20000 progress=off\n" + body),
+        variant("%%parallel processes=2 (auto: runs natively)", "%%parallel processes=2 "
+                "progress=off\n" + body),
+    ], max(1, min(rounds, 3)))
+    res.extra.append("\nPeak extra resident memory of the kernel: " + ", ".join(
+        f"{k}: {v:.1f} MB" for k, v in peaks.items()) + ".")
+    return res

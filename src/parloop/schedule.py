@@ -135,7 +135,7 @@ def cpu_count() -> int:
 
 #: at most this many iterations may be handed out beyond the last committed one
 #: (bounds the kernel's memory when one chunk is slow and the others race ahead)
-WINDOW_CHUNKS = 8
+WINDOW_CHUNKS = 2
 
 
 #: seconds between two readings of the workers' live state

@@ -200,6 +200,7 @@ class EngineBackend:
                 # transport.loads, not pickle.loads: it leaves the kernel's own
                 # notebook classes as they are when instances of them come back
                 res: ChunkResult = transport_loads(ar_.get())
+                self._forget(ar_)
             except BaseException as e:  # noqa: B902
                 if self._cancel_from is not None and start > self._cancel_from:
                     fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))
@@ -246,6 +247,20 @@ class EngineBackend:
                 del self.views[eid]
                 self.ids.remove(eid)
                 self.events.append(f"engine {eid} died during the run")
+
+    def _forget(self, ar: Any) -> None:
+        """Let the chunk's result go once it is read.  The Client keeps every
+        result it received, and ipyparallel's AsyncResult caches its methods
+        with ``functools.lru_cache``, which keeps the last 128 AsyncResults
+        alive -- each holding its payload and, through our callback, the
+        decoded chunk (measured: a 1 000 000-iteration loop grew the kernel by
+        ~100 MB per run)."""
+        try:
+            self.client.purge_local_results(ar)
+        except Exception:  # noqa: BLE001 - a cache entry left behind costs memory only
+            pass
+        ar._result = None
+        ar._done_callbacks = []  # the list being run now is not this new one
 
     def cancel_after(self, index: int) -> None:
         self._cancel_from = index if self._cancel_from is None else min(index,
