@@ -367,8 +367,3 @@ def _descendants(stmts: list[ast.stmt]) -> set[ast.AST]:
     for st in stmts:
         out.update(ast.walk(st))
     return out
-
-
-def private_snapshot(local_vars: Mapping[str, Any], names: set[str]) -> dict[str, Any]:
-    """The values of the iteration's private names from the chunk's locals."""
-    return {k: v for k, v in local_vars.items() if k in names}

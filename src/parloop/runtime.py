@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import builtins
 import contextvars
-import copy
 import io
 import signal
 import sys
@@ -17,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .replay import _SCALARS, TARGET, apply_entry
+from .replay import _SCALARS, TARGET
 from . import seeding
 
 
@@ -177,8 +176,6 @@ class _Helpers:
     slice = builtins.slice
     enumerate = builtins.enumerate
     locals = staticmethod(builtins.locals)
-    apply = staticmethod(apply_entry)
-    copy = staticmethod(copy.deepcopy)
     once = (0,)  # the async iteration function's one-pass loop (for `continue`)
 
 
@@ -186,6 +183,11 @@ HELPERS = _Helpers()
 
 
 _NOTHING = object()
+
+
+def private_values(local_vars: dict[str, Any], private: set[str]) -> dict[str, Any]:
+    """The iteration's private names (their last values) from a worker's locals."""
+    return {k: v for k, v in local_vars.items() if k in private}
 
 
 class ChunkControl:
@@ -241,7 +243,7 @@ class ChunkControl:
             del self.marks[n:]
             self.halted_at = n
             return True
-        snap = {k: v for k, v in local_vars.items() if k in self.private}
+        snap = private_values(local_vars, self.private)
         err = IterationError(self.start + n, exc, snap)
         if self.on_error == "raise":
             self.raised = err
@@ -295,7 +297,7 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
     c1 = time.thread_time()
     t1 = time.perf_counter()
     done = len(items) if ctl.halted_at is None else ctl.halted_at
-    snapshot = {k: v for k, v in local_vars.items() if k in private}
+    snapshot = private_values(local_vars, private)
     return ChunkResult(start=start, done=done, log=log, marks=ctl.marks[:done], parts=parts,
                        snapshot=snapshot, errors=ctl.errors, raised=ctl.raised,
                        halted=ctl.halted_at is not None and ctl.raised is None

@@ -36,7 +36,6 @@ class Backend(Protocol):
 
     def worker_count(self) -> int: ...
 
-    def worker_names(self) -> list[str]: ...
 
     def max_in_flight(self) -> int:
         """Chunks to keep handed out: the worker count for threads, more for

@@ -80,7 +80,6 @@ class EngineBackend:
         for e in MANAGER.engine_info(client):
             where = f" ({e.get('host')}:{e.get('pid')})" if e.get("pid") else ""
             self._labels[e["id"]] = f"engine {e['id']}{where}"
-        self.live = False  # engines publish progress (set by the run when a view wants it)
         # one Transport per client, kept across cells: it remembers what each
         # engine already holds, so an unchanged big input is not sent again
         self.transport = _TRANSPORTS.get(id(client))
@@ -108,8 +107,6 @@ class EngineBackend:
     def worker_count(self) -> int:
         return max(len(self.ids), 1)
 
-    def worker_names(self) -> list[str]:
-        return [f"engine {i}" for i in self.ids]
 
     def max_in_flight(self) -> int:
         # two chunks per engine: one running, one queued on it, so no engine

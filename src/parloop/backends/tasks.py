@@ -16,7 +16,8 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from ..runtime import HELPERS, ChunkControl, ChunkResult, IterationError, capture_into
+from ..runtime import (HELPERS, ChunkControl, ChunkResult, IterationError, capture_into,
+                       private_values)
 from .base import Job
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -102,8 +103,6 @@ class TaskBackend:
     def worker_count(self) -> int:
         return self.tasks
 
-    def worker_names(self) -> list[str]:
-        return ["asyncio tasks"]
 
     def in_flight(self) -> int:
         """Iterations running right now (for the live view)."""
@@ -192,7 +191,7 @@ class TaskBackend:
                 halted = True
                 break
             marks.append(len(log))
-            snap = {k: v for k, v in local_vars.items() if k in job.private}
+            snap = private_values(local_vars, job.private)
             parts.extend(it_parts)
             done = n + 1
             if exc is not None:

@@ -128,8 +128,6 @@ class ThreadBackend:
     def max_in_flight(self) -> int:
         return self.threads
 
-    def worker_names(self) -> list[str]:
-        return [f"thread {k}" for k in range(self.threads)]
 
     def prepare(self, job: Job) -> None:
         self._job = job
@@ -186,8 +184,6 @@ class SerialBackend:
     def max_in_flight(self) -> int:
         return 1
 
-    def worker_names(self) -> list[str]:
-        return ["kernel"]
 
     def prepare(self, job: Job) -> None:
         self._job = job
