@@ -23,7 +23,6 @@ state shown by ``bar_style``), quiet for quick cells like ipyparallel's
 """
 from __future__ import annotations
 
-import dataclasses
 import html
 import math
 import sys
@@ -285,33 +284,10 @@ class WidgetProgress(Progress):
 
     # -- the end ----------------------------------------------------------------
     def _replace_by_report(self, record: LastRun) -> None:
-        """The report takes the widget's place.  In a kernel it is written
-        once the cell is over (IPython's ``post_execute``), because the run
-        sets ``wall`` and records an ``on_error=raise`` failure only after the
-        view is closed; elsewhere (a plain shell, the benchmark) at once."""
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        handle = self._handle
-        elapsed = time.monotonic() - self._t0
-
-        def show() -> None:
-            # before run_cell has set it, the wall time is the view's own
-            final = record if record.wall > 0 else dataclasses.replace(record, wall=elapsed)
-            if handle is not None:
-                handle.update(report_bundle(final), raw=True)
-            else:
-                display(report_bundle(final), raw=True)
-
-        if shell is None or not hasattr(shell, "kernel"):
-            show()
-            return
-
-        def once() -> None:
-            shell.events.unregister("post_execute", once)
-            try:
-                show()
-            except Exception as e:  # noqa: BLE001 - no traceback from an event hook
-                self._give_up(e)
-
-        shell.events.register("post_execute", once)
+        """The report takes the widget's place (``close`` comes once the run
+        has recorded its wall time, errors and interrupt)."""
+        bundle = report_bundle(record)
+        if self._handle is not None:
+            self._handle.update(bundle, raw=True)
+        else:
+            display(bundle, raw=True)
