@@ -19,6 +19,8 @@ pytest.importorskip("ipyparallel")
 import parloop  # noqa: E402
 from parloop.cluster import MANAGER  # noqa: E402
 
+from test_differential import CASES as THREAD_CASES  # noqa: E402
+
 from helpers import (alive, differential, reset, run_cell, run_cell_result,  # noqa: E402
                      wait_gone)
 
@@ -76,6 +78,16 @@ def _timed_run(ip, cell, actions, watchdog=30.0):
         for t in timers:
             t.join()
     return out, err, elapsed, fired.is_set(), action_errors
+
+
+def _prefix_kept_and_next_cell_works(ip):
+    """After a run that lost its engines: the applied iterations are a
+    contiguous prefix of `out[i] = i * i` over 40, the loop variable the last
+    of them, and the next %%parallel cell works."""
+    k = _contiguous_prefix(ip.user_ns["out"], lambda i: i * i, 40)
+    if k:
+        assert ip.user_ns["i"] == k - 1
+    _next_parallel_cell_works(ip)
 
 
 def _contiguous_prefix(results, expect, total):
@@ -225,17 +237,8 @@ for i in range(0):
     res[i] = x
 """, "res i x")
 
-case("prologue_epilogue_trailing_expression", "base = 10", """
-factor = 3
-def scale(v):
-    return v * factor + base
-results = {}
-for i in range(25):
-    results[i] = scale(i)
-total = sum(results.values())
-print("total", total)
-(len(results), total, i)
-""", "results factor total")
+# the same cell as the threads' differential suite, not a copy of it
+case(*next(c[:4] for c in THREAD_CASES if c[0] == "prologue_epilogue_trailing_expression"))
 
 
 @pytest.mark.timeout(120)
@@ -311,10 +314,7 @@ def test_engine_killed_no_retries(ip, cluster):
         [(1.0, MANAGER.kill_engine, [victim])])
     assert errs == [] and not fired
     assert isinstance(err, parloop.WorkerLostError) or "died" in str(err), repr(err)
-    k = _contiguous_prefix(ip.user_ns["out"], lambda i: i * i, 40)
-    if k:
-        assert ip.user_ns["i"] == k - 1
-    _next_parallel_cell_works(ip)
+    _prefix_kept_and_next_cell_works(ip)
 
 
 @pytest.mark.timeout(120)
@@ -329,10 +329,7 @@ def test_all_engines_killed(ip, cluster):
     assert not fired, f"the run hung after all engines died (stopped by the watchdog: {err!r})"
     assert err is not None and not isinstance(err, KeyboardInterrupt), repr(err)
     assert isinstance(err, parloop.WorkerLostError) or "died" in str(err), repr(err)
-    k = _contiguous_prefix(ip.user_ns["out"], lambda i: i * i, 40)
-    if k:
-        assert ip.user_ns["i"] == k - 1
-    _next_parallel_cell_works(ip)
+    _prefix_kept_and_next_cell_works(ip)
 
 
 # ----------------------------------------------------------------- 5. interrupt
