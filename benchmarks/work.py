@@ -1,5 +1,6 @@
 """Work functions for the peers that need importable functions
-(multiprocessing, joblib, deco); parloop gets the same code as notebook cells."""
+(multiprocessing, joblib, deco, ipyparallel); parloop gets the same code as
+notebook cells."""
 from __future__ import annotations
 
 CPU_SOURCE = '''
@@ -29,3 +30,52 @@ def calibrate(target: float = 0.060) -> int:
 
 def tiny(i: int) -> int:
     return i * i + 1
+
+
+def echo(i: int) -> int:
+    """The no-op iteration of W7: hands its index back."""
+    return i
+
+
+# deco (https://github.com/alex-sherman/deco): a @concurrent function is called
+# in a @synchronized one, whose source deco rewrites so that ``out[i] = f(x)``
+# becomes one ``Pool.apply_async`` per call, and waits for all of them at the
+# ``return``.  Both must be module-level functions: deco reads the synchronized
+# function's source file, and the pool's workers (forked, the Pool default
+# here) find the concurrent one by name in deco's registry.  The pool is made
+# at the first call and kept; deco_stop ends it.
+from deco import concurrent, synchronized  # noqa: E402
+
+
+@concurrent(processes=2)
+def spin_deco(n):
+    return spin(n)  # noqa: F821 - defined by exec above
+
+
+@synchronized
+def spin_all_deco(n, count):
+    out = {}
+    for i in range(count):
+        out[i] = spin_deco(n)
+    return out
+
+
+@concurrent(processes=2)
+def tiny_deco(i):
+    return i * i + 1
+
+
+@synchronized
+def tiny_all_deco(count):
+    out = {}
+    for i in range(count):
+        out[i] = tiny_deco(i)
+    return out
+
+
+def deco_stop(*functions) -> None:
+    """Terminate the pools of these @concurrent functions."""
+    for f in functions:
+        if f.concurrency is not None:
+            f.concurrency.terminate()
+            f.concurrency = None

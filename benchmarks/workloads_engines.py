@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 from . import work
@@ -16,58 +17,118 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _scaled(fn, items: int, full: int):
+    """A variant run that times ``fn(items)`` and reports it × full / items:
+    for peers whose cost per item is fixed (one task per item) and that would
+    take minutes on the whole loop."""
+    def run() -> float:
+        return _timed(lambda: fn(items)) * full / items
+    return run
+
+
+def _process_map(fn, items, **kw):
+    """tqdm.contrib.concurrent.process_map, bar off; it warns about the
+    default chunksize=1 on more than 1000 items, which users then see."""
+    from tqdm.contrib.concurrent import process_map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return process_map(fn, items, max_workers=2, disable=True, **kw)
+
+
+def _peers():
+    """The warm pools of the peers, 2 workers each, and raw ipyparallel on
+    parloop's own 2 engines.  ``stop()`` ends the pools."""
+    import joblib
+    from parloop.cluster import MANAGER
+
+    pool = mp.get_context("fork").Pool(2)
+    pool.map(work.tiny, range(4))
+    ppe = ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
+    list(ppe.map(work.tiny, range(4)))
+    # spawn starts its workers one per submit until there are 2: warm both
+    spe = ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"))
+    list(spe.map(work.tiny, range(8)))
+    par = joblib.Parallel(n_jobs=2)
+    par(joblib.delayed(work.tiny)(i) for i in range(4))
+    rc = MANAGER.client(processes=2)
+    lview = rc.load_balanced_view()
+    lview.map_sync(work.tiny, range(4))
+    dview = rc[:]
+    dview.map_sync(work.tiny, range(4))
+
+    class Peers:
+        pass
+
+    p = Peers()
+    p.pool, p.ppe, p.spe, p.par, p.lview, p.dview = pool, ppe, spe, par, lview, dview
+    p.delayed = joblib.delayed
+
+    def stop() -> None:
+        pool.terminate()
+        ppe.shutdown()
+        spe.shutdown()
+        work.deco_stop(work.spin_deco, work.tiny_deco)
+
+    p.stop = stop
+    return p
+
+
 def cpu(ip, rounds: int) -> Result:
     """W1: 32 iterations of ~60 ms pure Python, 2 workers everywhere."""
     n = work.calibrate()
     ip.run_cell(work.CPU_SOURCE + f"\nSPIN = {n}\nout = {{}}", store_history=False)
     run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
     cell = "for i in range(32):\n    out[i] = spin(SPIN)\n"
-    pool = mp.get_context("fork").Pool(2)
-    pool.map(work.tiny, range(4))
-    ppe = ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
-    list(ppe.map(work.tiny, range(4)))
-    import joblib
-    par = joblib.Parallel(n_jobs=2)
-    par(joblib.delayed(work.tiny)(i) for i in range(4))
-    import ipyparallel  # noqa: F401
-    from parloop.cluster import MANAGER
-    rc = MANAGER.client(processes=2)
-    lview = rc.load_balanced_view()
-    lview.map_sync(work.tiny, range(4))
+    p = _peers()
+    work.spin_all_deco(1000, 4)  # deco makes its pool at the first call
+    args = [n] * 32
     variants = [
         Variant("serial", lambda: run_cell(ip, cell)),
         Variant("%%parallel processes=2", lambda: run_cell(
             ip, "%%parallel processes=2 progress=off\n" + cell), True),
         # n travels as an argument: workers that re-import the module (loky,
-        # engines) must do the same work as the kernel calibrated
+        # spawn, engines) must do the same work as the kernel calibrated
         Variant("multiprocessing.Pool(2).map", lambda: _timed(
-            lambda: pool.map(work.spin, [n] * 32))),
+            lambda: p.pool.map(work.spin, args))),
         Variant("ProcessPoolExecutor(2).map (fork)", lambda: _timed(
-            lambda: list(ppe.map(work.spin, [n] * 32)))),
+            lambda: list(p.ppe.map(work.spin, args)))),
+        Variant("ProcessPoolExecutor(2).map (spawn)", lambda: _timed(
+            lambda: list(p.spe.map(work.spin, args)))),
         Variant("joblib.Parallel(n_jobs=2)", lambda: _timed(
-            lambda: par(joblib.delayed(work.spin)(n) for _ in range(32)))),
+            lambda: p.par(p.delayed(work.spin)(n) for _ in range(32)))),
+        Variant("deco @concurrent(processes=2)", lambda: _timed(
+            lambda: work.spin_all_deco(n, 32)),
+            note="one Pool.apply_async per iteration, into a dict"),
+        Variant("tqdm process_map(max_workers=2)", lambda: _timed(
+            lambda: _process_map(work.spin, args)),
+            note="starts its own ProcessPoolExecutor (fork) in every call"),
+        Variant("ipyparallel DirectView.map_sync", lambda: _timed(
+            lambda: p.dview.map_sync(work.spin, args)),
+            note="same engines as parloop; 16 + 16, static"),
         Variant("ipyparallel LoadBalancedView.map", lambda: _timed(
-            lambda: lview.map_sync(work.spin, [n] * 32)),
+            lambda: p.lview.map_sync(work.spin, args)),
             note="same engines as parloop"),
     ]
     try:
         res = measure(f"W1 CPU: 32 × ~60 ms pure Python (spin({n}))", variants, rounds)
     finally:
-        pool.terminate()
-        ppe.shutdown()
+        p.stop()
     return res
 
 
 def tiny(ip, rounds: int) -> Result:
-    """W2: 200 000 × ``out[i] = i * i + 1``."""
+    """W2: 200 000 × ``out[i] = i * i + 1``.  The peers that send one task per
+    item (default chunksize 1) are timed on fewer items and scaled up."""
+    full = 200_000
     ip.run_cell("out = {}", store_history=False)
     run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
     cell = "for i in range(200_000):\n    out[i] = i * i + 1\n"
-    pool = mp.get_context("fork").Pool(2)
-    pool.map(work.tiny, range(4))
+    p = _peers()
+    work.tiny_all_deco(4)  # deco makes its pool at the first call
+    few, scale_note = 2_000, "timed on 2 000 items, × 100"
 
-    def pool_map() -> float:
-        return _timed(lambda: dict(enumerate(pool.map(work.tiny, range(200_000)))))
+    def ppe_map(ex):
+        return lambda k: dict(enumerate(ex.map(work.tiny, range(k))))
 
     variants = [
         Variant("serial", lambda: run_cell(ip, cell)),
@@ -75,12 +136,37 @@ def tiny(ip, rounds: int) -> Result:
             ip, "%%parallel processes=2 progress=off\n" + cell), True),
         Variant("%%threaded threads=2", lambda: run_cell(
             ip, "%%threaded threads=2 progress=off\n" + cell), True),
-        Variant("multiprocessing.Pool(2).map", pool_map, note="default chunksize"),
+        Variant("multiprocessing.Pool(2).map", lambda: _timed(
+            lambda: dict(enumerate(p.pool.map(work.tiny, range(full))))),
+            note="default chunksize"),
+        Variant("ProcessPoolExecutor(2).map (fork)", _scaled(ppe_map(p.ppe), few, full),
+                note=f"default chunksize=1; {scale_note}"),
+        Variant("ProcessPoolExecutor(2).map (spawn)", _scaled(ppe_map(p.spe), few, full),
+                note=f"default chunksize=1; {scale_note}"),
+        Variant("joblib.Parallel(n_jobs=2)", lambda: _timed(
+            lambda: dict(enumerate(p.par(p.delayed(work.tiny)(i) for i in range(full))))),
+            note="default batch_size=auto"),
+        Variant("deco @concurrent(processes=2)", _scaled(work.tiny_all_deco, few, full),
+                note=f"one Pool.apply_async per iteration; {scale_note}"),
+        # a new pool per call: scaled from 20 000 items, its start (~20 ms)
+        # is multiplied by 10 only
+        Variant("tqdm process_map(max_workers=2)", _scaled(
+            lambda k: dict(enumerate(_process_map(work.tiny, range(k)))), 20_000, full),
+            note="default chunksize=1, its own fork pool per call; timed on 20 000 "
+                 "items, × 10; one run", max_runs=1),
+        Variant("ipyparallel DirectView.map_sync", lambda: _timed(
+            lambda: dict(enumerate(p.dview.map_sync(work.tiny, range(full))))),
+            note="same engines as parloop; two halves"),
+        # ~3 ms a task on this machine: 1 000 items already take 3 s
+        Variant("ipyparallel LoadBalancedView.map", _scaled(
+            lambda k: dict(enumerate(p.lview.map_sync(work.tiny, range(k)))), 1_000, full),
+            note="same engines; default chunksize=1; timed on 1 000 items, × 200; one run",
+            max_runs=1),
     ]
     try:
         return measure("W2 tiny: 200 000 × out[i] = i*i + 1", variants, rounds)
     finally:
-        pool.terminate()
+        p.stop()
 
 
 def big_input(ip, rounds: int) -> Result:
