@@ -283,9 +283,26 @@ def test_seed_same_numbers_as_threaded(ip, cluster):
     assert a == b and len(a) == 20 and len(set(a.values())) == 20
 
 
+@pytest.fixture(params=["channel", "tasks"])
+def dispatch(request, monkeypatch):
+    """Both ways chunks reach engines: the channel (engines on the kernel's
+    host) and one ipyparallel task per chunk (engines elsewhere)."""
+    from parloop.backends.engines import EngineBackend
+    monkeypatch.setattr(EngineBackend, "use_channel", request.param == "channel")
+    return request.param
+
+
+@pytest.mark.timeout(120)
+def test_dispatch_paths_same_results(ip, cluster, dispatch):
+    differential(ip, "results = {}\nacc = []", "for i in range(50):\n    results[i] = i * i\n"
+                 "    acc.append(-i)\n    print(i)", P2 + " chunksize=3", ["results", "acc", "i"])
+    assert parloop.last_run.dispatch == dispatch
+    assert len(parloop.last_run.chunks) == 17
+
+
 # ----------------------------------------------------------------- 2-4. engines killed
 @pytest.mark.timeout(120)
-def test_engine_killed_mid_run(ip, cluster):
+def test_engine_killed_mid_run(ip, cluster, dispatch):
     reset(ip)
     ok(ip, "import time\nout = {}")
     victim = MANAGER.client(processes=2).ids[0]
@@ -302,10 +319,11 @@ def test_engine_killed_mid_run(ip, cluster):
     assert any(c.retried for c in run.chunks), run.chunks
     _next_parallel_cell_works(ip)
     assert victim not in MANAGER.client(processes=2).ids
+    assert run.dispatch == dispatch
 
 
 @pytest.mark.timeout(120)
-def test_engine_killed_no_retries(ip, cluster):
+def test_engine_killed_no_retries(ip, cluster, dispatch):
     reset(ip)
     ok(ip, "import time\nout = {}")
     victim = MANAGER.client(processes=2).ids[0]
@@ -334,7 +352,7 @@ def test_all_engines_killed(ip, cluster):
 
 # ----------------------------------------------------------------- 5. interrupt
 @pytest.mark.timeout(120)
-def test_interrupt(ip, cluster):
+def test_interrupt(ip, cluster, dispatch):
     reset(ip)
     ok(ip, "import time\nresults = {}")
     MANAGER.client(processes=2)  # warm: the interrupt must hit the running loop
@@ -347,7 +365,7 @@ def test_interrupt(ip, cluster):
     k = _contiguous_prefix(ip.user_ns["results"], lambda i: i * 2, 200)
     assert k > 0
     assert ip.user_ns["i"] == k - 1
-    assert parloop.last_run.interrupted
+    assert parloop.last_run.interrupted and parloop.last_run.dispatch == dispatch
     _next_parallel_cell_works(ip)
 
 

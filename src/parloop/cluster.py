@@ -146,17 +146,26 @@ def _command(module: str) -> list[str]:
     return [sys.executable, "-c", _EXEC_WATCHING_PARENT, str(os.getpid()), module]
 
 
-def _whoami() -> tuple[str, int]:
-    """Runs on an engine."""
+def _whoami() -> tuple[str, int, object]:
+    """Runs on an engine: its host, pid, and which machine and network
+    namespace it is in (Linux boot id and ``/proc/self/ns/net``), which says
+    whether it can reach the kernel's 127.0.0.1."""
     import os
     import socket
 
-    return socket.gethostname(), os.getpid()
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        place: object = (boot, os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        place = socket.gethostname()
+    return socket.gethostname(), os.getpid(), place
 
 
 # Travel by value (ipyparallel and cloudpickle both do that for __main__
 # functions): the engines of an external cluster need not have parloop.
 _whoami.__module__ = "__main__"
+_HERE = _whoami()[2]
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -243,7 +252,8 @@ class ClusterManager:
             self._pending = asyncio.run_coroutine_threadsafe(self._astart(n), self._ensure_loop())
 
     def engine_info(self, client) -> list[dict[str, Any]]:
-        """One dict per registered engine of ``client``: ``{"id", "host", "pid"}``.
+        """One dict per registered engine of ``client``: ``{"id", "host", "pid", "local"}``
+        (``local``: on the kernel's machine and network namespace).
 
         Asked once per engine and cached.  An engine that does not answer within
         5 s (busy, or dead but not yet unregistered) gets ``host``/``pid`` None.
@@ -255,11 +265,13 @@ class ClusterManager:
             deadline = time.monotonic() + 5.0
             for i, ar in pending.items():
                 try:
-                    host, pid = ar.get(timeout=max(0.0, deadline - time.monotonic()))
+                    host, pid, place = ar.get(timeout=max(0.0, deadline - time.monotonic()))
                 except Exception:
                     continue  # not cached: asked again next time
-                self._info[(id(client), i)] = {"id": i, "host": host, "pid": pid}
-        return [dict(self._info.get((id(client), i), {"id": i, "host": None, "pid": None})) for i in ids]
+                self._info[(id(client), i)] = {"id": i, "host": host, "pid": pid,
+                                               "local": place == _HERE}
+        return [dict(self._info.get((id(client), i), {"id": i, "host": None, "pid": None,
+                                                      "local": False})) for i in ids]
 
     def status(self) -> dict[str, Any]:
         """What ``%parallel_status`` shows, for the cluster that :meth:`client` returned last.

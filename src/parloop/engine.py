@@ -101,9 +101,10 @@ class _Unpicklable:
 
 
 class _ProgressPublisher:
-    """Publishes how many iterations of the running chunk are done, four
-    times a second, through ipyparallel's data publication (the kernel reads
-    it from the AsyncResult's ``data``): progress per iteration, not per chunk."""
+    """Publishes which chunk runs and how many of its iterations are done,
+    four times a second, through ipyparallel's data publication (the kernel
+    reads it from the task's AsyncResult ``data``): progress per iteration,
+    not per chunk.  One publisher serves every chunk of a serve task."""
 
     PERIOD = 0.25
 
@@ -114,49 +115,95 @@ class _ProgressPublisher:
 
     def watch(self, ctl: Any) -> None:
         self._ctl = ctl
-        self._thread.start()
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
 
     def _run(self) -> None:
         try:
             from ipyparallel.datapub import publish_data
         except ImportError:  # not on an engine (tests calling run_remote directly)
             return
-        last = -1
+        last = None
         wait = self.PERIOD / 2.5  # a first reading soon, then four a second
         while not self._stop.wait(wait):
             wait = self.PERIOD
-            n = len(self._ctl.marks)
-            if n != last:
+            ctl = self._ctl
+            now = (ctl.start, len(ctl.marks))
+            if now != last:
                 try:
-                    publish_data({"parloop_done": n})
+                    publish_data({"parloop_start": now[0], "parloop_done": now[1]})
                 except Exception:  # noqa: BLE001 - not inside an engine task
                     return
-                last = n
+                last = now
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
-    """Run one chunk: ``payload`` is ``cloudpickle((items, start))``."""
+def _setup(keys: dict[str, str]) -> tuple[Callable, Program]:
+    """The run's chunk function, compiled once per engine per run."""
     from .transport import engine_resolve
 
     values = engine_resolve(keys)
     program: Program = values.pop("___program")
-    fn = _function(repr(sorted(keys.items())), program, values)
+    return _function(repr(sorted(keys.items())), program, values), program
+
+
+def _run(fn: Callable, program: Program, payload: bytes | memoryview,
+         publisher: _ProgressPublisher | None) -> bytes:
+    """One chunk: ``payload`` is ``pickle((items, start))``; returns the result's bytes."""
     items, start = pickle.loads(payload)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if program.seed is not None:
         seeding.begin_run()
-    publisher = _ProgressPublisher() if program.live else None
     try:
         with OutputCapture():
             res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
                             worker=worker, timeout=program.timeout,
                             register=publisher.watch if publisher else None)
     finally:
-        if publisher is not None:
-            publisher.stop()
         if program.seed is not None:
             seeding.end_run()
     return _portable(res)
+
+
+def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
+    """Run one chunk as an ipyparallel task of its own (engines on other hosts)."""
+    fn, program = _setup(keys)
+    publisher = _ProgressPublisher() if program.live else None
+    try:
+        return _run(fn, program, payload, publisher)
+    finally:
+        if publisher is not None:
+            publisher.stop()
+
+
+def serve_chunks(address: str, key: bytes, ident: str, keys: dict[str, str]) -> int:
+    """Run chunks until the kernel says stop: the one task of this engine in a
+    run on the kernel's host (see :mod:`parloop.channel`).  Returns the number
+    of chunks it ran.
+
+    It runs in the engine's main thread like any task, so a kernel interrupt
+    (SIGINT) halts the running chunk, whose result still goes back, and ends
+    the task; an interrupt while waiting for a chunk just ends it."""
+    from .channel import EngineLink
+
+    fn, program = _setup(keys)
+    publisher = _ProgressPublisher() if program.live else None
+    link = EngineLink(address, key, ident)
+    ran = 0
+    try:
+        while True:
+            try:
+                got = link.next_chunk()
+            except KeyboardInterrupt:
+                return ran
+            if got is None:
+                return ran
+            seq, payload = got
+            link.result(seq, _run(fn, program, payload, publisher))
+            ran += 1
+    finally:
+        if publisher is not None:
+            publisher.stop()
+        link.close()

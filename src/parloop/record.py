@@ -76,6 +76,10 @@ class LastRun:
     max_outstanding: int = 0
     #: the loop ran natively in the kernel (iterations cheaper than shipping them)
     native: bool = False
+    #: how chunks reached engines: "channel" (one task per engine pulling chunks
+    #: over parloop's socket, engines on the kernel's host) or "tasks" (one
+    #: ipyparallel task per chunk); empty for threads
+    dispatch: str = ""
 
     @property
     def per_worker(self) -> dict[str, dict[str, float]]:

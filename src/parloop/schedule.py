@@ -322,6 +322,7 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
             f"{'?' if total is None else total} iterations; iterations 0..{committer.next - 1}"
             " were applied") from None
     finally:
+        record.dispatch = getattr(backend, "dispatch", "")
         if stop_at is not None or failure is not None:
             backend.cancel_after(failure[0] if failure else stop_at)  # type: ignore[arg-type]
         # wait for the chunks still running (they stop at their next iteration)
