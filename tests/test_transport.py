@@ -81,7 +81,9 @@ def client():
 
 @pytest.fixture
 def tr(client):
-    return Transport(client)
+    t = Transport(client)
+    yield t
+    t.close()
 
 
 # -- tests -----------------------------------------------------------------------
@@ -126,13 +128,16 @@ def test_changed_global_is_seen(client, tr):
 
 
 @pytest.mark.timeout(180)
-def test_large_array_arrives_intact_zero_copy_and_cached(client, tr):
+def test_large_array_arrives_intact_zero_copy_and_cached(client):
+    # over the sockets, as to engines on other hosts (tests/test_shm.py: shared memory)
+    tr = Transport(client, shm=False)
     big = np.random.default_rng(0).random(50_000_000 // 8)  # 50 MB
     digest = hashlib.sha1(memoryview(big).cast("B")).hexdigest()
     t0 = time.perf_counter()
     keys = tr.broadcast({"big": big}, client.ids)
     first = time.perf_counter() - t0
     assert tr.last.buffers_sent == 2 and tr.last.bytes >= 2 * big.nbytes
+    assert tr.last.shm_buffers == 0 and tr.last.shm_bytes == 0
     for eid in client.ids:
         kind, shape, dtype, writeable, d = client[eid].apply_sync(describe, keys, "big")
         assert (kind, shape, dtype, d) == ("ndarray", big.shape, "float64", digest)
