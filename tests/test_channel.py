@@ -201,3 +201,30 @@ def test_cancel_after_fails_queued_chunks_only(chan):
     finally:
         chan.end()
         link.close()
+
+
+@pytest.mark.timeout(30)
+def test_in_the_tail_only_idle_engines_get_a_chunk(chan):
+    """Once the dispatcher has nothing more to hand out, an engine holds one
+    chunk at a time: the last chunks never wait behind a running one while
+    another engine is idle."""
+    results, on_result = collector()
+    run = chan.begin([0], on_result, lambda s: None)
+    futs = [chan.submit(i, str(i).encode(), retries=0) for i in range(4)]
+    link = EngineLink(chan.address, chan.key, chan.ident(run, 0))
+    try:
+        a, b = link.next_chunk(), link.next_chunk()   # in the bulk: two at a time
+        chan.tail()
+        link.result(a[0], bytes(a[1]))
+        link.result(b[0], bytes(b[1]))
+        c = link.next_chunk()
+        assert c is not None
+        assert link.sock.poll(300) == 0, "a chunk was queued behind the running one in the tail"
+        link.result(c[0], bytes(c[1]))
+        d = link.next_chunk()
+        assert d is not None and int(bytes(d[1])) == 3
+        link.result(d[0], bytes(d[1]))
+        assert [f.result(timeout=5) for f in futs] == [b"0", b"1", b"2", b"3"]
+    finally:
+        chan.end()
+        link.close()

@@ -707,3 +707,38 @@ def test_no_orphans_after_stop_and_unload(ip, cluster):
         ok(ip, "%load_ext parloop")
     out = ok(ip, "%parallel_status")
     assert "no ipyparallel cluster" in out, out
+
+
+# ----------------------------------------------------------------- live progress from engines
+@pytest.mark.timeout(120)
+def test_live_rows_per_engine_mid_chunk(ip, cluster, dispatch):
+    """Engines report how far into a chunk they are (the live view's rows):
+    a reading in the middle of one long chunk sees iterations done in it."""
+    from parloop.magics import make_backend
+    from parloop.options import parse_options
+    from parloop.run import Cell, run_cell as run_loop
+    from parloop.schedule import Progress
+
+    class Spy(Progress):
+        wants_live = True
+
+        def __init__(self):
+            self.rows = []
+
+        def update(self, record):
+            self.rows.append({k: (w.partial, w.current) for k, w in record.live.items()})
+
+    reset(ip)
+    ok(ip, "import time\nout = {}")
+    spy = Spy()
+    cell = Cell(source="for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
+                filename="<live-engines>")
+    run_loop(cell, ip.user_ns, parse_options("processes=2 chunksize=20", "parallel"),
+             make_backend, spy)
+    assert ip.user_ns["out"] == {i: i for i in range(40)}
+    assert parloop.last_run.dispatch == dispatch
+    mid = [(name, partial, current) for row in spy.rows
+           for name, (partial, current) in row.items() if 0 < partial < 20]
+    assert mid, f"no reading caught an engine mid-chunk: {spy.rows[-5:]}"
+    assert all(name.startswith("engine ") for name, _, _ in mid)
+    assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen

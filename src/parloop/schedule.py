@@ -251,6 +251,7 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
         results[chunk.start] = (chunk, res)
 
     poll = getattr(backend, "poll", None)
+    tail = getattr(backend, "tail", None)
     live = getattr(backend, "running", None) if progress.wants_live else None
     last_live = 0.0
     try:
@@ -272,6 +273,9 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
                 next_start += len(items)
                 if len(items) < size:
                     exhausted = True
+            if tail is not None and (exhausted or (total is not None and next_start >= total)):
+                tail()  # nothing follows what is handed out: engines stop taking chunks ahead
+                tail = None
             if not in_flight and committer.next >= next_start:
                 break
             if in_flight:

@@ -47,6 +47,9 @@ class Backend(Protocol):
 
     def submit(self, items: list, start: int) -> "Future[ChunkResult]": ...
 
+    # optional: ``tail()`` -- no chunk follows those submitted (a backend that
+    # queues chunks ahead on workers stops doing so), ``poll()`` between waits
+
     def cancel_after(self, index: int) -> None:
         """Chunks that start after iteration ``index`` are no longer needed."""
 

@@ -14,6 +14,7 @@ a chunk, which the chunk sizes make up for).
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import signal
@@ -183,6 +184,11 @@ class EngineBackend:
     @property
     def dispatch(self) -> str:
         return "channel" if self.channel is not None else "tasks"
+
+    def tail(self) -> None:
+        """The dispatcher handed out its last chunk (see parloop.channel)."""
+        if self.channel is not None:
+            self.channel.tail()
 
     def _open_channel(self) -> None:
         """One serve task per engine, all pulling from the client's channel."""
@@ -383,10 +389,16 @@ class EngineBackend:
             self.channel.end()
 
 
+@functools.lru_cache(maxsize=None)
 def _installed_roots() -> tuple[str, ...]:
     import sysconfig
     paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     return tuple(os.path.realpath(p) + os.sep for p in paths)
+
+
+@functools.lru_cache(maxsize=1024)
+def _realpath(path: str) -> str:
+    return os.path.realpath(path)  # per cell, for every input's module: a dozen lstat calls
 
 
 def _local_modules(values: Any) -> list[types.ModuleType]:
@@ -403,7 +415,7 @@ def _local_modules(values: Any) -> list[types.ModuleType]:
         path = getattr(module, "__file__", None)
         if module is None or not path or name == "__main__" or name.startswith("parloop"):
             continue
-        if not os.path.realpath(path).startswith(roots) and name not in found:
+        if not _realpath(path).startswith(roots) and name not in found:
             found[name] = module
     return list(found.values())
 
