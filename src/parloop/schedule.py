@@ -200,7 +200,7 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
     sizer = ChunkSizer(opts.chunksize or getattr(backend, "chunksize", None),
                        max(backend.worker_count(), 1), total,
                        target=getattr(backend, "chunk_seconds", TARGET_CHUNK_SECONDS),
-                       first_share=getattr(backend, "chunk_seconds", 0) > TARGET_CHUNK_SECONDS)
+                       first_share=getattr(backend, "first_share", False))
     if measured is not None:
         sizer.observe(measured[0], measured[1])
         if threads is not None:

@@ -78,10 +78,13 @@ class EngineBackend:
     shares_memory = False
     #: an ipyparallel task costs the engine 2-4 ms between chunks (its reply,
     #: status messages, the next request); chunks of about a quarter second
-    #: make that 1-2 % (measured: 60 ms iterations one per chunk lost 7 %).
-    #: Through the channel a chunk costs ~0.5 ms: the dispatcher's usual
-    #: 0.1 s chunks, ever smaller near the end, balance the load better
-    TASK_CHUNK_SECONDS = 0.25
+    #: make that 1-2 % (measured: 60 ms iterations one per chunk lost 7 %), cut
+    #: as multiprocessing.Pool.map does (a quarter of each engine's share; see
+    #: ChunkSizer.first_share).  Through the channel a chunk costs the engine
+    #: ~0.4 ms: quarter-second chunks too, but guided ones, ever smaller near
+    #: the end, so that the engines finish together
+    chunk_seconds = 0.25
+    first_share = False
     #: chunks go over parloop's own socket when every engine is on the
     #: kernel's host (``PARLOOP_CHANNEL=0``: always one ipyparallel task per chunk)
     use_channel = os.environ.get("PARLOOP_CHANNEL", "1") != "0"
@@ -102,7 +105,7 @@ class EngineBackend:
             self._labels[e["id"]] = f"engine {e['id']}{where}"
         self.local = bool(info) and all(e.get("local") for e in info)
         if not (self.use_channel and self.local):
-            self.chunk_seconds = self.TASK_CHUNK_SECONDS
+            self.first_share = True
         self.channel: ChunkChannel | None = None
         self.run = 0  # this run's number on the channel
         self._serving: dict[int, Any] = {}  # engine -> its serve task (the channel's runs)
