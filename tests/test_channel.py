@@ -228,3 +228,26 @@ def test_in_the_tail_only_idle_engines_get_a_chunk(chan):
     finally:
         chan.end()
         link.close()
+
+
+@pytest.mark.timeout(30)
+def test_engines_of_an_ended_run_stop_at_once_when_the_next_begins(chan):
+    """end() then begin() at once (cells back to back): the first run's
+    engines are told to stop right away, not after a ping a second later."""
+    results, on_result = collector()
+    run = chan.begin([0, 1], on_result, lambda s: None)
+    engines = Engines(chan, run, [0, 1])
+    futs = [chan.submit(i, str(i).encode(), retries=0) for i in range(4)]
+    assert [f.result(timeout=5) for f in futs] == [b"0", b"1", b"2", b"3"]
+    for _ in range(50):
+        t0 = time.monotonic()
+        chan.end()
+        run = chan.begin([0, 1], on_result, lambda s: None)
+        engines.join(timeout=0.5)
+        assert engines.ended == {0: "stopped", 1: "stopped"}, engines.ended
+        assert time.monotonic() - t0 < 0.5
+        engines = Engines(chan, run, [0, 1])
+        fut = chan.submit(0, b"9", retries=0)
+        assert fut.result(timeout=5) == b"9"
+    chan.end()
+    engines.join()

@@ -125,7 +125,7 @@ class ChunkChannel:
         self._cap: dict[int, int] = {}             # engine -> credits it said hello with
         self._engines: set[int] = set()            # engines of the run
         self._gone: set[int] = set()               # ... that left it
-        self._stop_sent: set[bytes] = set()
+        self._to_stop: list[bytes] = []            # engines of ended runs, to be told
         self._seq = 0
         self._tail = False
         self._closing = False
@@ -152,10 +152,15 @@ class ChunkChannel:
             return self._run
 
     def end(self) -> None:
-        """The run is over: its engines are told to end their serve tasks."""
+        """The run is over: its engines are told to end their serve tasks.
+
+        Who to tell is settled here, not in the socket's thread: the next run's
+        :meth:`begin` may come first, and an engine left waiting would hold up
+        that run's task on it until its ping (a second)."""
         with self._lock:
             self._active = False
             self._queue.clear()
+            self._to_stop += [self.ident(self._run, e).encode() for e in self._credits]
         self._wake()
 
     def close(self) -> None:
@@ -258,23 +263,14 @@ class ChunkChannel:
                 with self._lock:
                     if self._closing:
                         return
-                    active, run, engines = self._active, self._run, list(self._credits)
-                if active:
-                    self._assign()
-                else:
-                    for engine in engines:  # the run ended: its engines stop
-                        self._stop(self.ident(run, engine).encode())
+                    to_stop, self._to_stop = self._to_stop, []
+                for ident in to_stop:
+                    self._send(ident, STOP)
+                self._assign()
         finally:
             self._sock.close(0)
             os.close(self._wake_r)
             os.close(self._wake_w)
-
-    def _stop(self, ident: bytes) -> None:
-        if ident not in self._stop_sent:
-            if len(self._stop_sent) > 4096:
-                self._stop_sent.clear()
-            self._stop_sent.add(ident)
-            self._send(ident, STOP)
 
     def _handle(self, frames: list) -> None:
         ident = frames[0].bytes
@@ -289,7 +285,7 @@ class ChunkChannel:
             on_result = self._on_result
         if not current:
             if kind in (HELLO, PING):
-                self._stop(ident)
+                self._send(ident, STOP)  # an engine of an ended run (or a late one)
             return
         if kind == HELLO:
             with self._lock:
