@@ -73,12 +73,18 @@ def _peers():
     return p
 
 
-def cpu(ip, rounds: int) -> Result:
-    """W1: 32 iterations of ~60 ms pure Python, 2 workers everywhere."""
+def cpu_setup(ip) -> tuple[int, str]:
+    """W1's set-up, shared with the live-view workload: ``spin`` calibrated to
+    ~60 ms and defined in the shell, warm engines; returns (n, the loop cell)."""
     n = work.calibrate()
     ip.run_cell(work.CPU_SOURCE + f"\nSPIN = {n}\nout = {{}}", store_history=False)
     run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
-    cell = "for i in range(32):\n    out[i] = spin(SPIN)\n"
+    return n, "for i in range(32):\n    out[i] = spin(SPIN)\n"
+
+
+def cpu(ip, rounds: int) -> Result:
+    """W1: 32 iterations of ~60 ms pure Python, 2 workers everywhere."""
+    n, cell = cpu_setup(ip)
     p = _peers()
     work.spin_all_deco(1000, 4)  # deco makes its pool at the first call
     args = [n] * 32

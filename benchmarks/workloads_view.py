@@ -15,8 +15,8 @@ import contextlib
 import io
 import statistics
 
-from . import work
-from .harness import Result, Variant, measure, run_cell
+from .harness import Result, Variant, measure
+from .workloads_engines import cpu_setup
 
 
 def _runner(ip, magic: str, line: str, source: str, widget: bool, seen: dict):
@@ -49,10 +49,7 @@ def _runner(ip, magic: str, line: str, source: str, widget: bool, seen: dict):
 
 def widget_overhead(ip, rounds: int) -> Result:
     """progress=off against the widget, alternating, ``rounds`` each."""
-    n = work.calibrate()
-    ip.run_cell(work.CPU_SOURCE + f"\nSPIN = {n}\nout = {{}}", store_history=False)
-    run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    out[i] = i")
-    cpu = "for i in range(32):\n    out[i] = spin(SPIN)\n"
+    _, cpu = cpu_setup(ip)
     tiny = "for i in range(200_000):\n    out[i] = i * i + 1\n"
     cases = [
         ("W1 %%parallel processes=2", "parallel", "processes=2", cpu),

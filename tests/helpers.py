@@ -202,3 +202,47 @@ def wait_gone(pids, timeout: float = 10.0) -> list[int]:
             return []
         time.sleep(0.05)
     return [p for p in pids if alive(p)]
+
+
+class LiveSpy:
+    """A live view that records, at every update, each worker's row
+    ``{name: (iterations shown done, iterations done in its running chunk,
+    the iteration it is on)}`` (the live view's inputs, no rendering)."""
+
+    wants_live = True
+
+    def __init__(self):
+        self.rows: list[dict[str, tuple[int, int, int | None]]] = []
+
+    def start(self, record) -> None: ...
+
+    def close(self, record) -> None: ...
+
+    def update(self, record) -> None:
+        self.rows.append({k: (w.shown_done, w.partial, w.current)
+                          for k, w in record.live.items()})
+
+
+def engine_call(keys, fname, *args):
+    """On an engine: resolve a broadcast's inputs, call one of them, send the
+    result back with transport.dumps() (travels by value: engines cannot
+    import the tests)."""
+    from parloop import transport
+
+    ns = transport.engine_resolve(keys)
+    return transport.dumps(ns[fname](*args))
+
+
+engine_call.__module__ = "__main__"  # what ipyparallel.interactive does
+
+
+def run_live(ip, source: str, magic: str, options: str) -> LiveSpy:
+    """Run a loop through parloop.run.run_cell with a LiveSpy as its view."""
+    from parloop.magics import make_backend
+    from parloop.options import parse_options
+    from parloop.run import Cell, run_cell as run_loop
+
+    spy = LiveSpy()
+    run_loop(Cell(source=source, filename=f"<live {magic}>"), ip.user_ns,
+             parse_options(options, magic), make_backend, spy)
+    return spy

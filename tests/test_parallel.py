@@ -21,7 +21,7 @@ from parloop.cluster import MANAGER  # noqa: E402
 
 from test_differential import CASES as THREAD_CASES  # noqa: E402
 
-from helpers import (alive, differential, reset, run_cell, run_cell_result,  # noqa: E402
+from helpers import (alive, differential, run_live, reset, run_cell, run_cell_result,  # noqa: E402
                      wait_gone)
 
 P2 = "%%parallel processes=2 progress=off"
@@ -714,31 +714,14 @@ def test_no_orphans_after_stop_and_unload(ip, cluster):
 def test_live_rows_per_engine_mid_chunk(ip, cluster, dispatch):
     """Engines report how far into a chunk they are (the live view's rows):
     a reading in the middle of one long chunk sees iterations done in it."""
-    from parloop.magics import make_backend
-    from parloop.options import parse_options
-    from parloop.run import Cell, run_cell as run_loop
-    from parloop.schedule import Progress
-
-    class Spy(Progress):
-        wants_live = True
-
-        def __init__(self):
-            self.rows = []
-
-        def update(self, record):
-            self.rows.append({k: (w.partial, w.current) for k, w in record.live.items()})
-
     reset(ip)
     ok(ip, "import time\nout = {}")
-    spy = Spy()
-    cell = Cell(source="for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
-                filename="<live-engines>")
-    run_loop(cell, ip.user_ns, parse_options("processes=2 chunksize=20", "parallel"),
-             make_backend, spy)
+    spy = run_live(ip, "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
+                   "parallel", "processes=2 chunksize=20")
     assert ip.user_ns["out"] == {i: i for i in range(40)}
     assert parloop.last_run.dispatch == dispatch
     mid = [(name, partial, current) for row in spy.rows
-           for name, (partial, current) in row.items() if 0 < partial < 20]
+           for name, (_, partial, current) in row.items() if 0 < partial < 20]
     assert mid, f"no reading caught an engine mid-chunk: {spy.rows[-5:]}"
     assert all(name.startswith("engine ") for name, _, _ in mid)
     assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen

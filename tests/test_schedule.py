@@ -3,9 +3,9 @@ iterations, live per-worker state."""
 from __future__ import annotations
 
 import parloop
-from parloop.schedule import ChunkSizer, Progress, ThreadCount
+from parloop.schedule import ChunkSizer, ThreadCount
 
-from helpers import differential, reset, run_cell
+from helpers import differential, reset, run_cell, run_live
 
 
 def test_sizer_probes_then_targets_a_tenth_of_a_second():
@@ -79,31 +79,14 @@ def test_native_path_error_has_the_iteration_note(ip):
     assert len(ip.user_ns["out"]) == 4000 and ip.user_ns["i"] == 4000
 
 
-class _Spy(Progress):
-    wants_live = True
-
-    def __init__(self):
-        self.rows = []
-
-    def update(self, record):
-        self.rows.append({k: (w.shown_done, w.current) for k, w in record.live.items()})
-
-
 def test_live_rows_per_thread(ip):
-    from parloop.magics import make_backend
-    from parloop.options import parse_options
-    from parloop.run import Cell, run_cell as run_loop
-
     reset(ip)
     run_cell(ip, "import time\nout = {}")
-    spy = _Spy()
-    cell = Cell(source="for i in range(90):\n    time.sleep(0.01)\n    out[i] = i\n",
-                filename="<live>")
-    run_loop(cell, ip.user_ns, parse_options("threads=3 chunksize=15", "threaded"),
-             make_backend, spy)
+    spy = run_live(ip, "for i in range(90):\n    time.sleep(0.01)\n    out[i] = i\n",
+                   "threaded", "threads=3 chunksize=15")
     names = set().union(*spy.rows)
     assert names == {"thread 0", "thread 1", "thread 2"}
-    running = [r for r in spy.rows if any(cur is not None for _, cur in r.values())]
+    running = [r for r in spy.rows if any(cur is not None for _, _, cur in r.values())]
     assert running, "no reading caught a worker mid-chunk"
     assert parloop.last_run.live["thread 0"].done + parloop.last_run.live["thread 1"].done \
         + parloop.last_run.live["thread 2"].done == 90

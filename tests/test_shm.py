@@ -14,6 +14,7 @@ import pytest
 ipp = pytest.importorskip("ipyparallel")
 np = pytest.importorskip("numpy")
 
+from helpers import engine_call as call  # noqa: E402
 from parloop import shm  # noqa: E402
 from parloop.cluster import MANAGER  # noqa: E402
 from parloop.transport import SHM_THRESHOLD, Transport, loads  # noqa: E402
@@ -66,14 +67,6 @@ def inspect_input(keys, name):
                 break
     return (hashlib.sha1(memoryview(v).cast("B")).hexdigest(), bool(v.flags.writeable),
             writes, where)
-
-
-@ipp.interactive
-def call(keys, fname, *args):
-    from parloop import transport
-
-    ns = transport.engine_resolve(keys)
-    return transport.dumps(ns[fname](*args))
 
 
 @ipp.interactive

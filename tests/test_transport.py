@@ -14,6 +14,7 @@ import pytest
 ipp = pytest.importorskip("ipyparallel")
 np = pytest.importorskip("numpy")
 
+from helpers import engine_call as call  # noqa: E402
 from parloop import transport  # noqa: E402
 from parloop.cluster import MANAGER  # noqa: E402
 from parloop.errors import LoopAnalysisError  # noqa: E402
@@ -29,15 +30,6 @@ def notebook(source: str) -> types.ModuleType:
 
 
 # Functions run on engines travel by value (engines cannot import this test module).
-@ipp.interactive
-def call(keys, fname, *args):
-    """On an engine: resolve the inputs, call one of them, send the result back with dumps()."""
-    from parloop import transport
-
-    ns = transport.engine_resolve(keys)
-    return transport.dumps(ns[fname](*args))
-
-
 @ipp.interactive
 def describe(keys, name):
     import hashlib
