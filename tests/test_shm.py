@@ -360,3 +360,44 @@ def test_segments_of_a_killed_kernel_are_unlinked_by_the_resource_tracker():
     while os.path.exists(os.path.join(shm.SHM_DIR, name)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(os.path.join(shm.SHM_DIR, name))
+
+
+_NO_PROCESS_LEFT = r'''
+import os, time, psutil
+from IPython.core.interactiveshell import InteractiveShell
+ip = InteractiveShell.instance()
+ip.run_cell("%load_ext parloop")
+ip.run_cell("import numpy as np\nbig = np.ones(1_000_000)")
+res = ip.run_cell("%%parallel processes=2 progress=off\nout = {}\n"
+                  "for i in range(4):\n    out[i] = float(big[i])")
+assert res.success and ip.user_ns["out"] == {i: 1.0 for i in range(4)}
+kids = [" ".join(c.cmdline()) for c in psutil.Process().children()]
+print("during:", any("resource_tracker" in k for k in kids))
+ip.run_cell("%unload_ext parloop")
+time.sleep(0.5)
+print("left:", [" ".join(c.cmdline())[:80] for c in psutil.Process().children(recursive=True)])
+print("segments:", [n for n in os.listdir("/dev/shm") if n.startswith(f"parloop_{os.getpid()}_")])
+'''
+
+
+@pytest.mark.timeout(120)
+def test_unload_leaves_no_process_and_no_segment():
+    """The resource tracker that guards the segments against a kernel crash is
+    a process of its own: started for them, it goes with %unload_ext (as the
+    cluster does), and the probe alone never starts it."""
+    out = subprocess.run([sys.executable, "-c", _NO_PROCESS_LEFT], capture_output=True,
+                         text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "during: True" in out.stdout, out.stdout
+    assert "left: []" in out.stdout, out.stdout
+    assert "segments: []" in out.stdout, out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_small_inputs_do_not_probe(client):
+    t = Transport(client)
+    try:
+        t.broadcast({"x": list(range(1000))}, client.ids)
+        assert t._shm_ok == {}   # nothing big: no probe, no segment, no tracker
+    finally:
+        t.close()

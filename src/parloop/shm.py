@@ -123,8 +123,41 @@ def _pwrite_all(fd: int, data: memoryview) -> None:
         off += os.pwrite(fd, data[off:], off)
 
 
+#: whether the multiprocessing resource tracker was started for parloop's segments
+_TRACKER_OURS: list[bool] = []
+
+
+def _tracker() -> object | None:
+    try:
+        from multiprocessing import resource_tracker
+        return resource_tracker._resource_tracker  # private, but stable 3.8-3.13
+    except (ImportError, AttributeError):  # pragma: no cover
+        return None
+
+
+def _note_tracker() -> None:
+    """Before a segment is made: is the resource tracker running already?"""
+    if not _TRACKER_OURS:
+        tracker = _tracker()
+        _TRACKER_OURS.append(tracker is not None and getattr(tracker, "_fd", 0) is None)
+
+
+def _stop_tracker_if_ours() -> None:
+    if _TRACKER_OURS and _TRACKER_OURS[0] and os.getpid() == _OWNER:
+        tracker = _tracker()
+        try:
+            tracker._stop()  # type: ignore[union-attr]  # restarted on demand by anyone
+        except Exception:  # noqa: BLE001 - not running, or already stopped
+            pass
+        _TRACKER_OURS.clear()
+
+
+_OWNER = os.getpid()
+
+
 def _create(name: str, raw: memoryview) -> SharedMemory:
     """A new segment holding a copy of ``raw``; OSError if there is no room."""
+    _note_tracker()
     shm = SharedMemory(name=name, create=True, size=raw.nbytes)
     try:
         # write(2) into the tmpfs file: no page faults in this process (twice as fast
@@ -237,9 +270,12 @@ class SegmentPool:
         return len(gone)
 
     def close(self) -> None:
-        """Unlink every segment (idempotent)."""
+        """Unlink every segment (idempotent); stop the resource tracker if
+        parloop's segments are what started it (``%parallel_stop`` and
+        ``%unload_ext`` leave no process behind)."""
         self._prints.clear()
         _unlink_all(self._segments, self.pid)
+        _stop_tracker_if_ours()
 
 
 def _fingerprint(raw: memoryview) -> int:
@@ -275,11 +311,17 @@ def probe_segment(tag: str) -> Iterator[tuple[str, bytes]]:
     yields ``(name, token)``; unlinked after the block."""
     token = secrets.token_bytes(16)
     name = f"{PREFIX}{os.getpid()}_{tag}_probe{next(_probes)}"
-    shm = _create(name, memoryview(token))
+    # not SharedMemory: its resource tracker (a process of its own, which outlives
+    # %unload_ext) is only worth starting for the segments that hold inputs
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
+        try:
+            os.write(fd, token)
+        finally:
+            os.close(fd)
         yield name, token
     finally:
-        _destroy(shm)
+        _posixshmem.shm_unlink("/" + name)
 
 
 def segments_of(pid: int | None = None) -> list[str]:

@@ -352,11 +352,10 @@ class Transport:
         pickled = {name: _serialize(name, value) for name, value in values.items()}
         idents = {eid: self._ident(eid) for eid in dict.fromkeys(targets)}
         self._prune()
-        mapping = self._probe(idents, timeout)  # the targets that map shared memory
-        buffer_key = _hash_key
-        if mapping and any(raw.nbytes >= SHM_THRESHOLD
-                           for _, _, raws in pickled.values() for raw in raws):
-            buffer_key = self._segment_key(stats)
+        big = any(raw.nbytes >= SHM_THRESHOLD for _, _, raws in pickled.values() for raw in raws)
+        # the targets that map shared memory (asked only once there is something big to share)
+        mapping = self._probe(idents, timeout) if big else set()
+        buffer_key = self._segment_key(stats) if mapping else _hash_key
         packed = {name: _pack(*p, buffer_key) for name, p in pickled.items()}
         self._gen += 1
         gen, epoch = self._gen, f"{self._uid}.{self._gen}"
