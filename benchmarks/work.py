@@ -28,6 +28,15 @@ def calibrate(target: float = 0.060) -> int:
     return SPIN
 
 
+def timed_spin(n: int) -> float:
+    """spin(n), returning the seconds it took where it ran (a worker's own
+    compute speed, apart from any dispatch)."""
+    import time
+    t0 = time.perf_counter()
+    spin(n)  # noqa: F821 - defined by exec above
+    return time.perf_counter() - t0
+
+
 def tiny(i: int) -> int:
     return i * i + 1
 

@@ -3,6 +3,7 @@ a big input (W4), the warm one-iteration cell (W5), against the peers."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import statistics
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -88,14 +89,33 @@ def cpu(ip, rounds: int) -> Result:
     p = _peers()
     work.spin_all_deco(1000, 4)  # deco makes its pool at the first call
     args = [n] * 32
+    # per-iteration compute time where the iterations ran: parloop's chunk
+    # records (engines), and spin timed inside Pool's workers and on the engines
+    # by raw ipyparallel -- to tell a worker's speed from the dispatch's
+    per_iteration: dict[str, list[float]] = {"parloop": [], "pool": [], "dview": []}
+    walls: dict[str, list[float]] = {"parloop": [], "pool": [], "dview": []}
+
+    def parloop_run() -> float:
+        import parloop
+        dt = run_cell(ip, "%%parallel processes=2 progress=off\n" + cell)
+        per_iteration["parloop"] += [c.seconds / c.count for c in parloop.last_run.chunks]
+        walls["parloop"].append(dt)
+        return dt
+
+    def timed(name: str, mapper) -> float:
+        t0 = time.perf_counter()
+        per_iteration[name] += list(mapper(work.timed_spin, args))
+        dt = time.perf_counter() - t0
+        walls[name].append(dt)
+        return dt
+
     variants = [
         Variant("serial", lambda: run_cell(ip, cell)),
-        Variant("%%parallel processes=2", lambda: run_cell(
-            ip, "%%parallel processes=2 progress=off\n" + cell), True),
+        Variant("%%parallel processes=2", parloop_run, True),
         # n travels as an argument: workers that re-import the module (loky,
         # spawn, engines) must do the same work as the kernel calibrated
-        Variant("multiprocessing.Pool(2).map", lambda: _timed(
-            lambda: p.pool.map(work.spin, args))),
+        Variant("multiprocessing.Pool(2).map", lambda: timed("pool", p.pool.map),
+                note="spin timed in the workers"),
         Variant("ProcessPoolExecutor(2).map (fork)", lambda: _timed(
             lambda: list(p.ppe.map(work.spin, args)))),
         Variant("ProcessPoolExecutor(2).map (spawn)", lambda: _timed(
@@ -108,9 +128,8 @@ def cpu(ip, rounds: int) -> Result:
         Variant("tqdm process_map(max_workers=2)", lambda: _timed(
             lambda: _process_map(work.spin, args)),
             note="starts its own ProcessPoolExecutor (fork) in every call"),
-        Variant("ipyparallel DirectView.map_sync", lambda: _timed(
-            lambda: p.dview.map_sync(work.spin, args)),
-            note="same engines as parloop; 16 + 16, static"),
+        Variant("ipyparallel DirectView.map_sync", lambda: timed("dview", p.dview.map_sync),
+                note="same engines as parloop; 16 + 16, static; spin timed on the engines"),
         Variant("ipyparallel LoadBalancedView.map", lambda: _timed(
             lambda: p.lview.map_sync(work.spin, args)),
             note="same engines as parloop"),
@@ -119,6 +138,16 @@ def cpu(ip, rounds: int) -> Result:
         res = measure(f"W1 CPU: 32 × ~60 ms pure Python (spin({n}))", variants, rounds)
     finally:
         p.stop()
+    med = {k: statistics.median(v) for k, v in per_iteration.items() if v}
+    eff = {k: statistics.median(walls[k]) / (16 * med[k]) for k in med}
+    names = {"parloop": "%%parallel (engines)", "pool": "Pool(2) workers",
+             "dview": "DirectView (the same engines)"}
+    res.extra.append(
+        "\nWhere the time goes: the median compute time of one iteration where it ran — "
+        + ", ".join(f"{names[k]} {med[k] * 1000:.1f} ms" for k in med)
+        + "; and the dispatch's efficiency, median wall ÷ (16 iterations per worker × "
+        "that time), 1.0 being perfect: "
+        + ", ".join(f"{names[k]} {eff[k]:.3f}" for k in eff) + ".")
     return res
 
 
