@@ -34,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.workloads or list(WORKLOADS)
     ip = shell()
-    results = []
+    header = True
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results.append(WORKLOADS[name](ip, args.rounds))
-    print(table(results))
+        # each table as soon as its workload is done: a later failure keeps it
+        text = table([WORKLOADS[name](ip, args.rounds)])
+        print(text if header else text.split("\n", 2)[2], flush=True)
+        header = False
     ip.run_cell("%unload_ext parloop", store_history=False)
     return 0
 

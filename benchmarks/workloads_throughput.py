@@ -100,7 +100,11 @@ def throughput(ip, rounds: int) -> Result:
                     out = dict(enumerate(lview.map_sync(work.echo, range(k), chunksize=c)))
                     dt = time.perf_counter() - t0
                     assert len(out) == k
-                    rc.purge_local_results("all")  # not timed: the client's cache
+                    # not timed: the client's cache (after the serve tasks of the
+                    # %%parallel runs before, which end once their engines hear the
+                    # run is over: many engines on 2 cores take a moment)
+                    rc.wait(timeout=60)
+                    rc.purge_local_results("all")
                     return dt
 
                 k = _size(lbv_k, 20 * c)
