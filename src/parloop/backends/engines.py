@@ -81,9 +81,10 @@ class EngineBackend:
     #: make that 1-2 % (measured: 60 ms iterations one per chunk lost 7 %), cut
     #: as multiprocessing.Pool.map does (a quarter of each engine's share; see
     #: ChunkSizer.first_share).  Through the channel a chunk costs the engine
-    #: ~0.4 ms: quarter-second chunks too, but guided ones, ever smaller near
-    #: the end, so that the engines finish together
-    chunk_seconds = 0.25
+    #: ~0.4 ms: the dispatcher's 0.1 s guided chunks (measured on W1: quarter-
+    #: second ones left a 5-iteration chunk queued behind a running one near the
+    #: end, 60 ms of imbalance; wall ÷ per-engine work 1.18 against Pool's 1.07)
+    TASK_CHUNK_SECONDS = 0.25
     first_share = False
     #: chunks go over parloop's own socket when every engine is on the
     #: kernel's host (``PARLOOP_CHANNEL=0``: always one ipyparallel task per chunk)
@@ -105,6 +106,7 @@ class EngineBackend:
             self._labels[e["id"]] = f"engine {e['id']}{where}"
         self.local = bool(info) and all(e.get("local") for e in info)
         if not (self.use_channel and self.local):
+            self.chunk_seconds = self.TASK_CHUNK_SECONDS
             self.first_share = True
         self.channel: ChunkChannel | None = None
         self.run = 0  # this run's number on the channel
