@@ -401,3 +401,27 @@ def test_small_inputs_do_not_probe(client):
         assert t._shm_ok == {}   # nothing big: no probe, no segment, no tracker
     finally:
         t.close()
+
+
+_TWO_POOLS = r'''
+import os, time
+from parloop import shm
+a, b = shm.SegmentPool("a"), shm.SegmentPool("b")
+ka, _ = a.key_for(memoryview(b"x" * (2 << 20)))
+kb, _ = b.key_for(memoryview(b"y" * (2 << 20)))
+a.close()          # b still holds a segment: the tracker must stay
+time.sleep(1.0)
+print("b kept:", os.path.exists("/dev/shm/" + kb[1:]))
+b.close()
+print("b gone:", not os.path.exists("/dev/shm/" + kb[1:]))
+'''
+
+
+@pytest.mark.timeout(60)
+def test_closing_one_pool_keeps_anothers_segments():
+    """The resource tracker parloop started stops only when no pool holds a
+    segment: stopping it unlinks every segment still registered with it."""
+    out = subprocess.run([sys.executable, "-c", _TWO_POOLS], capture_output=True, text=True,
+                         timeout=50)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "b kept: True" in out.stdout and "b gone: True" in out.stdout, out.stdout

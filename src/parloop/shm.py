@@ -143,6 +143,10 @@ def _note_tracker() -> None:
 
 
 def _stop_tracker_if_ours() -> None:
+    """Only once no pool holds a segment: the tracker, when it stops, unlinks
+    whatever is still registered with it (another transport's live inputs)."""
+    if any(len(pool) for pool in _POOLS):
+        return
     if _TRACKER_OURS and _TRACKER_OURS[0] and os.getpid() == _OWNER:
         tracker = _tracker()
         try:
@@ -153,6 +157,8 @@ def _stop_tracker_if_ours() -> None:
 
 
 _OWNER = os.getpid()
+#: the live pools of this process (one per transport)
+_POOLS: "weakref.WeakSet[SegmentPool]" = weakref.WeakSet()
 
 
 def _create(name: str, raw: memoryview) -> SharedMemory:
@@ -212,6 +218,7 @@ class SegmentPool:
         self._prints: dict[str, tuple[int, int]] = {}  # key -> (size, fingerprint)
         # at interpreter exit (or when the pool is collected): unlink what is left
         weakref.finalize(self, _unlink_all, self._segments, self.pid)
+        _POOLS.add(self)
 
     def __len__(self) -> int:
         return len(self._segments)
