@@ -233,8 +233,8 @@ def big_input(ip, rounds: int) -> Result:
 
     def bytes_sent() -> tuple[int, int]:
         """(bytes over the sockets, bytes copied into shared memory) by the last broadcast."""
-        from parloop.backends.engines import _TRANSPORTS
-        last = [t.last for t in _TRANSPORTS.values() if t.last is not None]
+        from parloop.backends.engines import CLIENTS
+        last = [s.transport.last for s in CLIENTS.values() if s.transport.last is not None]
         return sum(s.bytes for s in last), sum(s.shm_bytes for s in last)
 
     def first_counted() -> float:

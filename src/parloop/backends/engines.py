@@ -23,6 +23,7 @@ import types
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -37,8 +38,36 @@ from ..transport import loads as transport_loads
 from .base import Job
 
 _last_client: Any = None
-_TRANSPORTS: dict[int, Any] = {}
-_CHANNELS: dict[int, tuple[Any, ChunkChannel]] = {}  # id(client) -> (client, its channel)
+
+
+@dataclass
+class ClientState:
+    """What the kernel keeps per ipyparallel client across cells: the
+    transport (what each engine already holds) and the chunk channel (its
+    socket and thread, made at the first run that uses it)."""
+
+    client: Any
+    transport: Any
+    channel: ChunkChannel | None = None
+
+    def close(self) -> None:
+        self.transport.close()  # its shared-memory segments
+        if self.channel is not None:
+            self.channel.close()
+
+
+#: id(client) -> its state (checked against the client itself: ids get reused)
+CLIENTS: dict[int, ClientState] = {}
+
+
+def _state_for(client: Any) -> ClientState:
+    from ..transport import Transport
+    state = CLIENTS.get(id(client))
+    if state is None or state.client is not client:
+        if state is not None:
+            state.close()  # a client that was replaced (same id)
+        state = CLIENTS[id(client)] = ClientState(client, Transport(client))
+    return state
 
 
 def stop_managed() -> bool:
@@ -46,12 +75,9 @@ def stop_managed() -> bool:
     from ..cluster import MANAGER
     global _last_client
     _last_client = None
-    for transport in _TRANSPORTS.values():
-        transport.close()  # its shared-memory segments
-    _TRANSPORTS.clear()
-    for _, channel in _CHANNELS.values():
-        channel.close()
-    _CHANNELS.clear()
+    for state in CLIENTS.values():
+        state.close()
+    CLIENTS.clear()
     return MANAGER.stop()
 
 
@@ -91,7 +117,6 @@ class EngineBackend:
     use_channel = os.environ.get("PARLOOP_CHANNEL", "1") != "0"
 
     def __init__(self, client: Any, opts: Options):
-        from ..transport import Transport
         self.client = client
         self.opts = opts
         self.ids = list(client.ids)
@@ -104,8 +129,9 @@ class EngineBackend:
         for e in info:
             where = f" ({e.get('host')}:{e.get('pid')})" if e.get("pid") else ""
             self._labels[e["id"]] = f"engine {e['id']}{where}"
-        self.local = bool(info) and all(e.get("local") for e in info)
-        if not (self.use_channel and self.local):
+        local = bool(info) and all(e.get("local") for e in info)
+        self.via_channel = self.use_channel and local
+        if not self.via_channel:
             self.chunk_seconds = self.TASK_CHUNK_SECONDS
             self.first_share = True
         self.channel: ChunkChannel | None = None
@@ -113,11 +139,8 @@ class EngineBackend:
         self._serving: dict[int, Any] = {}  # engine -> its serve task (the channel's runs)
         # one Transport per client, kept across cells: it remembers what each
         # engine already holds, so an unchanged big input is not sent again
-        self.transport = _TRANSPORTS.get(id(client))
-        if self.transport is None or self.transport.client is not client:
-            if self.transport is not None:
-                self.transport.close()  # a client that was replaced (same id)
-            self.transport = _TRANSPORTS[id(client)] = Transport(client)
+        self.state = _state_for(client)
+        self.transport = self.state.transport
         self.keys: dict[str, str] = {}
         self._inputs: dict[str, Any] | None = None
         self.retries = opts.retries
@@ -177,7 +200,7 @@ class EngineBackend:
                 for module in local:
                     cloudpickle.unregister_pickle_by_value(module)
             self._inputs = None
-            if self.use_channel and self.local and self.ids:
+            if self.via_channel and self.ids:
                 self._open_channel()
         payload = cloudpickle.dumps((items, start), protocol=pickle.HIGHEST_PROTOCOL)
         if self.channel is not None:
@@ -197,12 +220,9 @@ class EngineBackend:
 
     def _open_channel(self) -> None:
         """One serve task per engine, all pulling from the client's channel."""
-        client, channel = _CHANNELS.get(id(self.client), (None, None))
-        if client is not self.client or channel is None:
-            if channel is not None:
-                channel.close()
-            channel = ChunkChannel()
-            _CHANNELS[id(self.client)] = (self.client, channel)
+        if self.state.channel is None:
+            self.state.channel = ChunkChannel()
+        channel = self.state.channel
         run = self.run = channel.begin(list(self.ids), self._channel_result, self._retried)
         self.channel = channel
         for eid in list(self.ids):
@@ -239,10 +259,8 @@ class EngineBackend:
         if self.channel is not None:
             self.channel.engine_gone(
                 self.run, eid, retry=lost,
-                make_error=lambda s: _as_local(error, s) if error is not None and not lost
-                else WorkerLostError(f"the engine running iterations from {s} died and the "
-                                     "retries are used up" if lost else
-                                     f"the engines stopped before iterations from {s} ran"))
+                make_error=lambda s: _as_local(error, s) if error is not None
+                else WorkerLostError(f"the engines stopped before iterations from {s} ran"))
 
     def label(self, eid: int) -> str:
         """``engine 3 (host:pid)``: the worker's name in the live view and report."""
@@ -308,9 +326,7 @@ class EngineBackend:
                 if _engine_lost(e):
                     self._lost(eid)
                 if _engine_lost(e) and retries_left > 0:
-                    self.events.append(f"the engine running iterations from {start} died; "
-                                       "they were re-run on another engine")
-                    self.retried.add(start)
+                    self._retried(start)
                     try:
                         self._send(fut, payload, start, retries_left - 1)
                     except Exception as again:  # noqa: BLE001 - no engine left
@@ -344,8 +360,7 @@ class EngineBackend:
         for eid in dead:
             self._lost(eid)
             if self.channel is not None:
-                self.channel.engine_gone(self.run, eid, retry=True, make_error=lambda s: WorkerLostError(
-                    f"the engine running iterations from {s} died and the retries are used up"))
+                self.channel.engine_gone(self.run, eid, retry=True, make_error=_retries_used_up)
 
     def _lost(self, eid: int) -> None:
         with self._lock:
@@ -430,12 +445,16 @@ def _engine_lost(e: BaseException) -> bool:
     return isinstance(e, EngineError) or getattr(e, "ename", None) == "EngineError"
 
 
+def _retries_used_up(start: int) -> WorkerLostError:
+    return WorkerLostError(f"the engine running iterations from {start} died and the "
+                           "retries are used up")
+
+
 def _as_local(e: BaseException, start: int) -> BaseException:
     """A failure of the machinery (not of an iteration: those come back inside
     the result) turned into something the user can act on."""
     if _engine_lost(e):
-        return WorkerLostError(f"the engine running iterations from {start} died and the "
-                               "retries are used up")
+        return _retries_used_up(start)
     from ipyparallel.error import RemoteError
     if isinstance(e, RemoteError):
         return RuntimeError(f"parloop engine-side failure: {e.ename}: {e.evalue}\n"
