@@ -246,3 +246,31 @@ def run_live(ip, source: str, magic: str, options: str) -> LiveSpy:
     run_loop(Cell(source=source, filename=f"<live {magic}>"), ip.user_ns,
              parse_options(options, magic), make_backend, spy)
     return spy
+
+
+def stop_processes(procs) -> None:
+    """Stop processes this test started (``subprocess.Popen``s), by pid: TERM
+    lets a controller stop its scheduler processes; whatever is left of their
+    recorded trees is then killed."""
+    import subprocess
+
+    import psutil
+
+    tree = []
+    for p in procs:
+        try:
+            tree += psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+    _, left = psutil.wait_procs(tree, timeout=5)
+    for child in left:
+        child.kill()

@@ -44,7 +44,7 @@ def const(x):
     return x
 
 
-from helpers import alive, wait_gone  # noqa: E402
+from helpers import alive, stop_processes, wait_gone  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -269,26 +269,7 @@ def external_cluster(tmp_path):
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         ))
     yield str(profile_dir), procs
-    # Stop ours only, by pid: TERM lets the controller stop its scheduler
-    # processes; whatever is left of the recorded tree is then killed.
-    tree = []
-    for p in procs:
-        try:
-            tree += psutil.Process(p.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-    gone, left = psutil.wait_procs(tree, timeout=5)
-    for child in left:
-        child.kill()
+    stop_processes(procs)
 
 
 def test_external_cluster_is_used_and_never_stopped(external_cluster):

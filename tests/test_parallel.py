@@ -11,7 +11,6 @@ import textwrap
 import threading
 import time
 
-import psutil
 import pytest
 
 pytest.importorskip("ipyparallel")
@@ -21,8 +20,8 @@ from parloop.cluster import MANAGER  # noqa: E402
 
 from test_differential import CASES as THREAD_CASES  # noqa: E402
 
-from helpers import (alive, differential, run_live, reset, run_cell, run_cell_result,  # noqa: E402
-                     wait_gone)
+from helpers import (alive, differential, reset, run_cell, run_cell_result, run_live,  # noqa: E402
+                     stop_processes, wait_gone)
 
 P2 = "%%parallel processes=2 progress=off"
 
@@ -301,14 +300,20 @@ def test_dispatch_paths_same_results(ip, cluster, dispatch):
 
 
 # ----------------------------------------------------------------- 2-4. engines killed
-@pytest.mark.timeout(120)
-def test_engine_killed_mid_run(ip, cluster, dispatch):
+def _killing_run(ip, options: str, victims: list[int], **kw):
+    """40 × 0.1 s iterations on the 2 engines, ``victims`` killed after a
+    second; returns what _timed_run does."""
     reset(ip)
     ok(ip, "import time\nout = {}")
+    return _timed_run(
+        ip, P2 + options + "\nfor i in range(40):\n    time.sleep(0.1)\n    out[i] = i * i\n",
+        [(1.0, MANAGER.kill_engine, [e]) for e in victims], **kw)
+
+
+@pytest.mark.timeout(120)
+def test_engine_killed_mid_run(ip, cluster, dispatch):
     victim = MANAGER.client(processes=2).ids[0]
-    out, err, elapsed, fired, errs = _timed_run(
-        ip, P2 + "\nfor i in range(40):\n    time.sleep(0.1)\n    out[i] = i * i\n",
-        [(1.0, MANAGER.kill_engine, [victim])])
+    out, err, elapsed, fired, errs = _killing_run(ip, "", [victim])
     assert errs == [] and not fired
     assert err is None, f"{type(err).__name__}: {err}"
     assert ip.user_ns["out"] == {i: i * i for i in range(40)}
@@ -324,12 +329,8 @@ def test_engine_killed_mid_run(ip, cluster, dispatch):
 
 @pytest.mark.timeout(120)
 def test_engine_killed_no_retries(ip, cluster, dispatch):
-    reset(ip)
-    ok(ip, "import time\nout = {}")
     victim = MANAGER.client(processes=2).ids[0]
-    out, err, elapsed, fired, errs = _timed_run(
-        ip, P2 + " retries=0\nfor i in range(40):\n    time.sleep(0.1)\n    out[i] = i * i\n",
-        [(1.0, MANAGER.kill_engine, [victim])])
+    out, err, elapsed, fired, errs = _killing_run(ip, " retries=0", [victim])
     assert errs == [] and not fired
     assert isinstance(err, parloop.WorkerLostError) or "died" in str(err), repr(err)
     _prefix_kept_and_next_cell_works(ip)
@@ -337,12 +338,8 @@ def test_engine_killed_no_retries(ip, cluster, dispatch):
 
 @pytest.mark.timeout(120)
 def test_all_engines_killed(ip, cluster):
-    reset(ip)
-    ok(ip, "import time\nout = {}")
     ids = list(MANAGER.client(processes=2).ids)
-    out, err, elapsed, fired, errs = _timed_run(
-        ip, P2 + "\nfor i in range(40):\n    time.sleep(0.1)\n    out[i] = i * i\n",
-        [(1.0, MANAGER.kill_engine, [e]) for e in ids], watchdog=20.0)
+    out, err, elapsed, fired, errs = _killing_run(ip, "", ids, watchdog=20.0)
     assert errs == []
     assert not fired, f"the run hung after all engines died (stopped by the watchdog: {err!r})"
     assert err is not None and not isinstance(err, KeyboardInterrupt), repr(err)
@@ -586,24 +583,7 @@ class External:
         return [p.pid for p in self.procs[1:]]
 
     def stop(self):
-        tree = []
-        for p in self.procs:
-            try:
-                tree += psutil.Process(p.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-        _, left = psutil.wait_procs(tree, timeout=5)
-        for child in left:
-            child.kill()
+        stop_processes(self.procs)
 
 
 @pytest.fixture
