@@ -578,6 +578,15 @@ class External:
              "--IPEngine.enable_nanny=False"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
+    def start(self, engines: int) -> None:
+        """A controller and ``engines`` engines, all registered (waited for
+        through the same cached client the magic will use)."""
+        self.start_controller()
+        for _ in range(engines):
+            self.start_engine()
+        assert len(MANAGER.client(processes=engines, profile=self.profile_dir,
+                                  timeout=60).ids) == engines
+
     @property
     def engine_pids(self):
         return [p.pid for p in self.procs[1:]]
@@ -597,12 +606,8 @@ def external(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_profile_external_cluster_not_stopped(ip, external):
-    external.start_controller()
-    external.start_engine()
-    external.start_engine()
-    # the magic waits for one engine only (processes= cannot go with profile=):
-    # wait for both here, through the same cached client the magic will use
-    assert len(MANAGER.client(processes=2, profile=external.profile_dir, timeout=60).ids) == 2
+    # the magic waits for one engine only (processes= cannot go with profile=)
+    external.start(engines=2)
     reset(ip)
     ok(ip, "import os\nres = {}\ntotal = 0\nwhere = {}")
     cell = (f"%%parallel profile={external.profile_dir} progress=off\n"
@@ -626,9 +631,7 @@ def test_profile_external_cluster_not_stopped(ip, external):
 def test_profile_engine_joining_mid_run(ip, external):
     """An engine that registers during a run (engines of other machines come and
     go) must not get chunks without the run's inputs."""
-    external.start_controller()
-    external.start_engine()
-    assert len(MANAGER.client(processes=1, profile=external.profile_dir, timeout=60).ids) == 1
+    external.start(engines=1)
     reset(ip)
     ok(ip, "import time\nres = {}")
     out, err, elapsed, fired, errs = _timed_run(
@@ -642,10 +645,7 @@ def test_profile_engine_joining_mid_run(ip, external):
 
 @pytest.mark.timeout(120)
 def test_profile_run_has_no_stall_and_names_engines(ip, external):
-    external.start_controller()
-    external.start_engine()
-    external.start_engine()
-    assert len(MANAGER.client(processes=2, profile=external.profile_dir, timeout=60).ids) == 2
+    external.start(engines=2)
     reset(ip)
     ok(ip, "res = {}")
     t0 = time.monotonic()

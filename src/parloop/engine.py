@@ -149,11 +149,14 @@ def _setup(keys: dict[str, str]) -> tuple[Callable, Program]:
     return _function(repr(sorted(keys.items())), program, values), program
 
 
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _run(fn: Callable, program: Program, payload: bytes | memoryview,
-         publisher: _ProgressPublisher | None) -> bytes:
+         publisher: _ProgressPublisher | None, worker: str) -> bytes:
     """One chunk: ``payload`` is ``pickle((items, start))``; returns the result's bytes."""
     items, start = pickle.loads(payload)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     if program.seed is not None:
         seeding.begin_run()
     try:
@@ -172,7 +175,7 @@ def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
     fn, program = _setup(keys)
     publisher = _ProgressPublisher() if program.live else None
     try:
-        return _run(fn, program, payload, publisher)
+        return _run(fn, program, payload, publisher, _worker())
     finally:
         if publisher is not None:
             publisher.stop()
@@ -191,6 +194,7 @@ def serve_chunks(address: str, key: bytes, ident: str, keys: dict[str, str]) -> 
     fn, program = _setup(keys)
     publisher = _ProgressPublisher() if program.live else None
     link = EngineLink(address, key, ident)
+    worker = _worker()  # once per run, not per chunk
     ran = 0
     try:
         while True:
@@ -201,7 +205,7 @@ def serve_chunks(address: str, key: bytes, ident: str, keys: dict[str, str]) -> 
             if got is None:
                 return ran
             seq, payload = got
-            link.result(seq, _run(fn, program, payload, publisher))
+            link.result(seq, _run(fn, program, payload, publisher, worker))
             ran += 1
     finally:
         if publisher is not None:
