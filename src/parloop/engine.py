@@ -22,7 +22,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from . import seeding
-from .runtime import ChunkResult, OutputCapture, run_chunk
+from .runtime import ChunkResult, LoopShape, OutputCapture, run_chunk
 
 #: compiled chunk functions by program key (a few runs' worth)
 _FUNCTIONS: dict[str, Callable] = {}
@@ -40,6 +40,11 @@ class Program:
     seed: int | None
     timeout: float | None = None
     live: bool = False
+    shape: LoopShape | None = None
+
+    @property
+    def seeded(self) -> bool:
+        return self.seed is not None or bool(self.shape and self.shape.body_seeds)
 
 
 def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
@@ -157,15 +162,15 @@ def _run(fn: Callable, program: Program, payload: bytes | memoryview,
          publisher: _ProgressPublisher | None, worker: str) -> bytes:
     """One chunk: ``payload`` is ``pickle((items, start))``; returns the result's bytes."""
     items, start = pickle.loads(payload)
-    if program.seed is not None:
+    if program.seeded:
         seeding.begin_run()
     try:
         with OutputCapture():
             res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
-                            worker=worker, timeout=program.timeout,
+                            worker=worker, timeout=program.timeout, shape=program.shape,
                             register=publisher.watch if publisher else None)
     finally:
-        if program.seed is not None:
+        if program.seeded:
             seeding.end_run()
     return _portable(res)
 

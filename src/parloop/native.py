@@ -37,6 +37,7 @@ def eligible(opts: Options, plan: LoopPlan, backend_name: str, total: int | None
     size, and a loop long enough for overheads to matter."""
     return (backend_name in COSTS and not plan.is_async and opts.on_error == "raise"
             and opts.seed is None and opts.timeout is None and opts.chunksize is None
+            and not plan.copies
             and not opts.serial and (total is None or total >= MIN_ITERATIONS))
 
 
@@ -47,18 +48,23 @@ class NativeLoop:
 
     INDEX = "___parloop_n"
     ITEMS = "___parloop_it"
+    FULL = "___parloop_full"
 
     def __init__(self, plan: LoopPlan, filename: str, ns: dict[str, Any]):
         target = ast.Tuple(elts=[ast.Name(self.INDEX, ast.Store()),
                                  copy.deepcopy(plan.loop.target)], ctx=ast.Store())
+        # the else clause says the slice ran to its end (no `break`)
+        full = ast.Assign(targets=[ast.Name(self.FULL, ast.Store())], value=ast.Constant(True))
         loop = ast.For(target=target, iter=ast.Name(self.ITEMS, ast.Load()),
-                       body=copy.deepcopy(plan.loop.body), orelse=[])
+                       body=copy.deepcopy(plan.loop.body), orelse=[full])
         ast.copy_location(loop, plan.loop)
         ast.copy_location(target, plan.loop.target)
         ast.fix_missing_locations(loop)
         self.code = compile(ast.Module(body=[loop], type_ignores=[]), filename, "exec")
         self.ns = ns
         self.targets = plan.targets
+        #: the body's break ran (in the last iteration run)
+        self.broke = False
 
     def run(self, items: Any, start: int) -> tuple[int, float, float]:
         """Run the iterations natively; returns (count, wall s, CPU s).  An
@@ -76,10 +82,11 @@ class NativeLoop:
         finally:
             last = ns.pop(self.INDEX, start - 1)
             ns.pop(self.ITEMS, None)
+        self.broke = not ns.pop(self.FULL, False)
         return last - start + 1, time.perf_counter() - t0, time.thread_time() - c0
 
     def values(self) -> str:
-        from .commit import _short
+        from .log.commit import _short
         return ", ".join(f"{k}={_short.repr(self.ns[k])}" for k in self.targets if k in self.ns)
 
 

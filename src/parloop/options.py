@@ -49,6 +49,14 @@ def _seconds(v: str) -> float:
     return x
 
 
+def _names(v: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in v.split(","))
+    bad = [n for n in names if not n.isidentifier()]
+    if bad or not names:
+        raise ValueError(f"not a name: {bad[0] if bad else v!r}")
+    return names
+
+
 def _int(v: str) -> int:
     return int(v)
 
@@ -92,6 +100,9 @@ SPECS: tuple[OptionSpec, ...] = (
                "parloop.last_run.errors"),
     OptionSpec("seed", "seed=N", _int, ("threaded", "parallel"),
                "per-iteration random and numpy.random streams derived from (N, index)"),
+    OptionSpec("private", "private=NAME[,NAME...]", _names, ("threaded", "parallel"),
+               "each iteration works on its own copy of these outside objects (as they "
+               "were before the loop); afterwards each name holds the last iteration's copy"),
     OptionSpec("explain", "explain", None, ("threaded", "parallel"),
                "print the analysis (every name's role and how it travels); run nothing"),
     OptionSpec("serial", "serial", None, ("threaded", "parallel"),
@@ -116,6 +127,7 @@ class Options:
     progress: str | None = None
     on_error: str = "raise"
     seed: int | None = None
+    private: tuple[str, ...] = ()
     explain: bool = False
     serial: bool = False
     given: dict[str, Any] = field(default_factory=dict)

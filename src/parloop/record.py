@@ -80,6 +80,29 @@ class LastRun:
     #: over parloop's socket, engines on the kernel's host) or "tasks" (one
     #: ipyparallel task per chunk); empty for threads
     dispatch: str = ""
+    #: the dependence test (loops whose iterations may depend on each other):
+    #: iterations re-executed in the kernel, why (one line each, in order),
+    #: the iteration from which the rest ran serially in the kernel, and how
+    #: many reads of shared objects the workers recorded
+    reruns: list[int] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    serial_from: int | None = None
+    reads: int = 0
+    #: the iteration whose ``break`` ended the loop
+    broke_at: int | None = None
+
+    def dependence_note(self) -> str | None:
+        """One line for ``notes`` and the report: what the dependence test did."""
+        if not self.reruns:
+            return None
+        why = self.conflicts[0] if self.conflicts else ""
+        if self.serial_from is not None:
+            first = self.reruns[0]
+            return (f"iterations {first}-{max(self.done - 1, first)} ran in the kernel "
+                    f"(serially from iteration {self.serial_from}: most iterations depend "
+                    f"on earlier ones): {why}")
+        return (f"{len(self.reruns)} iteration(s) re-run in the kernel "
+                f"({_ranges(self.reruns)}): {why}")
 
     @property
     def per_worker(self) -> dict[str, dict[str, float]]:
@@ -117,3 +140,20 @@ class LastRun:
 
     def __repr__(self) -> str:
         return f"<LastRun {self.summary()}>"
+
+
+def _ranges(indices: list[int], most: int = 6) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    out: list[str] = []
+    start = prev = None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:  # type: ignore[operator]
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return ", ".join(out[:most]) + (", ..." if len(out) > most else "")

@@ -3,7 +3,7 @@
 The generated function runs a whole chunk of iterations in one call (a Python
 ``for`` inside it), so the per-iteration cost is the body's own plus a stop
 check, a log mark and a ``try`` (free since 3.11).  Writes through outside
-names become one ``list.append`` of a tuple (see :mod:`parloop.replay`); writes
+names become one ``list.append`` of a tuple (see :mod:`parloop.log.entries`); writes
 through the loop target are applied to the worker's copy *and* logged, so the
 rest of the iteration reads them; everything else is the user's code as
 written, at the user's line numbers, so tracebacks point at the cell.
@@ -21,10 +21,14 @@ import types
 from typing import Any, Mapping
 
 from .analysis import AUG_OPS, LoopPlan, chain_root
-from .replay import CALL, PATH, REDUCE, SET_ATTR, SET_ITEM
+from .analysis.dependence import rebind_operand
+from .log.entries import (CALL, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR, FINAL_DEL_ITEM,
+                          FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
+                          SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM)
 
-CHUNK_FN = "___parloop_chunk"
-
+#: the chunk function: one call runs a chunk of iterations.  Statements named
+#: ``___SLOT`` are placeholders that :func:`_fill` replaces (as IPython's
+#: TimeitTemplateFiller does), never positions in the template.
 _TEMPLATE = '''
 def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
     ___rec = ___log.append
@@ -36,13 +40,139 @@ def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
             ___ctl.halt(___n)
             break
         ___mark(___len(___log))
+        ___HOOK
         try:
-            pass
+            ___BODY
         except BaseException as ___e:
             if ___ctl.failed(___n, ___e, ___h.locals()):
                 break
     return ___h.locals()
 '''
+
+#: the chunk function of a loop whose iterations may depend on each other
+#: (shared objects, checked privates): per-iteration records, reads through
+#: ``___R``, writes to shared objects through ``___wr``, privates unbound
+#: between iterations (so each iteration's record holds what *it* bound)
+_SPECULATIVE_TEMPLATE = '''
+def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
+    ___rec = ___log.append
+    ___wr = ___ctl.write
+    ___R = ___ctl.reader
+    ___mark = ___ctl.marks.append
+    ___len = ___h.len
+    ___slice = ___h.slice
+    ___NK = ___h.NeedsKernel
+    ___INIT
+    for ___n, ___item in ___h.enumerate(___items):
+        if ___ctl.stop:
+            ___ctl.halt(___n)
+            break
+        ___mark(___len(___log))
+        ___ctl.begin_iter(___n)
+        ___HOOK
+        try:
+            ___BODY
+        except ___NK:
+            ___ctl.needs_kernel(___n)
+        except BaseException as ___e:
+            if ___ctl.failed(___n, ___e, ___h.locals()):
+                break
+        finally:
+            ___ctl.end_iter(___n, ___h.locals())
+            ___UNBIND
+    return ___h.locals()
+'''
+
+#: the one name of each generated function (also what tracebacks are cut at)
+CHUNK_FN = "___parloop_chunk"
+ITERATION_FN = "___parloop_iter"
+
+
+class _Fill(ast.NodeTransformer):
+    def __init__(self, slots: dict[str, list[ast.stmt]]):
+        self.slots = slots
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        for field, old in ast.iter_fields(node):
+            if isinstance(old, list) and old and isinstance(old[0], ast.stmt):
+                new: list[ast.stmt] = []
+                for st in old:
+                    if isinstance(st, ast.Expr) and isinstance(st.value, ast.Name) \
+                            and st.value.id in self.slots:
+                        new.extend(self.slots[st.value.id])
+                    else:
+                        new.append(self.visit(st))  # type: ignore[arg-type]
+                setattr(node, field, new or [ast.Pass()])
+            elif isinstance(old, ast.AST):
+                self.visit(old)
+        return node
+
+
+def _fill(template: str, **slots: list[ast.stmt]) -> ast.Module:
+    """The template with each ``___NAME`` placeholder statement replaced by
+    ``slots["___NAME"]`` (an empty list removes it)."""
+    module = ast.parse(template)
+    _Fill({f"___{k}": v for k, v in slots.items()}).visit(module)
+    return module
+
+
+class _SharedReads(ast.NodeTransformer):
+    """Reads of shared objects become calls of the worker's Reader
+    (parloop.tracking): ``x[k]`` -> ``___R.item("x", x, k)``, ``x.get(k, d)``,
+    ``k in x``, ``len(x)``, ``x.attr``; any other use of ``x`` is a read of
+    the whole object.  Runs after the write rewrite, so every ``x`` left is
+    a read."""
+
+    def __init__(self, shared: frozenset[str]):
+        self.shared = shared
+
+    def _is_shared(self, node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id in self.shared \
+            and isinstance(node.ctx, ast.Load)
+
+    def _call(self, method: str, name: str, *args: ast.expr) -> ast.Call:
+        return ast.Call(func=ast.Attribute(value=_name("___R"), attr=method, ctx=ast.Load()),
+                        args=[_const(name), _name(name), *args], keywords=[])
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        if self._is_shared(node.value) and isinstance(node.ctx, ast.Load):
+            key = self.visit(_key_expr(node.slice))
+            return ast.copy_location(self._call("item", node.value.id, key), node)  # type: ignore
+        return self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr == "get" and self._is_shared(f.value) \
+                and 1 <= len(node.args) <= 2 and not node.keywords \
+                and not any(isinstance(a, ast.Starred) for a in node.args):
+            args = [self.visit(a) for a in node.args]
+            return ast.copy_location(self._call("get", f.value.id, *args), node)  # type: ignore
+        if isinstance(f, ast.Name) and f.id == "len" and len(node.args) == 1 \
+                and not node.keywords and self._is_shared(node.args[0]):
+            return ast.copy_location(self._call("length", node.args[0].id,  # type: ignore
+                                                _name("len")), node)
+        return self.generic_visit(node)
+
+    def visit_Compare(self, node: ast.Compare) -> ast.AST:
+        if len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)) \
+                and self._is_shared(node.comparators[0]):
+            call = self._call("has", node.comparators[0].id, self.visit(node.left))  # type: ignore
+            out: ast.expr = call
+            if isinstance(node.ops[0], ast.NotIn):
+                out = ast.UnaryOp(op=ast.Not(), operand=call)
+            return ast.copy_location(out, node)
+        return self.generic_visit(node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if self._is_shared(node.value) and isinstance(node.ctx, ast.Load):
+            return ast.copy_location(self._call("attr", node.value.id,  # type: ignore
+                                                _const(node.attr)), node)
+        return self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if self._is_shared(node):
+            return ast.copy_location(self._call("whole", node.id), node)
+        return node
 
 
 def is_plain_callable_root(value: Any) -> bool:
@@ -98,14 +228,14 @@ def _steps(node: ast.expr) -> tuple[str, list[ast.expr]]:
     steps: list[ast.expr] = []
     while not isinstance(node, ast.Name):
         if isinstance(node, ast.Subscript):
-            steps.append(_tuple([_const("i"), _key_expr(node.slice)]))
+            steps.append(_tuple([_const(STEP_ITEM), _key_expr(node.slice)]))
             node = node.value
         elif isinstance(node, ast.Attribute):
-            steps.append(_tuple([_const("a"), _const(node.attr)]))
+            steps.append(_tuple([_const(STEP_ATTR), _const(node.attr)]))
             node = node.value
         elif isinstance(node, ast.Call):
             args, kw = _call_parts(node)
-            steps.append(_tuple([_const("c"), args, kw]))
+            steps.append(_tuple([_const(STEP_CALL), args, kw]))
             node = node.func
         else:  # pragma: no cover - analysis rejected it
             raise AssertionError(ast.dump(node))
@@ -119,7 +249,10 @@ class _BodyRewriter:
     def __init__(self, plan: LoopPlan, worker_call_roots: set[str]):
         self.plan = plan
         self.recorded_roots = plan.roots | (plan.call_roots - worker_call_roots)
+        self.shared = plan.shared(worker_call_roots)
+        self.groups = {(g.node.lineno, g.node.col_offset): g for g in plan.groups}
         self.tmp = 0
+        self.loop_depth = 0
 
     def _temp(self) -> str:
         self.tmp += 1
@@ -133,7 +266,9 @@ class _BodyRewriter:
 
     # -- entries ------------------------------------------------------------
     def _emit(self, root: str, entry: ast.expr, lineno: int) -> list[ast.stmt]:
-        return [ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))]
+        # shared objects' writes also go to the iteration's own-write overlay
+        rec = "___wr" if root in self.shared else "___rec"
+        return [ast.Expr(ast.Call(func=_name(rec), args=[entry], keywords=[]))]
 
     def _write_entry(self, target: ast.expr, value: ast.expr) -> ast.expr:
         if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
@@ -143,9 +278,9 @@ class _BodyRewriter:
             return _tuple([_const(SET_ATTR), _const(target.value.id), value,
                            _const(target.attr)])
         root, steps = _steps(target.value)  # type: ignore[attr-defined]
-        final = (_tuple([_const("si"), _key_expr(target.slice), value])
+        final = (_tuple([_const(FINAL_SET_ITEM), _key_expr(target.slice), value])
                  if isinstance(target, ast.Subscript)
-                 else _tuple([_const("sa"), _const(target.attr), value]))  # type: ignore
+                 else _tuple([_const(FINAL_SET_ATTR), _const(target.attr), value]))  # type: ignore
         return _tuple([_const(PATH), _const(root), _tuple(steps), final])
 
     # -- statements -----------------------------------------------------------
@@ -157,7 +292,36 @@ class _BodyRewriter:
 
     def stmt(self, st: ast.stmt) -> list[ast.stmt]:  # noqa: C901
         new: list[ast.stmt]
-        if isinstance(st, ast.Assign):
+        if isinstance(st, ast.Break) and self.loop_depth == 0:
+            # the body's own break: this iteration is the last one committed
+            new = [ast.Expr(ast.parse("___ctl.broke(___n)").body[0].value), st]  # type: ignore
+        elif isinstance(st, ast.If) and (st.lineno, st.col_offset) in self.groups:
+            new = self._group(st, self.groups[(st.lineno, st.col_offset)])
+        elif isinstance(st, ast.Assign) and len(st.targets) == 1 \
+                and isinstance(st.targets[0], ast.Name) \
+                and st.targets[0].id in self.plan.reductions:
+            name = st.targets[0].id
+            op_operand = rebind_operand(name, st.value)
+            assert op_operand is not None, ast.dump(st)
+            op, operand = op_operand
+            new = [ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
+                [_const(REDUCE), _const(name), _const(op), operand])], keywords=[]))]
+        elif isinstance(st, ast.Delete) and any(
+                isinstance(t, ast.Name) and t.id in self.plan.deleted for t in st.targets):
+            new = self._delete(st)
+            for t in st.targets:
+                if isinstance(t, ast.Name) and t.id in self.plan.deleted:
+                    new.append(ast.parse(f"___ctl.deleted({t.id!r})").body[0])
+        elif self.plan.copies and self._copy_root(st) is not None:
+            new = self._copy_write(st)
+        elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)):
+            new = [st]
+            self.loop_depth += 1
+            st.body = self.block(st.body)
+            self.loop_depth -= 1
+            if st.orelse:
+                st.orelse = self.block(st.orelse)
+        elif isinstance(st, ast.Assign):
             new = self._assign(st)
         elif isinstance(st, ast.AnnAssign) and st.value is not None \
                 and self._is_recorded(chain_root(st.target)[0]) \
@@ -218,6 +382,69 @@ class _BodyRewriter:
             out.extend(self._emit(root, self._write_entry(t, _name(tmp)), st.lineno))
         return out
 
+    def _copy_root(self, st: ast.stmt) -> str | None:
+        """The ``private=`` name a statement writes through, if any."""
+        if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) \
+                and isinstance(st.value.func, ast.Attribute):
+            root = chain_root(st.value)[0]
+        elif isinstance(st, ast.Assign) and len(st.targets) == 1 \
+                and isinstance(st.targets[0], (ast.Subscript, ast.Attribute)):
+            root = chain_root(st.targets[0])[0]
+        else:
+            return None
+        return root if root in self.plan.copies else None
+
+    def _copy_write(self, st: ast.stmt) -> list[ast.stmt]:
+        """A write through a ``private=`` name: made on the iteration's own
+        copy, and recorded, so that the kernel's object goes through the same
+        calls in iteration order (its state after the loop is the serial one;
+        the iteration's reads see only its own changes)."""
+        root = self._copy_root(st)
+        assert root is not None
+        if isinstance(st, ast.Expr):
+            call = st.value
+            assert isinstance(call, ast.Call)
+            args, kw = _call_parts(call)
+            ta, tk = self._temp(), self._temp()
+            own = ast.Expr(ast.Call(
+                func=call.func, args=[ast.Starred(value=_name(ta), ctx=ast.Load())],
+                keywords=[ast.keyword(arg=None, value=ast.BoolOp(
+                    op=ast.Or(), values=[_name(tk), ast.Dict(keys=[], values=[])]))]))
+            r, steps = _steps(call.func)
+            entry = _tuple([_const(PATH), _const(r), _tuple(steps),
+                            _tuple([_const(STEP_CALL), _name(ta), _name(tk)])])
+            return [ast.Assign(targets=[_name(ta, True)], value=args),
+                    ast.Assign(targets=[_name(tk, True)], value=kw), own,
+                    ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))]
+        assert isinstance(st, ast.Assign)
+        tv = self._temp()
+        target = st.targets[0]
+        return [ast.Assign(targets=[_name(tv, True)], value=st.value),
+                ast.Assign(targets=[target], value=_name(tv)),
+                ast.Expr(ast.Call(func=_name("___rec"),
+                                  args=[self._write_entry(copy.deepcopy(target), _name(tv))],
+                                  keywords=[]))]
+
+    def _group(self, st: ast.If, group: Any) -> list[ast.stmt]:
+        """``if s > best: best = s; best_k = k``: the worker compares with the
+        value it sees (the kept value only ever moves one way, so a candidate
+        that loses here loses in serial too) and records the candidate; the
+        kernel compares again at commit, in order."""
+        test = st.test
+        assert isinstance(test, ast.Compare)
+        left, right = test.left, test.comparators[0]
+        cand = left if isinstance(right, ast.Name) and right.id == group.compared else right
+        tmp = self._temp()
+        values = [a.value for a in st.body]  # type: ignore[attr-defined]
+        entry = _tuple([_const(GROUP), _const(group.compared), _const(group.cmp), _name(tmp),
+                        _tuple([_const(n) for n in group.names]), _tuple(values)])
+        cmp_op = {">": ast.Gt, ">=": ast.GtE, "<": ast.Lt, "<=": ast.LtE}[group.cmp]()
+        record = ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))
+        return [ast.Assign(targets=[_name(tmp, True)], value=cand),
+                ast.If(test=ast.Compare(left=_name(tmp), ops=[cmp_op],
+                                        comparators=[_name(group.compared)]),
+                       body=[record], orelse=[])]
+
     def _augassign(self, st: ast.AugAssign) -> list[ast.stmt]:
         op = AUG_OPS[type(st.op)]
         t = st.target
@@ -231,9 +458,10 @@ class _BodyRewriter:
             return [st]
         assert root is not None
         root, steps = _steps(t.value)  # type: ignore[attr-defined]
-        final = (_tuple([_const("ri"), _key_expr(t.slice), _const(op), st.value])
+        final = (_tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), st.value])
                  if isinstance(t, ast.Subscript)
-                 else _tuple([_const("ra"), _const(t.attr), _const(op), st.value]))  # type: ignore
+                 else _tuple([_const(FINAL_AUG_ATTR), _const(t.attr), _const(op),
+                              st.value]))  # type: ignore
         return self._emit(root, _tuple([_const(PATH), _const(root), _tuple(steps), final]),
                           st.lineno)
 
@@ -247,9 +475,9 @@ class _BodyRewriter:
                     out.append(ast.Delete(targets=keep))
                     keep = []
                 r, steps = _steps(t.value)
-                final = (_tuple([_const("di"), _key_expr(t.slice)])
+                final = (_tuple([_const(FINAL_DEL_ITEM), _key_expr(t.slice)])
                          if isinstance(t, ast.Subscript)
-                         else _tuple([_const("da"), _const(t.attr)]))
+                         else _tuple([_const(FINAL_DEL_ATTR), _const(t.attr)]))
                 out.extend(self._emit(r, _tuple([_const(PATH), _const(r), _tuple(steps),
                                                  final]), st.lineno))
             else:
@@ -270,7 +498,7 @@ class _BodyRewriter:
         else:
             r, steps = _steps(call.func)
             entry = _tuple([_const(PATH), _const(r), _tuple(steps),
-                            _tuple([_const("c"), args, kw])])
+                            _tuple([_const(STEP_CALL), args, kw])])
         return self._emit(root, entry, st.lineno)
 
 
@@ -284,30 +512,38 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     the end of every iteration (workers with their own copies of the items:
     the kernel syncs its own item to the copy's final state, and maps the copy
     back to its item wherever the log stores it)."""
-    module = ast.parse(_TEMPLATE)
-    fn = module.body[0]
-    assert isinstance(fn, ast.FunctionDef)
-    loop = fn.body[-2]
-    assert isinstance(loop, ast.For)
-    try_ = loop.body[-1]
-    assert isinstance(try_, ast.Try)
+    shared = plan.shared(worker_call_roots)
+    speculative = bool(shared or plan.checked)
     body = copy.deepcopy(plan.loop.body)
     rewritten = _BodyRewriter(plan, worker_call_roots).block(body)
+    if shared:
+        rewritten = [_SharedReads(shared).visit(st) for st in rewritten]
     target = ast.Assign(targets=[plan.loop.target], value=_name("___item"))
     ast.copy_location(target, plan.loop.target)
-    inner: list[ast.stmt] = [target, *rewritten]
+    inner: list[ast.stmt] = [*_copies(plan), target, *rewritten]
     if sync_names:
         # a finally: `continue` and exceptions pass through it too
         mutated = sorted(sync_names & plan.target_roots)
         sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {sorted(sync_names)!r}, "
                          f"{mutated!r})").body
         inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
-    try_.body = inner
-    if hooked:
-        # per-iteration set-up (seed=, timeout=): only paid for when asked for
-        hook = ast.parse("___ctl.begin(___n)").body[0]
-        loop.body.insert(len(loop.body) - 1, hook)
+    # per-iteration set-up (seed=, timeout=, seeds in the body): only paid for when asked
+    hook = ast.parse("___ctl.begin(___n)").body if hooked else []
+    if not speculative:
+        module = _fill(_TEMPLATE, HOOK=hook, BODY=inner)
+    else:
+        init = [ast.parse(f"if {n!r} in ___ctl.init:\n    {n} = ___ctl.init[{n!r}]").body[0]
+                for n in sorted(plan.checked)]
+        unbind = [ast.parse(f"try:\n    del {n}\nexcept NameError:\n    pass").body[0]
+                  for n in sorted(plan.private)]
+        module = _fill(_SPECULATIVE_TEMPLATE, INIT=init, HOOK=hook, BODY=inner,
+                       UNBIND=unbind)
     return _at_loop_line(module, plan, rewritten, target)
+
+
+def _copies(plan: LoopPlan) -> list[ast.stmt]:
+    """``private=name``: each iteration starts from its own copy."""
+    return [ast.parse(f"{n} = ___ctl.copy_of({n!r})").body[0] for n in plan.copies]
 
 
 _ITERATION_TEMPLATE = '''
@@ -315,15 +551,14 @@ async def ___parloop_iter(___item, ___n, ___log, ___ctl, ___h):
     ___rec = ___log.append
     ___len = ___h.len
     ___slice = ___h.slice
+    ___HOOK
     try:
         for ___once in ___h.once:
-            pass
+            ___BODY
     except BaseException as ___e:
         return ___h.locals(), ___e
     return ___h.locals(), None
 '''
-
-ITERATION_FN = "___parloop_iter"
 
 
 def build_iteration_function(plan: LoopPlan, worker_call_roots: set[str], *,
@@ -331,20 +566,12 @@ def build_iteration_function(plan: LoopPlan, worker_call_roots: set[str], *,
     """For a body that awaits: one coroutine function per *iteration* (each
     iteration becomes an asyncio task).  The body sits in a one-pass ``for``
     so that its ``continue`` means what it meant."""
-    module = ast.parse(_ITERATION_TEMPLATE)
-    fn = module.body[0]
-    assert isinstance(fn, ast.AsyncFunctionDef)
-    try_ = fn.body[-2]
-    assert isinstance(try_, ast.Try)
-    once = try_.body[0]
-    assert isinstance(once, ast.For)
     body = copy.deepcopy(plan.loop.body)
     rewritten = _BodyRewriter(plan, worker_call_roots).block(body)
     target = ast.Assign(targets=[plan.loop.target], value=_name("___item"))
     ast.copy_location(target, plan.loop.target)
-    once.body = [target, *rewritten]
-    if hooked:
-        fn.body.insert(3, ast.parse("___ctl.begin(___n)").body[0])
+    hook = ast.parse("___ctl.begin(___n)").body if hooked else []
+    module = _fill(_ITERATION_TEMPLATE, HOOK=hook, BODY=[*_copies(plan), target, *rewritten])
     return _at_loop_line(module, plan, rewritten, target)
 
 

@@ -7,6 +7,7 @@ be called and tested without IPython's magic machinery.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import operator
 import sys
@@ -15,16 +16,19 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Iterator
 
+import types
+
 from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
 from .backends.base import Backend, Job
-from .commit import Committer, Interrupted, IterationFailed, TargetBinder
 from .errors import LoopAnalysisError
+from .log.commit import Committer, Interrupted, IterationFailed, Speculation, TargetBinder
 from .options import Options
 from .record import LastRun
 from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_iteration_function,
                       classify_call_roots)
-from .runtime import OutputCapture
+from .runtime import LoopShape, OutputCapture
+from .tracking import run_lock
 from .schedule import Progress, ThreadCount, cpu_count, dispatch, make_taker
 
 class _Return(Exception):
@@ -127,6 +131,10 @@ def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
                 break
             n, w, c = loop.run(items, ran)
             ran, wall, cpu, batch = ran + n, wall + w, cpu + c, batch * 2
+            if loop.broke:
+                record.native = True
+                record.broke_at = ran - 1
+                return ran, None
             if take.error is not None and n == len(items):
                 raise take.error
         remaining = None if total is None else total - ran
@@ -139,6 +147,8 @@ def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
             rest = take.iterable[ran:] if take.sliceable else take.it
             n, w, c = loop.run(rest, ran)
             ran += n
+            if loop.broke:
+                record.broke_at = ran - 1
             if take.error is not None:
                 raise take.error
         return ran, (ran, wall, cpu)
@@ -161,9 +171,10 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
 
     __tracebackhide__ = True  # IPython: tracebacks start at the user's cell
     tree = cell.parse()
-    plan = analyse(tree)
+    plan = analyse(tree, plain_roots=_plain_roots(tree, ns), copies=opts.private)
+    _check_supported(plan, opts, ns)
     if opts.explain:
-        from .explain import render
+        from .analysis.explain import render
         print(render(plan, opts, ns))
         return None
     backend = make_backend(opts, plan)
@@ -177,7 +188,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     worker_roots = classify_call_roots(plan, ns)
     # workers with their own copies of the items send the loop target back
     sync_names = set() if backend.shares_memory else plan.target_roots | plan.stored_targets
-    hooked = opts.seed is not None or opts.timeout is not None
+    hooked = opts.seed is not None or opts.timeout is not None or plan.body_seeds
     if plan.is_async:
         module = build_iteration_function(plan, worker_roots, hooked=hooked)
     else:
@@ -186,11 +197,18 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
                      options=dict(opts.given), workers=backend.worker_count(), total=total,
                      roles=plan.roles())
     parloop.last_run = record
+    # the private= copies are written back by replay, not by their last values
+    private = frozenset(plan.private - set(plan.copies))
+    shape = LoopShape(private=private, shared=plan.shared(worker_roots),
+                      checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
+                      copies=plan.copies, body_seeds=plan.body_seeds)
+    lock = run_lock() if shape.shared and backend.shares_memory else contextlib.nullcontext()
     job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
               inputs={n for n in plan.inputs | worker_roots if n in ns},
-              private=set(plan.private),
+              private=set(private),
               on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout,
-              live=bool(progress is not None and progress.wants_live))
+              live=bool(progress is not None and progress.wants_live),
+              shape=shape, lock=lock)
     backend.prepare(job)
     threads = None
     if backend.name == "tasks":
@@ -201,8 +219,15 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
         record.threads.update(mode="auto", cores=threads.cores, cap=MAX_THREADS)
     targets = TargetBinder(plan, cell.filename, ns)
     t0 = time.perf_counter()
-    committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names))
-    if opts.seed is not None:
+    spec = None
+    if shape.speculative and not plan.is_async:
+        from .backends.threads import compile_chunk_function
+        spec = Speculation(shape=shape, kernel_fn=compile_chunk_function(job, ns),
+                           on_error=opts.on_error, seed=opts.seed, lock=lock,
+                           originals={n: ns[n] for n in plan.copies if n in ns})
+    committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names), spec)
+    seeded = opts.seed is not None or plan.body_seeds
+    if seeded:
         seeding.begin_run()
     take = make_taker(iterable, isinstance(plan.loop, ast.AsyncFor))
     view = progress or Progress()
@@ -225,12 +250,50 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     except IterationFailed as f:
         raise _annotate(f.exc, f.index, targets.describe(f.item), total) from None
     finally:
-        if opts.seed is not None:
+        if seeded:
             seeding.end_run()
         backend.finish()
+        note = record.dependence_note()
+        if note:
+            record.notes.append(note)
     if record.errors:
         _report_errors(record, opts.on_error)
-    return _exec_block(plan.epilogue, cell, ns, want_value=True)
+    epilogue = plan.epilogue
+    if record.broke_at is not None:
+        epilogue = epilogue[plan.orelse_count:]  # `for ... else`: no else after a break
+    return _exec_block(epilogue, cell, ns, want_value=True)
+
+
+def _plain_roots(tree: ast.Module, ns: dict[str, Any]) -> frozenset[str]:
+    """Names of the cell bound to modules, classes and functions (in the
+    namespace, or imported by the statements before the loop): calls through
+    them (``np.sort(a)``) are calls, not writes."""
+    plain = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    out = {n for n in names if isinstance(ns.get(n), plain)}
+    for st in tree.body:
+        if isinstance(st, (ast.For, ast.AsyncFor)):
+            break
+        if isinstance(st, ast.Import):
+            out |= {(a.asname or a.name).split(".")[0] for a in st.names}
+    return frozenset(out)
+
+
+def _check_supported(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> None:
+    """What the analysis accepts but this run cannot do, said before anything runs."""
+    if plan.is_async and (plan.has_break or plan.read_roots or plan.checked):
+        what = ("`break`" if plan.has_break else
+                f"reading `{sorted(plan.read_roots)[0]}`, which the loop also writes"
+                if plan.read_roots else f"reading `{sorted(plan.checked)[0]}` before "
+                "every path assigns it")
+        raise LoopAnalysisError(
+            f"a loop body that awaits cannot be checked for dependences between its "
+            f"iterations ({what}); keep this loop serial, or move the awaits into a "
+            "function the loop calls", lineno=plan.loop.lineno)
+    for name in plan.copies:
+        if name not in ns and name not in prologue_names(plan):
+            raise LoopAnalysisError(f"private={name}: `{name}` is not defined before the loop",
+                                    name=name)
 
 
 def _report_errors(record: LastRun, on_error: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import contextvars
+import copy
 import io
 import signal
 import sys
@@ -16,8 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .replay import _SCALARS, TARGET
 from . import seeding
+from .log.entries import SCALARS, TARGET
+from .tracking import DELETED, DirectReader, NeedsKernel, Reader
 
 
 class StderrText(str):
@@ -165,6 +167,49 @@ class ChunkResult:
     t_start: float = 0.0
     t_end: float = 0.0
     cpu: float = 0.0
+    #: the iteration (index in the chunk) that ran the body's ``break``
+    broke: int | None = None
+    #: speculative loops only: per-iteration records (see LoopShape.speculative)
+    iters: "IterationRecords | None" = None
+
+
+@dataclass(frozen=True)
+class LoopShape:
+    """What the worker runtime must know of a loop beyond its code (the same
+    object travels to engines)."""
+
+    private: frozenset[str]
+    #: written-and-read outside objects: reads recorded, own writes overlaid
+    shared: frozenset[str] = frozenset()
+    #: privates that may be read before the iteration assigns them
+    checked: frozenset[str] = frozenset()
+    #: private names the body deletes (``del tmp``)
+    deleted: frozenset[str] = frozenset()
+    #: the ``private=`` names: each iteration starts from a copy
+    copies: tuple[str, ...] = ()
+    #: the body seeds the module-level generators (``np.random.seed(i)``)
+    body_seeds: bool = False
+
+    @property
+    def speculative(self) -> bool:
+        """Iterations may depend on earlier ones: per-iteration records, checked
+        at commit (see parloop.log.conflicts)."""
+        return bool(self.shared or self.checked)
+
+
+@dataclass
+class IterationRecords:
+    """Per-iteration facts of a speculative chunk, so the kernel can commit
+    or re-execute each iteration on its own: where its log entries, output
+    and reads begin, its private names at its end, whether it stopped
+    because the worker could not run it serially."""
+
+    pmarks: list[int] = field(default_factory=list)
+    rmarks: list[int] = field(default_factory=list)
+    privates: list[dict[str, Any]] = field(default_factory=list)
+    reads: list[tuple[str, tuple]] = field(default_factory=list)
+    needs_kernel: set[int] = field(default_factory=set)
+    failed: dict[int, "IterationError"] = field(default_factory=dict)
 
 
 class _Helpers:
@@ -176,6 +221,8 @@ class _Helpers:
     slice = builtins.slice
     enumerate = builtins.enumerate
     locals = staticmethod(builtins.locals)
+    deepcopy = staticmethod(copy.deepcopy)
+    NeedsKernel = NeedsKernel
     once = (0,)  # the async iteration function's one-pass loop (for `continue`)
 
 
@@ -192,14 +239,19 @@ def private_values(local_vars: dict[str, Any], private: set[str]) -> dict[str, A
 
 class ChunkControl:
     """The chunk function's link to the run: the stop flag it polls at every
-    iteration, and what to do when an iteration raises."""
+    iteration, what to do when an iteration raises, and (speculative loops)
+    the per-iteration records and the reads of shared objects."""
 
     __slots__ = ("stop", "start", "on_error", "marks", "errors", "raised", "halted_at",
-                 "log", "parts", "seed_value", "private", "timeout")
+                 "log", "parts", "seed_value", "private", "timeout", "broke_at", "shape",
+                 "iters", "reader", "write", "init", "originals", "dels", "direct",
+                 "_fresh_streams")
 
-    def __init__(self, start: int, on_error: str, log: list, parts: list,
-                 private: set[str], seed_value: int | None = None,
-                 timeout: float | None = None):
+    def __init__(self, start: int, on_error: str, log: Any, parts: list,
+                 private: set[str] | frozenset[str], seed_value: int | None = None,
+                 timeout: float | None = None, shape: LoopShape | None = None,
+                 objects: Any = None, lock: Any = None, init: dict[str, Any] | None = None,
+                 originals: dict[str, Any] | None = None, direct: bool = False):
         self.timeout = timeout
         self.stop = False
         self.start = start
@@ -208,48 +260,131 @@ class ChunkControl:
         self.errors: list[IterationError] = []
         self.raised: IterationError | None = None
         self.halted_at: int | None = None
+        self.broke_at: int | None = None
         self.log = log
         self.parts = parts
         self.seed_value = seed_value
         self.private = private
+        self.shape = shape
+        #: kernel re-execution: writes applied at once, reads direct
+        self.direct = direct
+        self.init = init or {}
+        self.originals = originals or {}
+        self.dels: set[str] = set()
+        self._fresh_streams = bool(shape and shape.body_seeds)
+        self.iters: IterationRecords | None = None
+        self.reader: Any = DirectReader()
+        self.write: Any = log.append
+        if shape is not None and shape.speculative:
+            self.iters = IterationRecords()
+            if not direct and shape.shared:
+                reader = Reader(objects if objects is not None else {}, log, lock)
+                self.reader = reader
+                self.write = reader.write
 
     def halt(self, n: int) -> None:
         self.halted_at = n
+
+    def broke(self, n: int) -> None:
+        """The body's ``break`` ran in the chunk's n-th iteration."""
+        self.broke_at = n
+        self.halted_at = n + 1
+
+    def deleted(self, name: str) -> None:
+        """``del name`` of a private ran (after the loop the name is unbound
+        unless a later iteration binds it again)."""
+        self.dels.add(name)
+
+    def copy_of(self, name: str) -> Any:
+        """``private=name``: the iteration's own copy of the outside object as
+        it was before the loop."""
+        return copy.deepcopy(self.originals[name])
 
     def sync(self, n: int, local_vars: dict[str, Any], names: list[str],
              mutated: list[str]) -> None:
         """End of an iteration on a worker with its own copies of the items:
         send the loop target's objects back (see replay.TARGET)."""
+        if self.direct:
+            return
         for name in names:
             v = local_vars.get(name, _NOTHING)
-            if v is not _NOTHING and not isinstance(v, _SCALARS):
+            if v is not _NOTHING and not isinstance(v, SCALARS):
                 self.log.append((TARGET, n, name, v, name in mutated))
 
     def begin(self, n: int) -> None:
-        """Per-iteration set-up, emitted only when seed= or timeout= is given."""
+        """Per-iteration set-up, emitted only when seed=, timeout= or a seed
+        call in the body asks for it."""
         if self.seed_value is not None:
             seeding.seed_iteration(self.seed_value, self.start + n)
+        elif self._fresh_streams:
+            seeding.fresh_iteration()
         if self.timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
 
+    # -- speculative loops ---------------------------------------------------
+    def begin_iter(self, n: int) -> None:
+        it = self.iters
+        if it is not None:
+            it.pmarks.append(len(self.parts))
+            reader = self.reader
+            if type(reader) is Reader:
+                it.rmarks.append(len(reader.reads))
+                reader.begin()
+
+    def end_iter(self, n: int, local_vars: dict[str, Any]) -> None:
+        """The iteration's private names (each iteration of a speculative
+        chunk starts with them unbound, so these are the ones it bound)."""
+        it = self.iters
+        if it is None:
+            return
+        reader = self.reader
+        if type(reader) is Reader and reader.stuck:
+            it.needs_kernel.add(n)
+        names = self.private
+        snap = {k: v for k, v in local_vars.items() if k in names}
+        if self.dels:
+            for name in self.dels:
+                if name not in snap:
+                    snap[name] = DELETED
+            self.dels = set()
+        it.privates.append(snap)
+
+    def needs_kernel(self, n: int) -> None:
+        """The worker cannot run iteration n as serial execution would."""
+        if self.iters is not None:
+            self.iters.needs_kernel.add(n)
+
     def failed(self, n: int, exc: BaseException, local_vars: dict[str, Any]) -> bool:
         """Record a failing iteration; True means stop the chunk."""
-        m0 = self.marks[n]  # where the iteration's log entries begin
+        m0 = self.marks[n] if not self.direct else 0  # where its log entries begin
         if isinstance(exc, KeyboardInterrupt) or self.stop:
             # interrupted mid-iteration: its writes are dropped (the completed
             # prefix is what gets applied); what it printed stays, as serial
             # execution would have shown it before the interrupt
-            del self.log[m0:]
+            if not self.direct:
+                del self.log[m0:]
             del self.marks[n:]
             self.halted_at = n
             return True
         snap = private_values(local_vars, self.private)
         err = IterationError(self.start + n, exc, snap)
+        if self.iters is not None and not self.direct:
+            checked = self.shape.checked if self.shape is not None else ()
+            if checked and isinstance(exc, NameError) and (exc.name is None
+                                                           or exc.name in checked):
+                # a private read before this chunk bound it: its value is the
+                # previous iteration's, which this worker does not have
+                self.iters.needs_kernel.add(n)
+                return False
+            # whether it really fails is known at commit (it may have read
+            # something an earlier iteration changed): go on
+            self.iters.failed[n] = err
+            return False
         if self.on_error == "raise":
             self.raised = err
             self.halted_at = n + 1
             return True
-        if self.on_error == "skip":
+        if self.on_error == "skip" and not self.direct:
             del self.log[m0:]
         self.errors.append(err)
         return False
@@ -271,14 +406,23 @@ def capture_into(parts: list) -> contextvars.Token:
 def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set[str],
               seed_value: int | None = None, worker: str = "",
               register: Callable[[ChunkControl], None] | None = None,
-              timeout: float | None = None) -> ChunkResult:
+              timeout: float | None = None, shape: LoopShape | None = None,
+              lock: Any = None, direct: Any = None,
+              init: dict[str, Any] | None = None,
+              originals: dict[str, Any] | None = None) -> ChunkResult:
     """Run one chunk through the generated function ``fn``.
 
     ``timeout`` (engines only: it needs the main thread's SIGALRM) interrupts
-    an iteration that runs longer, as an IterationTimeout raised in it."""
-    log: list = []
+    an iteration that runs longer, as an IterationTimeout raised in it.
+    ``direct``: a log whose ``append`` applies each entry at once (the kernel
+    re-executing an iteration, see parloop.tracking.ApplyingLog)."""
+    log: Any = direct if direct is not None else []
     parts: list[str] = []
-    ctl = ChunkControl(start, on_error, log, parts, private, seed_value, timeout)
+    if originals is None and shape is not None and shape.copies:
+        originals = {k: fn.__globals__[k] for k in shape.copies if k in fn.__globals__}
+    ctl = ChunkControl(start, on_error, log, parts, private, seed_value, timeout, shape,
+                       objects=fn.__globals__, lock=lock, init=init, originals=originals,
+                       direct=direct is not None)
     if register is not None:
         register(ctl)
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if timeout is not None else None
@@ -292,14 +436,23 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
         if timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_handler)
-        if seed_value is not None:
+        if seed_value is not None or ctl._fresh_streams:
             seeding.end_iterations()
     c1 = time.thread_time()
     t1 = time.perf_counter()
     done = len(items) if ctl.halted_at is None else ctl.halted_at
     snapshot = private_values(local_vars, private)
-    return ChunkResult(start=start, done=done, log=log, marks=ctl.marks[:done], parts=parts,
+    if ctl.dels and ctl.iters is None:
+        for name in ctl.dels:
+            if name not in snapshot:
+                snapshot[name] = DELETED
+    iters = ctl.iters
+    if iters is not None and type(ctl.reader) is Reader:
+        iters.reads = ctl.reader.reads
+    return ChunkResult(start=start, done=done, log=log if direct is None else [],
+                       marks=ctl.marks[:done], parts=parts,
                        snapshot=snapshot, errors=ctl.errors, raised=ctl.raised,
                        halted=ctl.halted_at is not None and ctl.raised is None
-                       and done < len(items),
-                       worker=worker, t_start=t0, t_end=t1, cpu=c1 - c0)
+                       and ctl.broke_at is None and done < len(items),
+                       worker=worker, t_start=t0, t_end=t1, cpu=c1 - c0,
+                       broke=ctl.broke_at, iters=iters)

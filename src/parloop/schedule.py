@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
-from .commit import Chunk, Committer, ErrorRecord, Interrupted, IterationFailed
+from .log.commit import Chunk, Committer, ErrorRecord, Interrupted, IterationFailed
 from .options import Options
 from .record import LastRun, WorkerState
 from .runtime import ChunkResult
@@ -299,7 +299,23 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
                     failure = (res.raised.index, res.raised.exc,
                                chunk.items[res.raised.index - chunk.start])
                     break
+                if committer.stopped:
+                    break
             if failure is not None:
+                break
+            if committer.stopped:
+                # a break was committed, or conflicts dominate: nothing the
+                # workers do from here on is needed
+                backend.cancel_after(committer.next - 1)
+                if committer.serial and not committer.broke:
+                    pending = sorted([c for c in in_flight.values()] +
+                                     [c for c, _ in results.values()], key=lambda c: c.start)
+                    try:
+                        _serial_rest(committer, pending, take, next_start, exhausted,
+                                     sizer, progress, record)
+                    except IterationFailed as f:
+                        failure = (f.index, f.exc, f.item)
+                results.clear()
                 break
             # an error further on: stop what comes after it, finish what comes before
             for chunk, res in list(results.values()):
@@ -344,6 +360,35 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
         index, exc, item = failure
         record.errors.append(ErrorRecord(index, committer.targets.describe(item), exc))
         raise IterationFailed(index, exc, item)
+
+
+def _serial_rest(committer: Committer, pending: list[Chunk], take: Any, next_start: int,
+                 exhausted: bool, sizer: ChunkSizer, progress: Progress,
+                 record: LastRun) -> None:
+    """Conflicts dominate: run the rest of the loop in the kernel, in order,
+    from the first uncommitted iteration (the items already handed out first,
+    then the rest of the iterable), a batch at a time so the view stays live."""
+    items: list = []
+    for c in pending:
+        skip = committer.next - c.start
+        if skip < len(c.items):
+            items.extend(c.items[max(skip, 0):])
+    start = committer.next
+    while True:
+        if not items and not exhausted:
+            size = max(sizer.next_size(None), 1)
+            items = list(take(next_start, size))
+            next_start += len(items)
+            if len(items) < size or take.error is not None:
+                exhausted = True
+        if not items:
+            break
+        committer.run_direct(items, start)
+        start += len(items)
+        items = []
+        progress.update(record)
+        if committer.broke:
+            break
 
 
 class Taker:

@@ -71,6 +71,11 @@ def begin_run() -> None:
         np = sys.modules.get("numpy")
         if np is not None:
             _patch(np.random, np.random.mtrand._rand, "np")
+            # numpy.random.seed is a module function, not a bound method of
+            # the global RandomState: it needs its own dispatcher
+            if not any(m is np.random and n == "seed" for m, n, _ in _saved):
+                _saved.append((np.random, "seed", np.random.seed))
+                np.random.seed = _dispatcher(np.random.mtrand._rand, "seed", "np")
 
 
 def end_run() -> None:
@@ -96,3 +101,13 @@ def end_iterations() -> None:
     """The calling thread goes back to the shared generators."""
     _py.set(None)
     _np.set(None)
+
+
+def fresh_iteration() -> None:
+    """Give the calling thread (or task) its own generators for an iteration
+    that seeds them itself (``np.random.seed(i)`` at the top of the body):
+    its draws then equal the serial ones, whichever thread runs it."""
+    _py.set(random.Random())
+    np = sys.modules.get("numpy")
+    if np is not None:
+        _np.set(np.random.RandomState())

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..runtime import ChunkResult
+from ..runtime import ChunkResult, LoopShape
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Job:
     timeout: float | None = None    # per iteration (engines)
     live: bool = False              # workers report progress while a chunk runs
     facts: dict[str, Any] = field(default_factory=dict)  # what the backend reports
+    shape: LoopShape | None = None  # shared objects, checked privates... (runtime)
+    lock: Any = None                # threads: reads of shared objects vs the replay
 
 
 class Backend(Protocol):

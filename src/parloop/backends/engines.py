@@ -184,7 +184,7 @@ class EngineBackend:
                           cell_lines=[line + "\n" for line in
                                       ("\n" + job.cell_source).splitlines()],
                           private=job.private, on_error=job.on_error, seed=job.seed,
-                          timeout=job.timeout, live=job.live)
+                          timeout=job.timeout, live=job.live, shape=job.shape)
         inputs["___program"] = program
         # sent with the first chunk: a loop that runs natively needs none of it
         self._inputs = inputs

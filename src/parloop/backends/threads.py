@@ -143,7 +143,8 @@ class ThreadBackend:
         self._names[start] = name = f"thread {slot}"
         try:
             return run_chunk(self._fn, items, start, job.on_error, job.private, job.seed,
-                             worker=name, register=self._tracker.register)
+                             worker=name, register=self._tracker.register, shape=job.shape,
+                             lock=job.lock)
         finally:
             self._tracker.done(start)
             self._names.pop(start, None)
@@ -195,7 +196,7 @@ class SerialBackend:
         fut: Future[ChunkResult] = Future()
         try:
             fut.set_result(run_chunk(self._fn, items, start, job.on_error, job.private,
-                                     job.seed, worker="kernel"))
+                                     job.seed, worker="kernel", shape=job.shape))
         except BaseException as e:  # noqa: B902 - handed to the dispatcher as is
             fut.set_exception(e)
         return fut

@@ -1,52 +1,22 @@
-"""Mutation-log entries and their replay on the kernel's objects.
-
-A worker never writes to an object bound outside the iteration: it appends an
-entry to its log, with every key, argument and value already evaluated, and
-the kernel applies the entries in iteration order (DESIGN §3).  Entries are
-plain tuples so that logging costs one tuple and one ``list.append`` in the
-worker, and they pickle compactly when they come back from an engine.
-
-Entry shapes (the first item is the opcode)::
-
-    (SET_ITEM, root, value, key)              root[key] = value
-    (SET_ATTR, root, value, name)             root.name = value
-    (CALL, root, method, args, kwargs|None)   root.method(*args, **kwargs)
-    (REDUCE, root, op, value)                 root op= value   (a notebook name)
-    (PATH, root, steps, final)                anything longer: see apply_path
-    (TARGET, n, name, obj, mutated)           the worker's copy of the loop target
-                                              ``name`` at the end of the chunk's n-th
-                                              iteration: the kernel's own item is
-                                              synced to it when ``mutated``, and the
-                                              copy stands for the kernel's item
-                                              wherever the log stores it
-
-``steps`` is a tuple of ``("i", key)`` (subscript), ``("a", name)`` (attribute)
-and ``("c", args, kwargs)`` (call); ``final`` is one of ``("si", key, value)``,
-``("sa", name, value)``, ``("di", key)``, ``("da", name)``, ``("c", args,
-kwargs)``, ``("ri", key, op, value)``, ``("ra", name, op, value)``.
-"""
+"""Replay of mutation-log entries (:mod:`parloop.log.entries`) on the
+kernel's objects, in iteration order (the ordered commit of DESIGN §3)."""
 from __future__ import annotations
 
 import itertools
-import operator
 from typing import Any, Callable, Iterable, MutableMapping
 
-SET_ITEM, SET_ATTR, CALL, REDUCE, PATH, TARGET = range(6)
-
-INPLACE: dict[str, Callable[[Any, Any], Any]] = {
-    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul,
-    "/=": operator.itruediv, "//=": operator.ifloordiv, "%=": operator.imod,
-    "**=": operator.ipow, "<<=": operator.ilshift, ">>=": operator.irshift,
-    "|=": operator.ior, "^=": operator.ixor, "&=": operator.iand, "@=": operator.imatmul,
-}
+from .entries import (CALL, CMP, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR,
+                      FINAL_DEL_ITEM, FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, INPLACE, OPS, PATH,
+                      REDUCE, SCALARS, SET_ATTR, SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM,
+                      TARGET)
 
 
 def _walk(obj: Any, steps: Iterable[tuple]) -> Any:
     for step in steps:
         kind = step[0]
-        if kind == "i":
+        if kind == STEP_ITEM:
             obj = obj[step[1]]
-        elif kind == "a":
+        elif kind == STEP_ATTR:
             obj = getattr(obj, step[1])
         else:
             obj = obj(*step[1], **(step[2] or {}))
@@ -57,19 +27,19 @@ def apply_path(obj: Any, steps: tuple, final: tuple) -> None:
     """Evaluate the chain on the real object, then the final write or call."""
     obj = _walk(obj, steps)
     kind = final[0]
-    if kind == "si":
+    if kind == FINAL_SET_ITEM:
         obj[final[1]] = final[2]
-    elif kind == "sa":
+    elif kind == FINAL_SET_ATTR:
         setattr(obj, final[1], final[2])
-    elif kind == "c":
+    elif kind == STEP_CALL:
         obj(*final[1], **(final[2] or {}))
-    elif kind == "di":
+    elif kind == FINAL_DEL_ITEM:
         del obj[final[1]]
-    elif kind == "da":
+    elif kind == FINAL_DEL_ATTR:
         delattr(obj, final[1])
-    elif kind == "ri":
+    elif kind == FINAL_AUG_ITEM:
         obj[final[1]] = INPLACE[final[2]](obj[final[1]], final[3])
-    elif kind == "ra":
+    elif kind == FINAL_AUG_ATTR:
         setattr(obj, final[1], INPLACE[final[2]](getattr(obj, final[1]), final[3]))
     else:  # pragma: no cover - the rewrite emits only the kinds above
         raise ValueError(f"unknown final step {kind!r}")
@@ -90,11 +60,8 @@ def apply_entry(obj: Any, e: tuple) -> None:
         raise ValueError(f"entry {op} has no single root object")
 
 
-_SCALARS = (int, float, complex, str, bytes, bool, type(None))
-
-
 def _syncable(dst: Any, src: Any) -> bool:
-    if type(dst) is not type(src) or isinstance(dst, _SCALARS):
+    if type(dst) is not type(src) or isinstance(dst, SCALARS):
         return False
     return isinstance(dst, (dict, list, set)) or _is_array(dst) or (
         hasattr(dst, "__dict__") and not isinstance(dst, type) and not callable(dst))
@@ -182,19 +149,33 @@ def _substituted(e: tuple, subst: dict[int, Any]) -> tuple:
         return (op, e[1], e[2], tuple(_substitute(a, subst) for a in e[3]), kw)
     if op == REDUCE:
         return (op, e[1], e[2], _substitute(e[3], subst))
+    if op == GROUP:
+        return (op, e[1], e[2], e[3], e[4], tuple(_substitute(v, subst) for v in e[5]))
     if op == PATH:
         final = e[3]
-        if final[0] in ("si", "sa"):
+        if final[0] in (FINAL_SET_ITEM, FINAL_SET_ATTR):
             final = (final[0], final[1], _substitute(final[2], subst))
-        elif final[0] == "c":
+        elif final[0] == STEP_CALL:
             kw = final[2] and {k: _substitute(v, subst) for k, v in final[2].items()}
-            final = ("c", tuple(_substitute(a, subst) for a in final[1]), kw)
+            final = (STEP_CALL, tuple(_substitute(a, subst) for a in final[1]), kw)
         return (op, e[1], e[2], final)
     return e
 
 
+def target_substitutions(log: list, target_env: Callable[[int], dict] | None
+                         ) -> dict[int, Any]:
+    """id(worker's copy of a loop item) -> the kernel's own item (engines)."""
+    subst: dict[int, Any] = {}
+    if target_env is not None:
+        for e in log:
+            if e[0] == TARGET:
+                subst[id(e[3])] = target_env(e[1])[e[2]]
+    return subst
+
+
 def replay(ns: MutableMapping[str, Any], log: list,
-           target_env: Callable[[int], dict] | None = None, start: int = 0) -> None:
+           target_env: Callable[[int], dict] | None = None, start: int = 0,
+           stop: int | None = None, subst: dict[int, Any] | None = None) -> None:
     """Apply a log to the namespace, in order.
 
     ``target_env(n)`` gives the kernel-side binding of the loop target for the
@@ -202,14 +183,11 @@ def replay(ns: MutableMapping[str, Any], log: list,
     an entry raises (``out[k] = v`` on a list too short, as serial would), the
     exception propagates with ``parloop_log_pos`` set to the entry's position,
     so the caller can tell which iteration it belongs to."""
-    subst: dict[int, Any] = {}
-    if target_env is not None:
-        for e in log:
-            if e[0] == TARGET:
-                subst[id(e[3])] = target_env(e[1])[e[2]]
+    if subst is None:
+        subst = target_substitutions(log, target_env)
     e: tuple = ()
     try:
-        for e in (log if not start else itertools.islice(log, start, None)):
+        for e in (log if not start and stop is None else itertools.islice(log, start, stop)):
             if subst:
                 e2 = _substituted(e, subst)
             else:
@@ -220,13 +198,37 @@ def replay(ns: MutableMapping[str, Any], log: list,
             elif op == CALL:
                 getattr(ns[e2[1]], e2[2])(*e2[3], **(e2[4] or {}))
             elif op == REDUCE:
-                ns[e2[1]] = INPLACE[e2[2]](ns[e2[1]], e2[3])
+                reduce_into(ns, e2)
+            elif op == GROUP:
+                group_into(ns, e2)
             elif op == TARGET:
                 if e2[4]:
                     sync_into(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
             else:
                 apply_entry(ns[e2[1]], e2)
     except Exception as err:
-        err.parloop_log_pos = next(i for i in range(start, len(log))  # type: ignore
+        err.parloop_log_pos = next(i for i in range(start, len(log) if stop is None else stop)  # type: ignore
                                    if log[i] is e)
         raise
+
+
+def reduce_into(ns: MutableMapping[str, Any], e: tuple) -> None:
+    """``root = OPS[op](root, value)`` on a notebook name; an unbound name is
+    the NameError serial Python raises."""
+    try:
+        acc = ns[e[1]]
+    except KeyError:
+        raise NameError(f"name {e[1]!r} is not defined", name=e[1]) from None
+    ns[e[1]] = OPS[e[2]](acc, e[3])
+
+
+def group_into(ns: MutableMapping[str, Any], e: tuple) -> None:
+    """The argmax/argmin shape: bind the names together when the candidate
+    wins against the kernel's current value (ties as serial)."""
+    try:
+        kept = ns[e[1]]
+    except KeyError:
+        raise NameError(f"name {e[1]!r} is not defined", name=e[1]) from None
+    if CMP[e[2]](e[3], kept):
+        for name, value in zip(e[4], e[5]):
+            ns[name] = value

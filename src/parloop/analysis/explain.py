@@ -9,9 +9,11 @@ import textwrap
 import types
 from typing import Any
 
-from .analysis import MUTATING_METHODS, LoopPlan, chain_root
-from .options import Options
-from .rewrite import is_plain_callable_root
+from . import LoopPlan
+from .scopes import chain_root
+from .writes import MUTATING_METHODS
+from ..options import Options
+from ..rewrite import is_plain_callable_root
 
 _HOW = {
     "target": "bound per iteration from the kernel's own item; after the loop: the last item",
