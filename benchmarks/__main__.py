@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from .harness import shell, table
-from . import (workloads_async, workloads_engines, workloads_threads, workloads_throughput,
-               workloads_view)
+from . import (workloads_async, workloads_deps, workloads_engines, workloads_threads,
+               workloads_throughput, workloads_view)
 
 WORKLOADS = {
     "cpu": workloads_engines.cpu,
@@ -22,6 +22,8 @@ WORKLOADS = {
     "async_sleep": workloads_async.sleep_tasks,
     "async_memory": workloads_async.task_memory,
     "view": workloads_view.widget_overhead,
+    "memo": workloads_deps.memo,
+    "recurrence": workloads_deps.recurrence,
     # last: it grows the cluster to 64 engines (a minute or more) and stops it
     "throughput": workloads_throughput.throughput,
 }
