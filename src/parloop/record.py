@@ -88,6 +88,8 @@ class LastRun:
     conflicts: list[str] = field(default_factory=list)
     serial_from: int | None = None
     reads: int = 0
+    #: what would let a loop that conflicts run in parallel (``private=``)
+    hint: str = ""
     #: the iteration whose ``break`` ended the loop
     broke_at: int | None = None
 
@@ -96,6 +98,8 @@ class LastRun:
         if not self.reruns:
             return None
         why = self.conflicts[0] if self.conflicts else ""
+        if self.hint:
+            why += f"; {self.hint}"
         if self.serial_from is not None:
             first = self.reruns[0]
             return (f"iterations {first}-{max(self.done - 1, first)} ran in the kernel "

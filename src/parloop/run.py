@@ -224,7 +224,8 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
         from .backends.threads import compile_chunk_function
         spec = Speculation(shape=shape, kernel_fn=compile_chunk_function(job, ns),
                            on_error=opts.on_error, seed=opts.seed, lock=lock,
-                           originals={n: ns[n] for n in plan.copies if n in ns})
+                           originals={n: ns[n] for n in plan.copies if n in ns},
+                           suggest=frozenset(shape.shared & plan.call_roots))
     committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names), spec)
     seeded = opts.seed is not None or plan.body_seeds
     if seeded:

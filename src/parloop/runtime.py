@@ -208,7 +208,9 @@ class IterationRecords:
     rmarks: list[int] = field(default_factory=list)
     privates: list[dict[str, Any]] = field(default_factory=list)
     reads: list[tuple[str, tuple]] = field(default_factory=list)
-    needs_kernel: set[int] = field(default_factory=set)
+    #: iteration -> why the worker could not run it (the shared object it
+    #: read after changing it, or a private it read unbound)
+    needs_kernel: dict[int, str] = field(default_factory=dict)
     failed: dict[int, "IterationError"] = field(default_factory=dict)
 
 
@@ -339,7 +341,8 @@ class ChunkControl:
             return
         reader = self.reader
         if type(reader) is Reader and reader.stuck:
-            it.needs_kernel.add(n)
+            name = reader.stuck if isinstance(reader.stuck, str) else "a shared object"
+            it.needs_kernel.setdefault(n, f"reads `{name}` after changing it itself")
         names = self.private
         snap = {k: v for k, v in local_vars.items() if k in names}
         if self.dels:
@@ -352,7 +355,10 @@ class ChunkControl:
     def needs_kernel(self, n: int) -> None:
         """The worker cannot run iteration n as serial execution would."""
         if self.iters is not None:
-            self.iters.needs_kernel.add(n)
+            stuck = getattr(self.reader, "stuck", False)
+            why = (f"reads `{stuck}` after changing it itself" if isinstance(stuck, str)
+                   else "could not run on its worker as serial execution would")
+            self.iters.needs_kernel.setdefault(n, why)
 
     def failed(self, n: int, exc: BaseException, local_vars: dict[str, Any]) -> bool:
         """Record a failing iteration; True means stop the chunk."""
@@ -374,7 +380,8 @@ class ChunkControl:
                                                            or exc.name in checked):
                 # a private read before this chunk bound it: its value is the
                 # previous iteration's, which this worker does not have
-                self.iters.needs_kernel.add(n)
+                self.iters.needs_kernel[n] = (f"reads `{exc.name or 'a private'}` before "
+                                              "assigning it (the previous iteration's value)")
                 return False
             # whether it really fails is known at commit (it may have read
             # something an earlier iteration changed): go on

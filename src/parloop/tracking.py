@@ -84,12 +84,13 @@ class Reader:
         self._own: dict[str, dict[tuple, Any]] = {}
         self._whole: set[str] = set()    # names the iteration wrote as a whole
         self._copied: set[tuple[str, tuple]] = set()
-        #: the current iteration raised NeedsKernel (even if the body caught it)
-        self.stuck = False
+        #: the current iteration raised NeedsKernel (even if the body caught
+        #: it): the shared object's name
+        self.stuck: str | bool = False
 
-    def _needs(self) -> NeedsKernel:
-        self.stuck = True
-        return NeedsKernel()
+    def _needs(self, name: str = "") -> NeedsKernel:
+        self.stuck = name or True
+        return NeedsKernel(name)
 
     def begin(self) -> None:
         """A new iteration: forget the previous one's writes."""
@@ -175,15 +176,15 @@ class Reader:
     # -- reads -------------------------------------------------------------------
     def _own_value(self, name: str, loc: tuple) -> Any:
         if name in self._whole:
-            raise self._needs()
+            raise self._needs(name)
         own = self._own.get(name)
         if not own:
             return _MISSING
         if loc == WHOLE:
-            raise self._needs()
+            raise self._needs(name)
         v = own.get(loc, _MISSING)
         if v is DIRTY:
-            raise self._needs()
+            raise self._needs(name)
         return v
 
     def item(self, name: str, obj: Any, key: Any) -> Any:
@@ -193,7 +194,7 @@ class Reader:
             if v is DELETED:
                 raise KeyError(key)
             if v is PRESENT:
-                raise self._needs()
+                raise self._needs(name)
             return v
         self.reads.append((name, loc))
         with self.lock:
@@ -215,7 +216,7 @@ class Reader:
             if v is DELETED:
                 return default[0] if default else None
             if v is PRESENT:
-                raise self._needs()
+                raise self._needs(name)
             return v
         self.reads.append((name, loc))
         with self.lock:
@@ -236,7 +237,7 @@ class Reader:
         if len_ is not builtins.len:
             return len_(self.whole(name, obj))
         if name in self._whole:
-            raise self._needs()
+            raise self._needs(name)
         own = self._own.get(name)
         self.reads.append((name, LENGTH))
         with self.lock:
@@ -254,14 +255,14 @@ class Reader:
         v = self._own_value(name, loc)
         if v is not _MISSING:
             if isinstance(v, _Mark):
-                raise self._needs()
+                raise self._needs(name)
             return v
         self.reads.append((name, loc))
         return getattr(obj, attr)
 
     def whole(self, name: str, obj: Any) -> Any:
         if name in self._whole or self._own.get(name):
-            raise self._needs()
+            raise self._needs(name)
         self.reads.append((name, WHOLE))
         return obj
 

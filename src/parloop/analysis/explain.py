@@ -21,6 +21,15 @@ _HOW = {
     "private": "private to each iteration; after the loop: the last value",
     "input": "read only: {travel}",
     "root": "mutated: writes recorded in the worker, replayed in iteration order",
+    "shared": "written and read: reads recorded per iteration and checked at commit; an "
+              "iteration that read what an earlier one wrote is re-run in the kernel "
+              "(serially from there when most do)",
+    "reduction-group": "kept together with the argmax/argmin comparison: compared again "
+                       "at commit, in iteration order (ties as serial)",
+    "private-checked": "private, read before some paths assign it: an iteration that reads "
+                       "the previous iteration's value is re-run in the kernel",
+    "private-copy": "private=: each iteration works on its own copy; its calls are "
+                    "replayed on the notebook's object in order",
     "reduction": "accumulated ({ops}): operands recorded, applied in iteration order",
     "call-root": "{call}",
 }
@@ -122,8 +131,8 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
     lines.append(f"  {'name':<{width}}  {'role':<15}  how")
     for name, role in roles.items():
         value = ns.get(name, None)
-        kind = f" [{_kind(value)}]" if name in ns and role in ("input", "root", "reduction",
-                                                               "call-root") else ""
+        kind = f" [{_kind(value)}]" if name in ns and role in (
+            "input", "root", "reduction", "call-root", "shared") else ""
         if role == "call-root":
             runs_here = name in ns and is_plain_callable_root(value)
             call = ("its method calls run in the worker" if runs_here else
@@ -133,6 +142,9 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
             how = _HOW[role].format(travel=travel,
                                     ops=", ".join(sorted(set(plan.reductions.get(name, [])))))
         lines.append(f"  {name:<{width}}  {role:<15}  {how}{kind}")
+    if plan.break_lines:
+        lines.append(f"  break at line(s) {', '.join(map(str, plan.break_lines))}: the "
+                     "breaking iteration is the last one committed; later work is discarded")
     warn = warnings_for(plan, ns)
     if warn:
         lines.append("")

@@ -82,6 +82,9 @@ class Speculation:
     seed: int | None
     lock: Any
     originals: dict[str, Any]
+    #: shared objects written through method calls (``model.fit(x)``): a copy
+    #: per iteration (``private=``) would make such a loop parallel
+    suggest: frozenset[str] = frozenset()
     writes: WriteSet = field(default_factory=WriteSet)
 
 
@@ -183,7 +186,7 @@ class Committer:
             self.checked += 1
             conflict: Conflict | str | None = None
             if n in it.needs_kernel:
-                conflict = "its worker could not run it as serial execution would"
+                conflict = it.needs_kernel[n]
             elif it.rmarks:
                 r0 = it.rmarks[n]
                 r1 = it.rmarks[n + 1] if n + 1 < len(it.rmarks) else nreads
@@ -241,8 +244,14 @@ class Committer:
     def _conflict(self, index: int, conflict: Conflict | str) -> None:
         rec = self.record
         rec.reruns.append(index)
-        rec.conflicts.append(conflict.describe() if isinstance(conflict, Conflict)
-                             else f"iteration {index}: {conflict}")
+        text = (conflict.describe() if isinstance(conflict, Conflict)
+                else f"iteration {index} {conflict}")
+        rec.conflicts.append(text)
+        if not rec.hint and self.spec is not None:
+            for name in sorted(self.spec.suggest):
+                if f"`{name}" in text:
+                    rec.hint = (f"`private={name}` would give each iteration its own copy "
+                                f"of `{name}` and let the loop run in parallel")
         conflicts = len(rec.reruns)
         if self.checked >= MIN_CHECKED and conflicts > SERIAL_RATE * self.checked \
                 and not self.serial:

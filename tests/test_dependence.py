@@ -1,0 +1,160 @@
+"""The run-time dependence test (DESIGN §3): how often iterations run, what
+is recorded, and what ``parloop.last_run`` and ``explain`` say."""
+from __future__ import annotations
+
+import pytest
+
+import parloop
+from helpers import differential, reset, run_cell
+
+MAGICS = ["%%threaded threads=3 chunksize=2 progress=off",
+          "%%parallel processes=2 chunksize=2 progress=off"]
+
+COUNTED = """
+calls = []
+def f(i, v):
+    calls.append(i)
+    return v * 1.5 + 1
+x = [1.0] + [0.0] * 40
+"""
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_fully_dependent_loop_runs_each_iteration_at_most_twice(ip, magic):
+    """``x[i + 1] = f(x[i])``: every iteration conflicts; speculation stops
+    early and the rest runs serially in the kernel, so no iteration runs more
+    than twice (once on a worker, once in the kernel)."""
+    reset(ip)
+    run_cell(ip, COUNTED)
+    out, err = run_cell(ip, magic + "\nfor i in range(40):\n    x[i + 1] = f(i, x[i])\n")
+    assert err is None, err
+    rec = parloop.last_run
+    assert rec.serial_from is not None, rec.notes
+    # under %%parallel the engines' calls land on their own copy of `calls`
+    kernel_calls = ip.user_ns["calls"]
+    counts = {i: kernel_calls.count(i) for i in range(40)}
+    assert max(counts.values()) <= 2
+    assert sum(counts.values()) <= 40 + 8
+    serial = [1.0]
+    for i in range(40):
+        serial.append(serial[-1] * 1.5 + 1)
+    assert ip.user_ns["x"] == serial
+    assert any("ran in the kernel" in n for n in rec.notes)
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_no_shared_objects_no_reads_recorded(ip, magic):
+    reset(ip)
+    run_cell(ip, "out = {}\nsrc = list(range(30))")
+    _, err = run_cell(ip, magic + "\nfor i in src:\n    out[i] = src[i] * 2\n")
+    assert err is None, err
+    assert parloop.last_run.reads == 0
+    assert parloop.last_run.reruns == []
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_memo_fill_reruns_only_repeats(ip, magic):
+    """A memo table with repeated keys: only iterations that read a key an
+    earlier one of the same run wrote are re-run."""
+    reset(ip)
+    run_cell(ip, "keys = [k for k in range(20)] + [3, 7]\ncache = {}\nres = {}")
+    _, err = run_cell(ip, magic + """
+for i, k in enumerate(keys):
+    if k not in cache:
+        cache[k] = k * k
+    res[i] = cache[k]
+""")
+    assert err is None, err
+    rec = parloop.last_run
+    assert rec.reads > 0
+    assert set(rec.reruns) <= {20, 21}, rec.reruns
+    assert ip.user_ns["res"] == {i: k * k for i, k in enumerate(ip.user_ns["keys"])}
+
+
+CASES = [
+    ("break_in_nested_if", "items = list(range(50))\nout = {}", """
+for i in items:
+    out[i] = i * 2
+    if i * i > 300:
+        hit = i
+        break
+else:
+    hit = None
+""", ["out", "hit", "i"]),
+    ("break_never", "out = []", """
+for i in range(12):
+    if i > 100:
+        break
+    out.append(i)
+else:
+    done = True
+""", ["out", "done", "i"]),
+    ("own_write_then_read", "out = {}", """
+for k in range(10):
+    out[k] = [k]
+    out[k].append(len(out[k]))
+    print(k, out[k])
+""", ["out", "k"]),
+    ("counter_in_list", "counts = [0] * 5\nlog = []", """
+for i in range(30):
+    counts[i % 5] = counts[i % 5] + i
+    log.append(counts[i % 5])
+""", ["counts", "log"]),
+    ("argmin_ties", "vals = [5, 3, 3, 8, 1, 1, 9]\nbest = 99\nat = None", """
+for j, v in enumerate(vals):
+    if v <= best:
+        best = v
+        at = j
+""", ["best", "at"]),
+    ("str_rebind_right", "s = ''", """
+for ch in 'abcdef':
+    s = ch + s
+""", ["s"]),
+    ("conditional_private_first_unbound", "", """
+for i in range(8):
+    if i % 3 == 1:
+        last = i
+    if i > 1:
+        seen = last
+""", ["last", "seen"]),
+    ("set_membership_and_add", "seen = set()\nkept = []", """
+for k in [1, 2, 1, 3, 2, 4, 1, 5]:
+    if k not in seen:
+        seen.add(k)
+        kept.append(k)
+""", ["seen", "kept"]),
+]
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("name,setup,cell,checks", CASES, ids=[c[0] for c in CASES])
+def test_dependent_loops_equal_serial(ip, magic, name, setup, cell, checks):
+    differential(ip, setup, cell, magic, checks)
+
+
+def test_explain_names_shared_objects(ip):
+    reset(ip)
+    run_cell(ip, "x = [1.0] * 5")
+    out, err = run_cell(ip, "%%threaded explain\nfor i in range(4):\n    x[i + 1] = x[i] * 2\n")
+    assert err is None, err
+    assert "shared" in out and "re-run in the kernel" in out
+
+
+def test_conflict_note_suggests_private(ip):
+    reset(ip)
+    run_cell(ip, """
+class M:
+    def __init__(self):
+        self.w = 0
+    def fit(self, xs):
+        self.w = sum(xs)
+    def predict(self, x):
+        return self.w * x
+model = M()
+preds = {}
+""")
+    _, err = run_cell(ip, "%%threaded chunksize=1 progress=off\nfor f in range(6):\n"
+                          "    model.fit([f, f])\n    preds[f] = model.predict(2)\n")
+    assert err is None, err
+    assert ip.user_ns["preds"] == {f: 4 * f for f in range(6)}
+    assert any("private=model" in n for n in parloop.last_run.notes), parloop.last_run.notes
