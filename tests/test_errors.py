@@ -217,8 +217,8 @@ def test_empty_cell_is_usage_error(ip):
 
 # ---------------------------------------------------------------- static rejection
 @pytest.mark.parametrize("cell,words", [
-    ("pre = 'ran'\nfor i in range(5):\n    if i == 3:\n        return\n    out[i] = i\n",
-     ["return", "line 5"]),
+    ("pre = 'ran'\nfor i in range(5):\n    if i == 3:\n        global g\n    out[i] = i\n",
+     ["global", "line 5"]),
     ("pre = 'ran'\nprev = 0\nfor i in range(5):\n    out[i] = prev\n    prev = i\n",
      ["prev", "line 5"]),
     ("pre = 'ran'\nwhile len(out) < 3:\n    out[len(out)] = 1\n", ["for"]),
