@@ -117,6 +117,29 @@ for i in range(8):
     if i > 1:
         seen = last
 """, ["last", "seen"]),
+    ("numpy_row_recurrence", "import numpy as np\nA = np.ones((12, 3))", """
+for i in range(1, 12):
+    A[i] = A[i - 1] * 2 + i
+""", ["A"]),
+    ("negative_index_reads_the_grown_end", "out = [0, 1]", """
+for i in range(10):
+    out[i % 2] = out[-1] + out[-2] + i
+""", ["out"]),
+    ("defaultdict_read_inserts", "from collections import defaultdict\nd = defaultdict(list)\nsizes = {}", """
+for w in 'abcab':
+    sizes[w] = len(d[w])
+    d[w].append(1)
+""", ["d", "sizes"]),
+    ("get_or_default_chain", "first = {}\nlast = {}", """
+for i, w in enumerate('the cat the hat a cat'.split()):
+    first[w] = first.get(w, i)
+    last[w] = i
+""", ["first", "last"]),
+    ("attribute_counter", "class Box:\n    pass\nb = Box()\nb.n = 0\nb.tag = 'x'\nout = {}", """
+for i in range(9):
+    out[i] = b.tag + str(b.n)
+    b.n = b.n + i
+""", ["out", "b.n", "b.tag"]),
     ("set_membership_and_add", "seen = set()\nkept = []", """
 for k in [1, 2, 1, 3, 2, 4, 1, 5]:
     if k not in seen:
@@ -130,6 +153,28 @@ for k in [1, 2, 1, 3, 2, 4, 1, 5]:
 @pytest.mark.parametrize("name,setup,cell,checks", CASES, ids=[c[0] for c in CASES])
 def test_dependent_loops_equal_serial(ip, magic, name, setup, cell, checks):
     differential(ip, setup, cell, magic, checks)
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_collected_errors_with_dependences(ip, magic):
+    """on_error=collect: an iteration that fails on its own (not because of a
+    conflict) is collected; the others commit in order."""
+    reset(ip)
+    run_cell(ip, "acc = {0: 1}")
+    _, err = run_cell(ip, magic.replace("progress=off", "progress=off on_error=collect") + """
+for i in range(1, 10):
+    if i == 4:
+        raise ValueError(i)
+    acc[i] = acc[i - 1] * 2 if i != 5 else 7
+""")
+    assert err is None, err
+    assert [e.index for e in parloop.last_run.errors] == [3]  # i == 4
+    expected = {0: 1}
+    for i in range(1, 10):
+        if i == 4:
+            continue
+        expected[i] = expected[i - 1] * 2 if i != 5 else 7
+    assert ip.user_ns["acc"] == expected
 
 
 def test_explain_names_shared_objects(ip):

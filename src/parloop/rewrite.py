@@ -174,6 +174,30 @@ class _SharedReads(ast.NodeTransformer):
             return ast.copy_location(self._call("whole", node.id), node)
         return node
 
+    def _scope(self, node: ast.AST) -> ast.AST:
+        """A nested function or lambda whose own names shadow a shared one
+        (``def g(x): return x[0]``) reads its own ``x``, not the object."""
+        args = node.args  # type: ignore[attr-defined]
+        own = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+        own |= {a.arg for a in (args.vararg, args.kwarg) if a}
+        body = node.body if isinstance(node.body, list) else [node.body]  # type: ignore
+        for st in body:
+            for n in ast.walk(st):
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                    own.add(n.id)
+        hidden = self.shared & own
+        if not hidden:
+            return self.generic_visit(node)
+        saved, self.shared = self.shared, self.shared - hidden
+        try:
+            return self.generic_visit(node)
+        finally:
+            self.shared = saved
+
+    visit_FunctionDef = _scope
+    visit_AsyncFunctionDef = _scope
+    visit_Lambda = _scope
+
 
 def is_plain_callable_root(value: Any) -> bool:
     """Statement calls on these run in the worker (``time.sleep(0.1)``,
