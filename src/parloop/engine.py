@@ -10,6 +10,8 @@ as cloudpickle bytes so instances of notebook classes survive the round trip
 from __future__ import annotations
 
 import builtins
+import importlib
+import io
 import linecache
 import os
 import pickle
@@ -41,6 +43,7 @@ class Program:
     timeout: float | None = None
     live: bool = False
     shape: LoopShape | None = None
+    imports: tuple[str, ...] = ()
 
     @property
     def seeded(self) -> bool:
@@ -50,6 +53,13 @@ class Program:
 def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
     fn = _FUNCTIONS.get(key)
     if fn is None:
+        for name in program.imports:
+            # the kernel had imported these submodules; a module input travels
+            # by reference and brings only its top-level package
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
         linecache.cache[program.filename] = (sum(map(len, program.cell_lines)), None,
                                              program.cell_lines, program.filename)
         globals_: dict[str, Any] = {"__builtins__": builtins, "__name__": "__parloop__"}
@@ -63,13 +73,57 @@ def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
     return fn
 
 
-def _portable(res: ChunkResult) -> bytes:
+class _InputPickler(cloudpickle.CloudPickler):
+    """Pickles the kernel's own objects (inputs, and the elements of input
+    containers, as the engine received them) as references: the kernel
+    stores its own object where serial execution would have."""
+
+    def __init__(self, file: Any, ids: dict[int, tuple]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._ids = ids
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102
+        return self._ids.get(id(obj))
+
+
+def _input_ids(fn: Callable, names: tuple[str, ...]) -> dict[int, tuple]:
+    """id -> ("parloop-input", name, path) for the inputs ``names`` and their
+    elements (once per run: kept on the chunk function)."""
+    ids = fn.__dict__.get("___parloop_ids")
+    if ids is not None:
+        return ids
+    from .log.entries import SCALARS
+    ids = {}
+    for name in names:
+        obj = fn.__globals__.get(name)
+        if obj is None or isinstance(obj, SCALARS):
+            continue
+        ids[id(obj)] = ("parloop-input", name, ())
+        items = (enumerate(obj) if isinstance(obj, (list, tuple))
+                 else obj.items() if isinstance(obj, dict) else ())
+        for k, v in items:
+            if not isinstance(v, SCALARS):
+                ids.setdefault(id(v), ("parloop-input", name, (k,)))
+            if len(ids) > 1_000_000:
+                break
+    fn.__dict__["___parloop_ids"] = ids
+    return ids
+
+
+def _portable(res: ChunkResult, ids: dict[int, tuple] | None = None) -> bytes:
     """cloudpickle the result; values that cannot travel (an open file left in
     a private name, an exception holding a socket) are replaced by a
     description rather than losing the whole chunk."""
     for err in res.errors + ([res.raised] if res.raised else []):
         err.tb_text = "".join(traceback.format_exception(err.exc))  # type: ignore[attr-defined]
         err.exc.__traceback__ = None
+    if ids:
+        try:
+            buf = io.BytesIO()
+            _InputPickler(buf, ids).dump(res)
+            return buf.getvalue()
+        except Exception:  # noqa: BLE001 - the plain ways below say what does not pickle
+            pass
     try:
         # the C pickler first: several times faster on big logs; anything it
         # cannot do by reference (notebook classes, lambdas) goes to cloudpickle
@@ -168,11 +222,13 @@ def _run(fn: Callable, program: Program, payload: bytes | memoryview,
         with OutputCapture():
             res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
                             worker=worker, timeout=program.timeout, shape=program.shape,
+                            watch=True,
                             register=publisher.watch if publisher else None)
     finally:
         if program.seeded:
             seeding.end_run()
-    return _portable(res)
+    shape = program.shape
+    return _portable(res, _input_ids(fn, shape.stored) if shape and shape.stored else None)
 
 
 def run_remote(keys: dict[str, str], payload: bytes) -> bytes:

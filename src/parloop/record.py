@@ -90,11 +90,16 @@ class LastRun:
     reads: int = 0
     #: what would let a loop that conflicts run in parallel (``private=``)
     hint: str = ""
+    #: hidden state found (an input changed behind the log): what changed
+    hidden: str = ""
     #: the iteration whose ``break`` ended the loop
     broke_at: int | None = None
 
     def dependence_note(self) -> str | None:
         """One line for ``notes`` and the report: what the dependence test did."""
+        if self.hidden:
+            return (f"hidden state: {self.hidden}; ran serially in the kernel from iteration "
+                    f"{self.serial_from}")
         if not self.reruns:
             return None
         why = self.conflicts[0] if self.conflicts else ""

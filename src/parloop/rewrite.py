@@ -24,7 +24,7 @@ from .analysis import AUG_OPS, LoopPlan, chain_root
 from .analysis.dependence import rebind_operand
 from .log.entries import (CALL, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR, FINAL_DEL_ITEM,
                           FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
-                          SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM)
+                          SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM, TARGET_WRITE)
 
 #: the chunk function: one call runs a chunk of iterations.  Statements named
 #: ``___SLOT`` are placeholders that :func:`_fill` replaces (as IPython's
@@ -270,8 +270,13 @@ def _steps(node: ast.expr) -> tuple[str, list[ast.expr]]:
 class _BodyRewriter:
     """Rewrites the statements of the loop body (not nested scopes)."""
 
-    def __init__(self, plan: LoopPlan, worker_call_roots: set[str]):
+    def __init__(self, plan: LoopPlan, worker_call_roots: set[str],
+                 record_targets: bool = False):
         self.plan = plan
+        #: workers with their own copies of the items (engines): writes through
+        #: the loop target run on the copy *and* are logged, to be replayed on
+        #: the kernel's own item (a DataFrame's data is not in its __dict__)
+        self.replayed = set(plan.copies) | (plan.target_roots if record_targets else set())
         self.recorded_roots = plan.roots | (plan.call_roots - worker_call_roots)
         self.shared = plan.shared(worker_call_roots)
         self.groups = {(g.node.lineno, g.node.col_offset): g for g in plan.groups}
@@ -336,7 +341,7 @@ class _BodyRewriter:
             for t in st.targets:
                 if isinstance(t, ast.Name) and t.id in self.plan.deleted:
                     new.append(ast.parse(f"___ctl.deleted({t.id!r})").body[0])
-        elif self.plan.copies and self._copy_root(st) is not None:
+        elif self.replayed and self._copy_root(st) is not None:
             new = self._copy_write(st)
         elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)):
             new = [st]
@@ -410,21 +415,49 @@ class _BodyRewriter:
         """The ``private=`` name a statement writes through, if any."""
         if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) \
                 and isinstance(st.value.func, ast.Attribute):
-            root = chain_root(st.value)[0]
-        elif isinstance(st, ast.Assign) and len(st.targets) == 1 \
-                and isinstance(st.targets[0], (ast.Subscript, ast.Attribute)):
-            root = chain_root(st.targets[0])[0]
+            root, has_call = chain_root(st.value.func)
+        elif isinstance(st, (ast.Assign, ast.AugAssign)):
+            targets = st.targets if isinstance(st, ast.Assign) else [st.target]
+            if len(targets) != 1 or not isinstance(targets[0], (ast.Subscript, ast.Attribute)):
+                return None
+            root, has_call = chain_root(targets[0])
         else:
             return None
-        return root if root in self.plan.copies else None
+        return root if root in self.replayed and not has_call else None
 
     def _copy_write(self, st: ast.stmt) -> list[ast.stmt]:
-        """A write through a ``private=`` name: made on the iteration's own
-        copy, and recorded, so that the kernel's object goes through the same
-        calls in iteration order (its state after the loop is the serial one;
-        the iteration's reads see only its own changes)."""
+        """A write through a ``private=`` name or (engines) the loop target:
+        made on the iteration's own object, and recorded, so that the kernel's
+        object goes through the same writes in iteration order (the
+        iteration's reads see its own changes)."""
         root = self._copy_root(st)
         assert root is not None
+        out = self._copy_write_entry(st)
+        if root in self.plan.copies:
+            return out
+        # the loop target: replayed on the kernel's item of this iteration
+        rec = out[-1]
+        assert isinstance(rec, ast.Expr) and isinstance(rec.value, ast.Call)
+        entry = rec.value.args[0]
+        assert isinstance(entry, ast.Tuple)
+        inner = _tuple([entry.elts[0], _const(None), *entry.elts[2:]])
+        rec.value.args[0] = _tuple([_const(TARGET_WRITE), _name("___n"), _const(root), inner])
+        return out
+
+    def _copy_write_entry(self, st: ast.stmt) -> list[ast.stmt]:
+        if isinstance(st, ast.AugAssign):
+            t = st.target
+            tv = self._temp()
+            op = AUG_OPS[type(st.op)]
+            r, steps = _steps(t.value)  # type: ignore[attr-defined]
+            final = (_tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), _name(tv)])
+                     if isinstance(t, ast.Subscript)
+                     else _tuple([_const(FINAL_AUG_ATTR), _const(t.attr), _const(op),  # type: ignore
+                                  _name(tv)]))
+            return [ast.Assign(targets=[_name(tv, True)], value=st.value),
+                    ast.AugAssign(target=t, op=st.op, value=_name(tv)),
+                    ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
+                        [_const(PATH), _const(r), _tuple(steps), final])], keywords=[]))]
         if isinstance(st, ast.Expr):
             call = st.value
             assert isinstance(call, ast.Call)
@@ -539,7 +572,8 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     shared = plan.shared(worker_call_roots)
     speculative = bool(shared or plan.checked)
     body = copy.deepcopy(plan.loop.body)
-    rewritten = _BodyRewriter(plan, worker_call_roots).block(body)
+    rewritten = _BodyRewriter(plan, worker_call_roots,
+                              record_targets=bool(sync_names)).block(body)
     if shared:
         rewritten = [_SharedReads(shared).visit(st) for st in rewritten]
     target = ast.Assign(targets=[plan.loop.target], value=_name("___item"))
@@ -547,7 +581,13 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     inner: list[ast.stmt] = [*_copies(plan), target, *rewritten]
     if sync_names:
         # a finally: `continue` and exceptions pass through it too
-        mutated = sorted(sync_names & plan.target_roots)
+        # targets handed to code that may change them are synced back whole;
+        # the writes the body makes through them are replayed (see above)
+        from .analysis.hidden import watch_candidates
+        deleted_through = {chain_root(t)[0] for st in plan.loop.body for n in ast.walk(st)
+                           if isinstance(n, ast.Delete) for t in n.targets}
+        mutated = sorted(sync_names & plan.target_roots
+                         & (watch_candidates(plan.loop.body) | deleted_through))
         sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {sorted(sync_names)!r}, "
                          f"{mutated!r})").body
         inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]

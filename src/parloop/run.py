@@ -116,14 +116,15 @@ def _total(iterable: Any) -> int | None:
 
 def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
                   backend: Backend, take: Any, total: int | None, record: LastRun,
-                  threads: ThreadCount | None) -> tuple[int, tuple[int, float, float] | None]:
+                  threads: ThreadCount | None, start: int = 0
+                  ) -> tuple[int, tuple[int, float, float] | None]:
     """Time the first iterations natively in the kernel; if the workers cannot
     win against iterations this cheap, run the whole loop natively (see
     parloop.native).  Returns (iterations run, their measurement)."""
     if not native.eligible(opts, plan, backend.name, total):
-        return 0, None
+        return start, None
     loop = native.NativeLoop(plan, cell.filename, ns)
-    ran, wall, cpu, batch = 0, 0.0, 0.0, 1
+    ran, wall, cpu, batch = start, 0.0, 0.0, 1
     try:
         while wall < native.PROBE_SECONDS:
             items = take(ran, batch)
@@ -138,7 +139,7 @@ def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
             if take.error is not None and n == len(items):
                 raise take.error
         remaining = None if total is None else total - ran
-        if remaining == 0 or native.native_wins(wall, cpu, ran, remaining, backend.name,
+        if remaining == 0 or native.native_wins(wall, cpu, ran - start, remaining, backend.name,
                                                  backend.worker_count()):
             record.native = True
             record.notes.append(
@@ -151,7 +152,7 @@ def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
                 record.broke_at = ran - 1
             if take.error is not None:
                 raise take.error
-        return ran, (ran, wall, cpu)
+        return ran, (ran - start, wall, cpu)
     except BaseException as e:
         index = getattr(e, "parloop_index", None)
         if index is not None and not isinstance(e, KeyboardInterrupt):
@@ -199,16 +200,18 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     parloop.last_run = record
     # the private= copies are written back by replay, not by their last values
     private = frozenset(plan.private - set(plan.copies))
+    watch = _watched(plan, ns, worker_roots)
     shape = LoopShape(private=private, shared=plan.shared(worker_roots),
                       checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
-                      copies=plan.copies, body_seeds=plan.body_seeds)
+                      copies=plan.copies, body_seeds=plan.body_seeds, watch=watch,
+                      stored=_stored(plan, ns, backend))
     lock = run_lock() if shape.shared and backend.shares_memory else contextlib.nullcontext()
     job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
               inputs={n for n in plan.inputs | worker_roots if n in ns},
               private=set(private),
               on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout,
               live=bool(progress is not None and progress.wants_live),
-              shape=shape, lock=lock)
+              shape=shape, lock=lock, imports=_submodules(plan, ns))
     backend.prepare(job)
     threads = None
     if backend.name == "tasks":
@@ -220,7 +223,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     targets = TargetBinder(plan, cell.filename, ns)
     t0 = time.perf_counter()
     spec = None
-    if shape.speculative and not plan.is_async:
+    if (shape.speculative or shape.watch) and not plan.is_async:
         from .backends.threads import compile_chunk_function
         spec = Speculation(shape=shape, kernel_fn=compile_chunk_function(job, ns),
                            on_error=opts.on_error, seed=opts.seed, lock=lock,
@@ -236,9 +239,14 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
         with OutputCapture():
             view.start(record)
             try:
-                ran, measured = _native_first(plan, cell, ns, opts, backend, take, total,
-                                              record, threads)
-                if not record.native:
+                ran = 0
+                if spec is not None and shape.watch and backend.shares_memory:
+                    ran = _hidden_probe(shape, ns, committer, take, opts, total, view, record)
+                measured = None
+                if not committer.stopped:
+                    ran, measured = _native_first(plan, cell, ns, opts, backend, take, total,
+                                                  record, threads, start=ran)
+                if not record.native and not committer.stopped:
                     dispatch(backend, take, total, opts, committer, record, view, threads,
                              start=ran, measured=measured)
             except KeyboardInterrupt:
@@ -263,6 +271,130 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     if record.broke_at is not None:
         epilogue = epilogue[plan.orelse_count:]  # `for ... else`: no else after a break
     return _exec_block(epilogue, cell, ns, want_value=True)
+
+
+def _stored(plan: LoopPlan, ns: dict[str, Any], backend: Backend) -> tuple[str, ...]:
+    """Inputs whose objects may be stored by a write (engines only)."""
+    if backend.shares_memory:
+        return ()
+    from .analysis.hidden import stored_inputs
+    from .fingerprint import watchable
+    return tuple(sorted(n for n in stored_inputs(plan.loop.body, plan.inputs)
+                        if n in ns and watchable(ns[n])))
+
+
+def _submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
+    """Submodules the body reaches as attributes of a module input
+    (``xml.dom.minidom.parseString``) that the kernel has imported."""
+    out: list[str] = []
+    for node in ast.walk(plan.loop):
+        if not isinstance(node, ast.Attribute) or not isinstance(node.ctx, ast.Load):
+            continue
+        chain: list[str] = []
+        n: ast.AST = node
+        while isinstance(n, ast.Attribute):
+            chain.append(n.attr)
+            n = n.value
+        if not isinstance(n, ast.Name) or not isinstance(ns.get(n.id), types.ModuleType):
+            continue
+        name = ns[n.id].__name__
+        for part in reversed(chain):
+            name = f"{name}.{part}"
+            if name not in sys.modules:
+                break
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+def _watched(plan: LoopPlan, ns: dict[str, Any],
+             worker_roots: set[str]) -> tuple[tuple[str, ...], ...]:
+    """The objects an iteration could change behind the log's back (see
+    parloop.analysis.hidden): inputs the body hands to code, and the mutable
+    globals of the notebook functions it calls (two calls deep)."""
+    from .analysis.hidden import called_names, watch_candidates
+    from .fingerprint import watchable
+
+    recorded = plan.roots | (plan.call_roots - worker_roots) | set(plan.reductions)
+    local = plan.private | set(plan.targets) | recorded | set(plan.copies)
+    out: list[tuple[str, ...]] = [
+        (n,) for n in sorted(watch_candidates(plan.loop.body) - local)
+        if n in ns and watchable(ns[n])]
+    seen: set[int] = set()
+
+    def globals_of(fname: str, fn: Any, depth: int) -> None:
+        if id(fn) in seen or depth > 2:
+            return
+        seen.add(id(fn))
+        if not isinstance(fn, types.FunctionType) or fn.__globals__ is not ns:
+            return
+        codes = [fn.__code__]
+        names: set[str] = set()
+        while codes:
+            code = codes.pop()
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        for g in sorted(names):
+            v = ns.get(g)
+            if isinstance(v, types.FunctionType):
+                globals_of(fname, v, depth + 1)
+            elif g in ns and watchable(v) and (fname, g) not in out:
+                out.append((fname, g))
+    for f in sorted(called_names(plan.loop.body) - local):
+        globals_of(f, ns.get(f), 0)
+    return tuple(out)
+
+
+def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, take: Any,
+                  opts: Options, total: int | None, view: Progress, record: LastRun) -> int:
+    """Threads share the kernel's objects, so a hidden change would race: the
+    first iteration runs in the kernel with the watched objects fingerprinted
+    around it; if one changed, the whole loop runs serially in the kernel.
+    Returns the iterations run."""
+    from .fingerprint import Unfingerprintable, fingerprint
+    from .schedule import ChunkSizer, _serial_rest
+
+    def objects() -> list[tuple[str, Any]]:
+        out = []
+        for path in shape.watch:
+            if len(path) == 1:
+                out.append((path[0], ns.get(path[0])))
+            else:
+                out.append((f"{path[1]}` (a global of `{path[0]}`", ns.get(path[1])))
+        return out
+
+    def prints() -> list[tuple[str, bytes | str]]:
+        fps: list[tuple[str, bytes | str]] = []
+        for label, obj in objects():
+            try:
+                fps.append((label, fingerprint(obj)))
+            except Unfingerprintable as e:
+                fps.append((label, f"cannot be fingerprinted ({e})"))
+        return fps
+
+    items = take(0, 1)
+    if not items:
+        return 0
+    before = prints()
+    committer.run_direct(items, 0)
+    if committer.stopped:
+        return 1
+    why = ""
+    for (label, fp0), (_, fp1) in zip(before, prints()):
+        if isinstance(fp0, str):
+            why = f"`{label}` {fp0}: whether an iteration changes it cannot be told"
+            break
+        if fp0 != fp1:
+            why = f"iteration 0 changed `{label}` through a path the log does not hold"
+            break
+    if not why:
+        return 1
+    committer.serial = True
+    record.hidden = why
+    record.serial_from = 0
+    _serial_rest(committer, [], take, 1, False, ChunkSizer(opts.chunksize, 1, total), view,
+                 record)
+    return committer.next
 
 
 def _plain_roots(tree: ast.Module, ns: dict[str, Any]) -> frozenset[str]:

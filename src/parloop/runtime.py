@@ -171,6 +171,9 @@ class ChunkResult:
     broke: int | None = None
     #: speculative loops only: per-iteration records (see LoopShape.speculative)
     iters: "IterationRecords | None" = None
+    #: a watched object changed on the worker (hidden state): why, or "".
+    #: The kernel runs this chunk and the rest of the loop serially
+    hidden: str = ""
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,13 @@ class LoopShape:
     copies: tuple[str, ...] = ()
     #: the body seeds the module-level generators (``np.random.seed(i)``)
     body_seeds: bool = False
+    #: objects the body hands to code that could change them: ``(name,)`` an
+    #: input, ``(function, name)`` a global of a notebook function it calls.
+    #: Engines fingerprint them around each chunk (see parloop.fingerprint)
+    watch: tuple[tuple[str, ...], ...] = ()
+    #: inputs whose objects a write may store: engines send such values back
+    #: as references to the kernel's own objects (see parloop.engine)
+    stored: tuple[str, ...] = ()
 
     @property
     def speculative(self) -> bool:
@@ -247,7 +257,7 @@ class ChunkControl:
     __slots__ = ("stop", "start", "on_error", "marks", "errors", "raised", "halted_at",
                  "log", "parts", "seed_value", "private", "timeout", "broke_at", "shape",
                  "iters", "reader", "write", "init", "originals", "dels", "direct",
-                 "_fresh_streams")
+                 "_fresh_streams", "hidden")
 
     def __init__(self, start: int, on_error: str, log: Any, parts: list,
                  private: set[str] | frozenset[str], seed_value: int | None = None,
@@ -273,6 +283,7 @@ class ChunkControl:
         self.init = init or {}
         self.originals = originals or {}
         self.dels: set[str] = set()
+        self.hidden = ""
         self._fresh_streams = bool(shape and shape.body_seeds)
         self.iters: IterationRecords | None = None
         self.reader: Any = DirectReader()
@@ -372,6 +383,13 @@ class ChunkControl:
             del self.marks[n:]
             self.halted_at = n
             return True
+        if self.shape is not None and self.shape.watch and not self.direct \
+                and isinstance(exc, ValueError) and "read-only" in str(exc):
+            # a write into an input array (mapped read-only on the engine): the
+            # kernel runs this part of the loop on its own objects
+            self.hidden = f"iteration {self.start + n} wrote into an input array ({exc})"
+            self.halted_at = n
+            return True
         snap = private_values(local_vars, self.private)
         err = IterationError(self.start + n, exc, snap)
         if self.iters is not None and not self.direct:
@@ -416,13 +434,14 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
               timeout: float | None = None, shape: LoopShape | None = None,
               lock: Any = None, direct: Any = None,
               init: dict[str, Any] | None = None,
-              originals: dict[str, Any] | None = None) -> ChunkResult:
+              originals: dict[str, Any] | None = None, watch: bool = False) -> ChunkResult:
     """Run one chunk through the generated function ``fn``.
 
     ``timeout`` (engines only: it needs the main thread's SIGALRM) interrupts
     an iteration that runs longer, as an IterationTimeout raised in it.
     ``direct``: a log whose ``append`` applies each entry at once (the kernel
-    re-executing an iteration, see parloop.tracking.ApplyingLog)."""
+    re-executing an iteration, see parloop.tracking.ApplyingLog).
+    ``watch`` (engines): fingerprint ``shape.watch`` around the chunk."""
     log: Any = direct if direct is not None else []
     parts: list[str] = []
     if originals is None and shape is not None and shape.copies:
@@ -432,6 +451,7 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
                        direct=direct is not None)
     if register is not None:
         register(ctl)
+    watched = _watched(fn, shape) if watch and shape is not None and shape.watch else None
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if timeout is not None else None
     t0 = time.perf_counter()
     c0 = time.thread_time()
@@ -456,10 +476,62 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
     iters = ctl.iters
     if iters is not None and type(ctl.reader) is Reader:
         iters.reads = ctl.reader.reads
+    hidden = ctl.hidden or (_changed(watched) if watched else "")
     return ChunkResult(start=start, done=done, log=log if direct is None else [],
                        marks=ctl.marks[:done], parts=parts,
                        snapshot=snapshot, errors=ctl.errors, raised=ctl.raised,
                        halted=ctl.halted_at is not None and ctl.raised is None
-                       and ctl.broke_at is None and done < len(items),
+                       and ctl.broke_at is None and not ctl.hidden and done < len(items),
                        worker=worker, t_start=t0, t_end=t1, cpu=c1 - c0,
-                       broke=ctl.broke_at, iters=iters)
+                       broke=ctl.broke_at, iters=iters, hidden=hidden)
+
+
+def _watched(fn: Callable, shape: LoopShape) -> list[tuple[str, Any, bytes | str]]:
+    """The watched objects on this worker and their fingerprints as they were
+    when the run's first chunk here began (kept on the chunk function, which
+    is compiled once per run per engine).  Input arrays are made read-only:
+    a write into one raises and is taken for hidden state."""
+    from .fingerprint import Unfingerprintable, fingerprint
+
+    cached = fn.__dict__.get("___parloop_watch")
+    if cached is not None:
+        return cached
+    out: list[tuple[str, Any, bytes | str]] = []
+    g = fn.__globals__
+    for path in shape.watch:
+        obj = g.get(path[0], _NOTHING)
+        label = path[0]
+        if len(path) == 2:
+            obj = getattr(obj, "__globals__", {}).get(path[1], _NOTHING)
+            label = f"{path[1]}` (a global of `{path[0]}`)"
+        if obj is _NOTHING:
+            continue
+        flags = getattr(obj, "flags", None)
+        if flags is not None and type(obj).__name__ == "ndarray":
+            try:
+                obj.flags.writeable = False
+            except ValueError:
+                pass
+            continue
+        try:
+            fp: bytes | str = fingerprint(obj)
+        except Unfingerprintable as e:
+            fp = f"cannot be fingerprinted ({e})"
+        out.append((label, obj, fp))
+    fn.__dict__["___parloop_watch"] = out
+    return out
+
+
+def _changed(watched: list[tuple[str, Any, bytes | str]]) -> str:
+    from .fingerprint import Unfingerprintable, fingerprint
+
+    for label, obj, fp in watched:
+        if isinstance(fp, str):
+            return f"`{label}` {fp}: whether an iteration changed it cannot be told"
+        try:
+            now = fingerprint(obj)
+        except Unfingerprintable:
+            now = b""
+        if now != fp:
+            return f"`{label}` changed through a path the log does not hold"
+    return ""

@@ -30,7 +30,7 @@ from typing import Any, Callable, MutableMapping
 
 from .log.conflicts import WriteSet
 from .log.entries import (CALL, FINAL_DEL_ITEM, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
-                          SET_ITEM, STEP_ITEM, TARGET)
+                          SET_ITEM, STEP_ITEM, TARGET, TARGET_WRITE)
 from .log.locations import (ATTR, LENGTH, WHOLE, attr_location, item_location, path_locations,
                             write_locations)
 from .log.replay import apply_entry, apply_path, group_into, reduce_into
@@ -328,7 +328,7 @@ class ApplyingLog:
     def append(self, e: tuple) -> None:
         op = e[0]
         self.count += 1
-        if op == TARGET:
+        if op == TARGET or op == TARGET_WRITE:
             return
         with self.lock:
             if op == REDUCE:

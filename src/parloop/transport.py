@@ -571,10 +571,26 @@ def loads(frames: list | bytes) -> Any:
     return _KernelUnpickler(io.BytesIO(frames[0]), buffers=frames[1:]).load()
 
 
+#: the namespace whose objects engines' results refer to (set by the engines
+#: backend for its run; see parloop.engine._InputPickler)
+KERNEL_NS: list[Mapping[str, Any]] = [{}]
+
+
 class _KernelUnpickler(pickle.Unpickler):
     def __init__(self, file, *, buffers=()):
         super().__init__(file, buffers=buffers)
         self._existing: set[int] = set()
+
+    def persistent_load(self, pid: Any) -> Any:
+        """A reference to one of the kernel's own objects (an input, or an
+        element of one), sent back by an engine in place of its copy."""
+        tag, name, path = pid
+        if tag != "parloop-input":
+            raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
+        obj = KERNEL_NS[0][name]
+        for k in path:
+            obj = obj[k]
+        return obj
 
     def find_class(self, module: str, name: str):
         obj = super().find_class(module, name)

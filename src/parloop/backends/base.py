@@ -28,6 +28,9 @@ class Job:
     facts: dict[str, Any] = field(default_factory=dict)  # what the backend reports
     shape: LoopShape | None = None  # shared objects, checked privates... (runtime)
     lock: Any = None                # threads: reads of shared objects vs the replay
+    #: submodules the body reaches through an input module (``xml.dom.minidom``
+    #: after ``import xml.dom.minidom``): engines import them too
+    imports: tuple[str, ...] = ()
 
 
 class Backend(Protocol):

@@ -177,14 +177,17 @@ class EngineBackend:
         check_picklable({n: ns[n] for n in sorted(names) if n in ns})
 
     def prepare(self, job: Job) -> None:
+        from .. import transport
         from ..transport import check_picklable
+        transport.KERNEL_NS[0] = job.ns  # results refer to the kernel's own objects
         inputs = {name: job.ns[name] for name in sorted(job.inputs)}
         check_picklable(inputs)
         program = Program(chunk_module=job.chunk_module, filename=job.filename,
                           cell_lines=[line + "\n" for line in
                                       ("\n" + job.cell_source).splitlines()],
                           private=job.private, on_error=job.on_error, seed=job.seed,
-                          timeout=job.timeout, live=job.live, shape=job.shape)
+                          timeout=job.timeout, live=job.live, shape=job.shape,
+                          imports=job.imports)
         inputs["___program"] = program
         # sent with the first chunk: a loop that runs natively needs none of it
         self._inputs = inputs

@@ -117,6 +117,16 @@ class Committer:
     def commit(self, chunk: Chunk, res: ChunkResult) -> None:
         """Apply one chunk (or its completed prefix); raises the iteration's
         exception when replaying an entry fails as it would have in serial."""
+        if res.hidden and self.spec is not None:
+            # hidden state: nothing of this chunk is trusted; it and the rest of
+            # the loop run serially in the kernel, on the kernel's own objects
+            self.serial = True
+            rec = self.record
+            rec.serial_from = chunk.start
+            rec.hidden = res.hidden
+            rec.reruns.extend(range(chunk.start, chunk.start + len(chunk.items)))
+            self.run_direct(chunk.items, chunk.start)
+            return
         if res.iters is not None and self.spec is not None:
             self._commit_iterations(chunk, res)
             return
@@ -285,6 +295,8 @@ class Committer:
         if res.iters is not None:
             for values in res.iters.privates[:res.done]:
                 self._private_values(values)
+        elif res.done:
+            self._private_values(res.snapshot)
         if res.done:
             self.last_item = (items[res.done - 1],)
         self.next = start + res.done

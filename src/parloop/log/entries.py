@@ -16,6 +16,10 @@ opcodes below::
     (TARGET, n, name, obj, mutated)           the worker's copy of the loop target
                                               ``name`` at the end of the chunk's n-th
                                               iteration (engines: see replay)
+    (TARGET_WRITE, n, name, entry)            a write through the loop target ``name``
+                                              in the chunk's n-th iteration (engines):
+                                              ``entry`` (its root None) is applied to
+                                              the kernel's own item
     (GROUP, compared, cmp, candidate, names, values)
                                               the argmax/argmin shape ``if s > best:
                                               best = s; best_k = k``: when
@@ -35,7 +39,7 @@ import builtins
 import operator
 from typing import Any, Callable
 
-SET_ITEM, SET_ATTR, CALL, REDUCE, PATH, TARGET, GROUP = range(7)
+SET_ITEM, SET_ATTR, CALL, REDUCE, PATH, TARGET, GROUP, TARGET_WRITE = range(8)
 
 STEP_ITEM = "i"
 STEP_ATTR = "a"

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, MutableMapping
 from .entries import (CALL, CMP, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR,
                       FINAL_DEL_ITEM, FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, INPLACE, OPS, PATH,
                       REDUCE, SCALARS, SET_ATTR, SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM,
-                      TARGET)
+                      TARGET, TARGET_WRITE)
 
 
 def _walk(obj: Any, steps: Iterable[tuple]) -> Any:
@@ -67,6 +67,12 @@ def _syncable(dst: Any, src: Any) -> bool:
         hasattr(dst, "__dict__") and not isinstance(dst, type) and not callable(dst))
 
 
+def _is_pandas(x: Any) -> bool:
+    import sys
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(x, (pd.DataFrame, pd.Series))
+
+
 def _is_array(x: Any) -> bool:
     return type(x).__name__ == "ndarray" and hasattr(x, "__array_interface__")
 
@@ -113,6 +119,16 @@ def sync_into(dst: Any, src: Any, _memo: set[int] | None = None) -> None:
     elif _is_array(dst):
         if dst.shape == src.shape and dst.dtype == src.dtype:
             dst[...] = src
+    elif _is_pandas(dst):
+        # a DataFrame's data lives in its block manager, not in Python
+        # attributes: take the copy's manager whole
+        object.__setattr__(dst, "_mgr", src._mgr)
+        for attr in ("_attrs", "_name"):
+            if attr in vars(src):
+                object.__setattr__(dst, attr, vars(src)[attr])
+        cache = vars(dst).get("_item_cache")
+        if isinstance(cache, dict):
+            cache.clear()
     elif hasattr(dst, "__dict__"):
         sync_into(vars(dst), vars(src), memo)
         for slot in getattr(type(dst), "__slots__", ()):
@@ -151,6 +167,8 @@ def _substituted(e: tuple, subst: dict[int, Any]) -> tuple:
         return (op, e[1], e[2], _substitute(e[3], subst))
     if op == GROUP:
         return (op, e[1], e[2], e[3], e[4], tuple(_substitute(v, subst) for v in e[5]))
+    if op == TARGET_WRITE:
+        return (op, e[1], e[2], _substituted(e[3], subst))
     if op == PATH:
         final = e[3]
         if final[0] in (FINAL_SET_ITEM, FINAL_SET_ATTR):
@@ -204,6 +222,8 @@ def replay(ns: MutableMapping[str, Any], log: list,
             elif op == TARGET:
                 if e2[4]:
                     sync_into(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
+            elif op == TARGET_WRITE:
+                apply_entry(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
             else:
                 apply_entry(ns[e2[1]], e2)
     except Exception as err:

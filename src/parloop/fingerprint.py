@@ -1,0 +1,57 @@
+"""Fingerprints of objects an iteration could change through a path the log
+does not hold (a method call inside an expression, a library call that
+updates its argument, a notebook function writing a global): compared before
+and after, a difference means hidden state, and the loop runs serially in the
+kernel from there (DESIGN §3).
+
+A fingerprint is a BLAKE2b digest of the object's pickle (cloudpickle, so
+instances of notebook classes and the class attributes of those classes are
+covered), with the out-of-band buffers of NumPy arrays hashed in place (no
+copy).  Objects that cannot change are never fingerprinted (see
+:func:`watchable`).
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import threading
+import types
+from typing import Any
+
+import cloudpickle
+
+#: values that cannot be changed in place (or whose changes are not state the
+#: loop's answer depends on: locks and other synchronisation primitives)
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset,
+              types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+              types.MethodType, type)
+_SYNC = tuple(type(x) for x in (threading.Lock(), threading.RLock())) + (
+    threading.Semaphore, threading.Condition, threading.Event, threading.Barrier)
+
+
+def watchable(value: Any) -> bool:
+    """Whether ``value`` could carry hidden state (a tuple of ints cannot)."""
+    if isinstance(value, _IMMUTABLE) or isinstance(value, _SYNC):
+        return False
+    if type(value) is tuple:
+        return any(watchable(v) for v in value)
+    return True
+
+
+class Unfingerprintable(Exception):
+    """The object cannot be pickled (a generator, an open file): whether an
+    iteration changed it cannot be told."""
+
+
+def fingerprint(value: Any) -> bytes:
+    """A digest that changes when ``value``'s state changes."""
+    h = hashlib.blake2b(digest_size=16)
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception as e:  # noqa: BLE001 - anything unpicklable
+        raise Unfingerprintable(f"{type(value).__name__}: {e}") from None
+    h.update(data)
+    for b in buffers:
+        h.update(b.raw())
+    return h.digest()
