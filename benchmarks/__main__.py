@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from .harness import shell, table
-from . import (workloads_async, workloads_deps, workloads_engines, workloads_threads,
+from . import (workloads_async, workloads_deps, workloads_engines, workloads_hidden,
+               workloads_threads,
                workloads_throughput, workloads_view)
 
 WORKLOADS = {
@@ -24,6 +25,7 @@ WORKLOADS = {
     "view": workloads_view.widget_overhead,
     "memo": workloads_deps.memo,
     "recurrence": workloads_deps.recurrence,
+    "fingerprint": workloads_hidden.fingerprint_cost,
     # last: it grows the cluster to 64 engines (a minute or more) and stops it
     "throughput": workloads_throughput.throughput,
 }

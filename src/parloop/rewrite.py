@@ -24,7 +24,7 @@ from .analysis import AUG_OPS, LoopPlan, chain_root
 from .analysis.dependence import rebind_operand
 from .log.entries import (CALL, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR, FINAL_DEL_ITEM,
                           FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
-                          SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM, TARGET_WRITE)
+                          SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM, TARGET_WRITE, FLUSH)
 
 #: the chunk function: one call runs a chunk of iterations.  Statements named
 #: ``___SLOT`` are placeholders that :func:`_fill` replaces (as IPython's
@@ -35,6 +35,7 @@ def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
     ___mark = ___ctl.marks.append
     ___len = ___h.len
     ___slice = ___h.slice
+    ___INIT
     for ___n, ___item in ___h.enumerate(___items):
         if ___ctl.stop:
             ___ctl.halt(___n)
@@ -203,6 +204,9 @@ def is_plain_callable_root(value: Any) -> bool:
     """Statement calls on these run in the worker (``time.sleep(0.1)``,
     ``np.save(...)``, ``MyClass.register(...)``); on anything else
     (``out.append(v)``, ``logger.info(...)``) they are replayed in order."""
+    from .analysis.hidden import is_stateful_module
+    if is_stateful_module(value):
+        return False  # pyplot's calls change its global state: replayed in order
     return isinstance(value, (types.ModuleType, type, types.FunctionType,
                               types.BuiltinFunctionType)) or inspect.isroutine(value)
 
@@ -331,7 +335,10 @@ class _BodyRewriter:
                 and st.targets[0].id in self.plan.reductions:
             name = st.targets[0].id
             op_operand = rebind_operand(name, st.value)
-            assert op_operand is not None, ast.dump(st)
+            if op_operand is None:
+                # a notebook function's ``global last; last = x``
+                assert "=" in self.plan.reductions[name], ast.dump(st)
+                op_operand = ("=", st.value)
             op, operand = op_operand
             new = [ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
                 [_const(REDUCE), _const(name), _const(op), operand])], keywords=[]))]
@@ -549,6 +556,17 @@ class _BodyRewriter:
         root = chain_root(call)[0]
         if root is None or root not in self.recorded_roots:
             return [st]
+        if root in self.plan.stateful:
+            # what the iteration printed so far comes out before the call's
+            # own output (plt.show()) when it is replayed in the kernel
+            flush = ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
+                [_const(FLUSH), ast.Call(func=_name("___len"), args=[_name("___parts")],
+                                         keywords=[])])], keywords=[]))
+            return [flush, *self._call_record(st, call, root)]
+        return self._call_record(st, call, root)
+
+    def _call_record(self, st: ast.Expr, call: ast.Call, root: str) -> list[ast.stmt]:
+        assert isinstance(call.func, ast.Attribute)
         args, kw = _call_parts(call)
         if isinstance(call.func.value, ast.Name):
             entry = _tuple([_const(CALL), _const(root), _const(call.func.attr), args, kw])
@@ -560,7 +578,10 @@ class _BodyRewriter:
 
 
 def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
-                         sync_names: set[str], hooked: bool) -> ast.Module:
+                         sync_names: set[str], hooked: bool,
+                         shared: frozenset[str] | None = None,
+                         copies: set[str] = frozenset()) -> ast.Module:  # type: ignore
+
     """The module that defines the chunk function for this loop.
 
     ``hooked``: call ``___ctl.begin(n)`` before each iteration (per-iteration
@@ -568,14 +589,19 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     ``sync_names``: loop-target names whose objects go back to the kernel at
     the end of every iteration (workers with their own copies of the items:
     the kernel syncs its own item to the copy's final state, and maps the copy
-    back to its item wherever the log stores it)."""
-    shared = plan.shared(worker_call_roots)
+    back to its item wherever the log stores it).
+    ``shared``: the shared objects (default: the plan's); ``copies``: the
+    notebook functions the body calls that run as rewritten copies."""
+    if shared is None:
+        shared = plan.shared(worker_call_roots)
     speculative = bool(shared or plan.checked)
     body = copy.deepcopy(plan.loop.body)
-    rewritten = _BodyRewriter(plan, worker_call_roots,
-                              record_targets=bool(sync_names)).block(body)
+    rewriter = _BodyRewriter(plan, worker_call_roots, record_targets=bool(sync_names))
+    rewriter.shared = shared
+    rewritten = rewriter.block(body)
     if shared:
         rewritten = [_SharedReads(shared).visit(st) for st in rewritten]
+    rewritten = calls_to_copies(rewritten, set(copies))
     target = ast.Assign(targets=[plan.loop.target], value=_name("___item"))
     ast.copy_location(target, plan.loop.target)
     inner: list[ast.stmt] = [*_copies(plan), target, *rewritten]
@@ -593,11 +619,12 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
         inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
     # per-iteration set-up (seed=, timeout=, seeds in the body): only paid for when asked
     hook = ast.parse("___ctl.begin(___n)").body if hooked else []
+    fns = ast.parse("___fns = ___ctl.fns").body if copies else []
     if not speculative:
-        module = _fill(_TEMPLATE, HOOK=hook, BODY=inner)
+        module = _fill(_TEMPLATE, INIT=fns, HOOK=hook, BODY=inner)
     else:
-        init = [ast.parse(f"if {n!r} in ___ctl.init:\n    {n} = ___ctl.init[{n!r}]").body[0]
-                for n in sorted(plan.checked)]
+        init = fns + [ast.parse(f"if {n!r} in ___ctl.init:\n    {n} = ___ctl.init[{n!r}]"
+                                ).body[0] for n in sorted(plan.checked)]
         unbind = [ast.parse(f"try:\n    del {n}\nexcept NameError:\n    pass").body[0]
                   for n in sorted(plan.private)]
         module = _fill(_SPECULATIVE_TEMPLATE, INIT=init, HOOK=hook, BODY=inner,
@@ -658,3 +685,82 @@ def _descendants(stmts: list[ast.stmt]) -> set[ast.AST]:
     for st in stmts:
         out.update(ast.walk(st))
     return out
+
+
+#: the factory that makes a worker's copy of a notebook function: the same
+#: code, with its writes to notebook globals logged (``___rt`` finds the
+#: running chunk's log) and its calls of other notebook functions going to
+#: their copies (``___fns``)
+_FUNCTION_TEMPLATE = '''
+def ___parloop_factory(___rt, ___fns, ___g):
+    ___FUNCTION
+'''
+
+#: what a copy binds first (the names the rewritten statements use)
+_FUNCTION_PRELUDE = '''
+___ctl = ___rt.control()
+___parts = ___ctl.parts
+___rec = ___ctl.log.append
+___wr = ___rt.writer(___ctl, ___g)
+___R = ___ctl.reader
+___len = len
+___slice = slice
+'''
+
+
+class _CallsToCopies(ast.NodeTransformer):
+    """``f(x)`` -> ``___fns["f"](x)`` for the notebook functions that run as copies."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and node.func.id in self.names:
+            node.func = ast.copy_location(ast.Subscript(
+                value=_name("___fns"), slice=_const(node.func.id), ctx=ast.Load()), node.func)
+        return node
+
+
+def calls_to_copies(stmts: list[ast.stmt], names: set[str]) -> list[ast.stmt]:
+    if not names:
+        return stmts
+    t = _CallsToCopies(names)
+    return [t.visit(st) for st in stmts]
+
+
+def build_function_factory(fplan: Any, shared: frozenset[str], copies: set[str],
+                           filename: str) -> ast.Module:
+    """The module defining ``___parloop_factory(___rt, ___fns, ___g)``, which
+    returns the worker's copy of one notebook function (see
+    parloop.analysis.functions)."""
+    from .analysis.plan import LoopPlan
+
+    fdef = copy.deepcopy(fplan.fdef)
+    plan = LoopPlan(tree=ast.Module(body=[], type_ignores=[]), prologue=[],
+                    loop=ast.For(target=_name("___x", True), iter=_name("___y"), body=[],
+                                 orelse=[]),
+                    epilogue=[], targets=[], private=set(fplan.locals), inputs=set(),
+                    roots=set(fplan.roots), reductions=dict(fplan.reductions),
+                    call_roots=set(fplan.call_roots), target_roots=set(),
+                    read_roots=set(shared), stateful=set(fplan.stateful))
+    rewriter = _BodyRewriter(plan, set())
+    rewriter.shared = shared
+    body = rewriter.block(fdef.body)
+    body = [st for st in body if not isinstance(st, ast.Global)]
+    reads = shared - set(fplan.locals)
+    if reads:
+        body = [_SharedReads(frozenset(reads)).visit(st) for st in body]
+    body = calls_to_copies(body, copies)
+    prelude = ast.parse(_FUNCTION_PRELUDE).body
+    fdef.body = prelude + (body or [ast.Pass()])
+    ret = ast.Return(value=_name(fdef.name))
+    module = _fill(_FUNCTION_TEMPLATE, FUNCTION=[fdef, ret])
+    line = fplan.fdef.lineno
+    user = set(ast.walk(ast.Module(body=body, type_ignores=[])))
+    for node in ast.walk(module):
+        if "lineno" in node._attributes and node not in user:
+            node.lineno = line  # type: ignore[attr-defined]
+            node.end_lineno = line  # type: ignore[attr-defined]
+    ast.fix_missing_locations(module)
+    return module

@@ -25,8 +25,9 @@ from .errors import LoopAnalysisError
 from .log.commit import Committer, Interrupted, IterationFailed, Speculation, TargetBinder
 from .options import Options
 from .record import LastRun
-from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_iteration_function,
-                      classify_call_roots)
+from .analysis.functions import notebook_functions
+from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_function_factory,
+                      build_iteration_function, classify_call_roots)
 from .runtime import LoopShape, OutputCapture
 from .tracking import run_lock
 from .schedule import Progress, ThreadCount, cpu_count, dispatch, make_taker
@@ -172,8 +173,11 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
 
     __tracebackhide__ = True  # IPython: tracebacks start at the user's cell
     tree = cell.parse()
-    plan = analyse(tree, plain_roots=_plain_roots(tree, ns), copies=opts.private)
+    plain, stateful = _plain_roots(tree, ns)
+    plan = analyse(tree, plain_roots=plain, copies=opts.private, stateful=stateful)
     _check_supported(plan, opts, ns)
+    functions = ({} if plan.is_async else
+                 notebook_functions(plan.loop.body, ns, plain, stateful))
     if opts.explain:
         from .analysis.explain import render
         print(render(plan, opts, ns))
@@ -190,18 +194,29 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     # workers with their own copies of the items send the loop target back
     sync_names = set() if backend.shares_memory else plan.target_roots | plan.stored_targets
     hooked = opts.seed is not None or opts.timeout is not None or plan.body_seeds
+    # notebook functions the body calls run as rewritten copies in the workers:
+    # their writes to globals are logged; globals written and read are shared
+    fn_writes = set().union(*(fp.writes() for fp in functions.values()))
+    written = plan.roots | (plan.call_roots - worker_roots) | fn_writes
+    shared = plan.shared(worker_roots) | (plan.inputs & fn_writes) | set().union(
+        *(written & fp.reads for fp in functions.values()))
+    canon = _alias_groups(plan, ns, written)
+    shared = frozenset(shared | set(canon))
     if plan.is_async:
         module = build_iteration_function(plan, worker_roots, hooked=hooked)
     else:
-        module = build_chunk_function(plan, worker_roots, sync_names=sync_names, hooked=hooked)
+        module = build_chunk_function(plan, worker_roots, sync_names=sync_names, hooked=hooked,
+                                      shared=shared, copies=set(functions))
+    factories = tuple((fp.path, build_function_factory(fp, shared, set(functions), cell.filename))
+                      for fp in functions.values())
     record = LastRun(magic=opts.magic, backend=backend.name,
                      options=dict(opts.given), workers=backend.worker_count(), total=total,
                      roles=plan.roles())
     parloop.last_run = record
     # the private= copies are written back by replay, not by their last values
     private = frozenset(plan.private - set(plan.copies))
-    watch = _watched(plan, ns, worker_roots)
-    shape = LoopShape(private=private, shared=plan.shared(worker_roots),
+    watch = _watched(plan, ns, worker_roots, functions)
+    shape = LoopShape(private=private, shared=shared, functions=factories,
                       checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
                       copies=plan.copies, body_seeds=plan.body_seeds, watch=watch,
                       stored=_stored(plan, ns, backend))
@@ -223,12 +238,12 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     targets = TargetBinder(plan, cell.filename, ns)
     t0 = time.perf_counter()
     spec = None
-    if (shape.speculative or shape.watch) and not plan.is_async:
+    if (shape.speculative or shape.watch or canon) and not plan.is_async:
         from .backends.threads import compile_chunk_function
         spec = Speculation(shape=shape, kernel_fn=compile_chunk_function(job, ns),
                            on_error=opts.on_error, seed=opts.seed, lock=lock,
                            originals={n: ns[n] for n in plan.copies if n in ns},
-                           suggest=frozenset(shape.shared & plan.call_roots))
+                           suggest=frozenset(shape.shared & plan.call_roots), canon=canon)
     committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names), spec)
     seeded = opts.seed is not None or plan.body_seeds
     if seeded:
@@ -283,6 +298,59 @@ def _stored(plan: LoopPlan, ns: dict[str, Any], backend: Backend) -> tuple[str, 
                         if n in ns and watchable(ns[n])))
 
 
+#: objects visited per name when looking for aliasing between outside names
+ALIAS_REACH = 10_000
+
+
+def _reach(value: Any) -> set[int]:
+    """ids of the mutable objects reachable from ``value``, two levels deep
+    (attributes of instances, items of containers), at most ALIAS_REACH."""
+    from .fingerprint import watchable
+
+    out: set[int] = set()
+    level = [value]
+    for _ in range(3):
+        nxt = []
+        for v in level:
+            if not watchable(v) or id(v) in out:
+                continue
+            out.add(id(v))
+            if len(out) > ALIAS_REACH:
+                return out
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, (list, tuple, set)):
+                nxt.extend(v)
+            elif hasattr(v, "__dict__") and not isinstance(v, type):
+                nxt.extend(vars(v).values())
+        level = nxt
+    return out
+
+
+def _alias_groups(plan: LoopPlan, ns: dict[str, Any], written: set[str]
+                  ) -> dict[str, tuple[str, bool]]:
+    """Outside names whose objects share state with an object the loop writes
+    (``a = b = {}``; ``opt = SGD(model.w)``: ``opt.step()`` changes what
+    ``model`` reads): the dependence test must take them for one object.
+    name -> (group key, whole: the objects are not identical, so keys of one
+    say nothing of the other: every access is to the whole group)."""
+    reads = {n for n in plan.inputs if n in ns}
+    writes = {n for n in written if n in ns}
+    if not writes or not reads - writes:
+        return {}
+    reach = {n: _reach(ns[n]) for n in reads | writes}
+    out: dict[str, tuple[str, bool]] = {}
+    for w in sorted(writes):
+        for r in sorted(reads):
+            if r == w or not reach[w] & reach[r]:
+                continue
+            key = out.get(w, (w, False))[0]
+            whole = ns[w] is not ns[r]
+            out[w] = (key, whole or out.get(w, (key, False))[1])
+            out[r] = (key, whole)
+    return out
+
+
 def _submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
     """Submodules the body reaches as attributes of a module input
     (``xml.dom.minidom.parseString``) that the kernel has imported."""
@@ -307,11 +375,19 @@ def _submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _watched(plan: LoopPlan, ns: dict[str, Any],
-             worker_roots: set[str]) -> tuple[tuple[str, ...], ...]:
+def _watched(plan: LoopPlan, ns: dict[str, Any], worker_roots: set[str],
+             functions: dict[str, Any] | None = None) -> tuple[tuple[str, ...], ...]:
     """The objects an iteration could change behind the log's back (see
     parloop.analysis.hidden): inputs the body hands to code, and the mutable
-    globals of the notebook functions it calls (two calls deep)."""
+    globals of the notebook functions it calls (two calls deep), except the
+    globals the workers' copies of those functions log (``functions``), when
+    the body only ever calls the function (never hands it on)."""
+    functions = functions or {}
+    handed = {n.id for st in plan.loop.body for n in ast.walk(st)
+              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - {
+        n.func.id for st in plan.loop.body for n in ast.walk(st)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    logged = {g for name, fp in functions.items() if name not in handed for g in fp.writes()}
     from .analysis.hidden import called_names, watch_candidates
     from .fingerprint import watchable
 
@@ -338,7 +414,7 @@ def _watched(plan: LoopPlan, ns: dict[str, Any],
             v = ns.get(g)
             if isinstance(v, types.FunctionType):
                 globals_of(fname, v, depth + 1)
-            elif g in ns and watchable(v) and (fname, g) not in out:
+            elif g in ns and watchable(v) and (fname, g) not in out and g not in logged:
                 out.append((fname, g))
     for f in sorted(called_names(plan.loop.body) - local):
         globals_of(f, ns.get(f), 0)
@@ -397,19 +473,30 @@ def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, ta
     return committer.next
 
 
-def _plain_roots(tree: ast.Module, ns: dict[str, Any]) -> frozenset[str]:
+def _plain_roots(tree: ast.Module, ns: dict[str, Any]
+                 ) -> tuple[frozenset[str], dict[str, str]]:
     """Names of the cell bound to modules, classes and functions (in the
     namespace, or imported by the statements before the loop): calls through
-    them (``np.sort(a)``) are calls, not writes."""
+    them (``np.sort(a)``) are calls, not writes.  And apart, the names bound
+    to modules with global state of their own (``plt``): name -> module."""
+    from .analysis.hidden import STATEFUL_MODULES, is_stateful_module
+
     plain = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     out = {n for n in names if isinstance(ns.get(n), plain)}
+    stateful = {n: ns[n].__name__ for n in out if is_stateful_module(ns[n])}
     for st in tree.body:
         if isinstance(st, (ast.For, ast.AsyncFor)):
             break
         if isinstance(st, ast.Import):
-            out |= {(a.asname or a.name).split(".")[0] for a in st.names}
-    return frozenset(out)
+            for a in st.names:
+                if a.asname and a.name in STATEFUL_MODULES:
+                    stateful[a.asname] = a.name
+                out.add((a.asname or a.name).split(".")[0])
+        elif isinstance(st, ast.ImportFrom) and st.module == "matplotlib":
+            stateful.update({(a.asname or a.name): f"matplotlib.{a.name}" for a in st.names
+                             if f"matplotlib.{a.name}" in STATEFUL_MODULES})
+    return frozenset(out - set(stateful)), stateful
 
 
 def _check_supported(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> None:

@@ -199,6 +199,9 @@ class LoopShape:
     #: inputs whose objects a write may store: engines send such values back
     #: as references to the kernel's own objects (see parloop.engine)
     stored: tuple[str, ...] = ()
+    #: notebook functions the body calls, as factories of the workers' copies:
+    #: ``(path from the body's globals, factory module)``
+    functions: tuple[tuple[tuple[str, ...], Any], ...] = ()
 
     @property
     def speculative(self) -> bool:
@@ -257,7 +260,7 @@ class ChunkControl:
     __slots__ = ("stop", "start", "on_error", "marks", "errors", "raised", "halted_at",
                  "log", "parts", "seed_value", "private", "timeout", "broke_at", "shape",
                  "iters", "reader", "write", "init", "originals", "dels", "direct",
-                 "_fresh_streams", "hidden")
+                 "_fresh_streams", "hidden", "fns")
 
     def __init__(self, start: int, on_error: str, log: Any, parts: list,
                  private: set[str] | frozenset[str], seed_value: int | None = None,
@@ -284,6 +287,7 @@ class ChunkControl:
         self.originals = originals or {}
         self.dels: set[str] = set()
         self.hidden = ""
+        self.fns: dict[str, Callable] = {}
         self._fresh_streams = bool(shape and shape.body_seeds)
         self.iters: IterationRecords | None = None
         self.reader: Any = DirectReader()
@@ -452,14 +456,22 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
     if register is not None:
         register(ctl)
     watched = _watched(fn, shape) if watch and shape is not None and shape.watch else None
+    ctl_token = None
+    if shape is not None and shape.functions:
+        ctl.fns = _function_copies(fn, shape)
+        ctl_token = _ctl_var.set(ctl)
     old_handler = signal.signal(signal.SIGALRM, _on_alarm) if timeout is not None else None
     t0 = time.perf_counter()
     c0 = time.thread_time()
-    token = _parts_var.set(parts)
+    # re-executed in the kernel: output goes straight out, in order with the
+    # replayed calls' own output
+    token = _parts_var.set(parts if direct is None else None)
     try:
         local_vars = fn(items, log, parts, ctl, HELPERS)
     finally:
         _parts_var.reset(token)
+        if ctl_token is not None:
+            _ctl_var.reset(ctl_token)
         if timeout is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_handler)
@@ -484,6 +496,58 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
                        and ctl.broke_at is None and not ctl.hidden and done < len(items),
                        worker=worker, t_start=t0, t_end=t1, cpu=c1 - c0,
                        broke=ctl.broke_at, iters=iters, hidden=hidden)
+
+
+#: the chunk control of the running chunk (per thread / task): notebook
+#: functions' copies find the log through it
+_ctl_var: contextvars.ContextVar[ChunkControl | None] = contextvars.ContextVar(
+    "parloop_ctl", default=None)
+
+
+class _FunctionRuntime:
+    """What the copies of notebook functions call (``___rt``)."""
+
+    @staticmethod
+    def control() -> ChunkControl:
+        ctl = _ctl_var.get()
+        if ctl is None:
+            raise RuntimeError("parloop: a worker's copy of a notebook function was called "
+                               "outside the loop it was made for")
+        return ctl
+
+    @staticmethod
+    def writer(ctl: ChunkControl, g: dict[str, Any]) -> Callable[[tuple], None]:
+        reader = ctl.reader
+        if type(reader) is Reader:
+            return lambda entry: reader.write(entry, g)
+        return ctl.write
+
+
+FUNCTION_RUNTIME = _FunctionRuntime()
+
+
+def _function_copies(fn: Callable, shape: LoopShape) -> dict[str, Callable]:
+    """The workers' copies of the notebook functions the body calls, made
+    once per chunk function (once per run on an engine), each in the globals
+    of the function it stands for."""
+    cached = fn.__dict__.get("___parloop_fns")
+    if cached is not None:
+        return cached
+    fns: dict[str, Callable] = {}
+    for path, module in shape.functions:
+        orig: Any = fn.__globals__.get(path[0])
+        for name in path[1:]:
+            orig = getattr(orig, "__globals__", {}).get(name)
+        if orig is None or not hasattr(orig, "__globals__"):
+            continue
+        scratch: dict[str, Any] = {}
+        exec(compile(module, orig.__code__.co_filename, "exec"), orig.__globals__, scratch)
+        copy_ = scratch["___parloop_factory"](FUNCTION_RUNTIME, fns, orig.__globals__)
+        copy_.__defaults__ = orig.__defaults__
+        copy_.__kwdefaults__ = orig.__kwdefaults__
+        fns[path[-1]] = copy_
+    fn.__dict__["___parloop_fns"] = fns
+    return fns
 
 
 def _watched(fn: Callable, shape: LoopShape) -> list[tuple[str, Any, bytes | str]]:

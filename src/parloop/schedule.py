@@ -138,6 +138,10 @@ def cpu_count() -> int:
 WINDOW_CHUNKS = 2
 
 
+#: speculative loops: chunks grow from one iteration, doubling, until this
+#: many iterations have been checked at commit (see dispatch)
+RAMP_CHECKED = 16
+
 #: seconds between two readings of the workers' live state
 LIVE_PERIOD = 0.2
 
@@ -207,6 +211,8 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
             threads.observe(measured[0], measured[2], measured[1])
     in_flight: dict[Future, Chunk] = {}
     results: dict[int, tuple[Chunk, ChunkResult]] = {}
+    speculative = committer.spec is not None and committer.spec.shape.speculative
+    ramp: int | None = 1 if speculative and opts.chunksize is None else None
     next_start = start
     committer.next = start
     exhausted = False
@@ -261,6 +267,15 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
                                                          concurrency(), 1000)):
                 remaining = None if total is None else total - next_start
                 size = sizer.next_size(remaining)
+                if ramp is not None:
+                    # iterations that may depend on each other: small chunks
+                    # first, so that a loop that conflicts everywhere is found
+                    # out after a few iterations, not after a whole chunk each
+                    if committer.checked >= RAMP_CHECKED and not committer.serial:
+                        ramp = None
+                    else:
+                        size = min(size, ramp)
+                        ramp *= 2
                 items = take(next_start, size)
                 if not items:
                     exhausted = True

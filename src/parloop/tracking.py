@@ -30,7 +30,7 @@ from typing import Any, Callable, MutableMapping
 
 from .log.conflicts import WriteSet
 from .log.entries import (CALL, FINAL_DEL_ITEM, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
-                          SET_ITEM, STEP_ITEM, TARGET, TARGET_WRITE)
+                          SET_ITEM, STEP_ITEM, TARGET, TARGET_WRITE, FLUSH)
 from .log.locations import (ATTR, LENGTH, WHOLE, attr_location, item_location, path_locations,
                             write_locations)
 from .log.replay import apply_entry, apply_path, group_into, reduce_into
@@ -103,10 +103,12 @@ class Reader:
             self._copied.clear()
 
     # -- writes ------------------------------------------------------------------
-    def write(self, entry: tuple) -> None:
-        """``___wr(entry)``: note the write in the overlay, then log it."""
+    def write(self, entry: tuple, objects: Any = None) -> None:
+        """``___wr(entry)``: note the write in the overlay, then log it
+        (``objects``: where the root's name is bound, when not in the chunk
+        function's globals: a notebook function's own, on an engine)."""
         name = entry[1]
-        obj = self.objects.get(name, _MISSING)
+        obj = (objects if objects is not None else self.objects).get(name, _MISSING)
         op = entry[0]
         if obj is _MISSING:
             self._whole.add(name)
@@ -328,7 +330,7 @@ class ApplyingLog:
     def append(self, e: tuple) -> None:
         op = e[0]
         self.count += 1
-        if op == TARGET or op == TARGET_WRITE:
+        if op == TARGET or op == TARGET_WRITE or op == FLUSH:
             return
         with self.lock:
             if op == REDUCE:

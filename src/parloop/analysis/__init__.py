@@ -39,12 +39,13 @@ def split_cell(tree: ast.Module) -> tuple[list[ast.stmt], ast.For | ast.AsyncFor
 
 
 def analyse(tree: ast.Module, plain_roots: frozenset[str] = frozenset(),
-            copies: tuple[str, ...] = ()) -> LoopPlan:
+            copies: tuple[str, ...] = (), stateful: dict[str, str] | None = None) -> LoopPlan:
     """Analyse a parsed cell; raise LoopAnalysisError for what cannot be parallel.
 
     ``plain_roots``: outside names known to be bound to modules, classes or
     functions (``np``): calls through them are calls, not writes.
     ``copies``: the ``private=`` option's names.
+    ``stateful``: names bound to modules with global state (``plt``): module name.
 
     A loop that awaits (``async for`` at the top, or ``await``/``async with``/
     ``async for`` in the body) is accepted here with ``plan.is_async`` set; the
@@ -93,8 +94,9 @@ def analyse(tree: ast.Module, plain_roots: frozenset[str] = frozenset(),
     for name, ops in rebinding.items():
         reductions.setdefault(name, []).extend(ops)
 
+    stateful = {n: m for n, m in (stateful or {}).items() if n not in private}
     muts = Mutations(private, target_set - reassigned_targets, set(reductions),
-                     plain_roots=plain_roots)
+                     plain_roots=plain_roots - set(stateful), stateful=stateful)
     for st in loop.body:
         muts.stmt(st)
     target_roots = {m.root for m in muts.found if m.through_target}
@@ -118,7 +120,8 @@ def analyse(tree: ast.Module, plain_roots: frozenset[str] = frozenset(),
                     stored_targets=muts.stored_targets, read_roots=read_roots,
                     checked=dict(checker.checked), deleted=muts.deleted & private,
                     groups=groups, copies=tuple(copies), break_lines=forbidden.breaks,
-                    body_seeds=body_seeds(loop.body), orelse_count=len(loop.orelse))
+                    body_seeds=body_seeds(loop.body), orelse_count=len(loop.orelse),
+                    stateful=set(stateful) & call_roots)
 
 
 def prologue_names(plan: LoopPlan) -> set[str]:

@@ -1,6 +1,6 @@
 """The ``explain`` flag: a readable account of how parloop would run a cell,
-run nothing.  Also finds the one documented difference between the magics: a
-notebook function that changes a global by itself (DESIGN §3)."""
+run nothing: every name's role and how it is kept serial-equivalent, and the
+hidden state found (objects handed to code, notebook functions' globals)."""
 from __future__ import annotations
 
 import ast
@@ -86,16 +86,26 @@ def global_writes(fn: Any, ns: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def warnings_for(plan: LoopPlan, ns: dict[str, Any]) -> list[str]:
+def hidden_state(plan: LoopPlan, ns: dict[str, Any]) -> list[str]:
+    """What the body hands to code that could change it behind the log (see
+    parloop.analysis.hidden), and what parloop does about it."""
+    from ..rewrite import classify_call_roots
+    from ..run import _plain_roots, _watched
+    from .functions import notebook_functions
+
+    plain, stateful = _plain_roots(plan.tree, ns)
+    functions = notebook_functions(plan.loop.body, ns, plain, stateful)
     out = []
-    for name in sorted(plan.inputs | plan.call_roots):
-        fn = ns.get(name)
-        if isinstance(fn, types.FunctionType):
-            for g, how in global_writes(fn, ns):
-                out.append(f"`{name}` mutates the global `{g}` ({how}): under %%threaded the "
-                           "change is visible in the notebook, unordered; under %%parallel it "
-                           "happens on the engine's copy and is lost. Write it in the loop "
-                           "body instead so it is replayed in order.")
+    for path in _watched(plan, ns, classify_call_roots(plan, ns), functions):
+        if len(path) == 1:
+            out.append(f"`{path[0]}` is handed to code that may change it")
+            continue
+        fname, g = path
+        fn = ns.get(fname)
+        how = [h for name, h in global_writes(fn, ns) if name == g] \
+            if isinstance(fn, types.FunctionType) else []
+        out.append(f"`{fname}` (a notebook function the loop calls) "
+                   + (f"changes the global `{g}` ({how[0]})" if how else f"uses the global `{g}`"))
     return out
 
 
@@ -145,8 +155,24 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
     if plan.break_lines:
         lines.append(f"  break at line(s) {', '.join(map(str, plan.break_lines))}: the "
                      "breaking iteration is the last one committed; later work is discarded")
-    warn = warnings_for(plan, ns)
-    if warn:
+    from .functions import notebook_functions
+    from ..run import _plain_roots
+    plain, stateful = _plain_roots(plan.tree, ns)
+    functions = notebook_functions(plan.loop.body, ns, plain, stateful)
+    if functions:
         lines.append("")
-        lines.extend(f"  warning: {w}" for w in warn)
+        lines.append("  notebook functions the loop calls (the workers run copies whose writes to "
+                     "notebook globals are logged and replayed in iteration order):")
+        for fp in functions.values():
+            writes = ", ".join(f"`{g}`" for g in sorted(fp.writes())) or "nothing outside itself"
+            lines.append(f"    {fp.name} (line {fp.fdef.lineno}): writes {writes}")
+    hidden = hidden_state(plan, ns)
+    if hidden:
+        lines.append("")
+        lines.append("  hidden state (changes the log cannot see):")
+        lines.extend(f"    {h}" for h in hidden)
+        where = ("on the engines around every chunk" if opts.magic == "parallel" else
+                 "around the first iteration, which runs in the kernel")
+        lines.append(f"  these are fingerprinted {where}; if one changes, the loop runs "
+                     "serially in the kernel from there (parloop.last_run.notes says why)")
     return "\n".join(lines)

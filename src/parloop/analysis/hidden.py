@@ -17,6 +17,24 @@ import ast
 
 from .scopes import leftmost_name, walk_scope
 
+#: modules with global state of their own (pyplot's current figure and axes):
+#: statement-level calls through them are replayed in the kernel in iteration
+#: order, like writes; a call whose result the body uses is rejected.  One
+#: place, easy to extend (``tensorflow``'s default graph, ``torch``'s seeds...)
+STATEFUL_MODULES = frozenset({"matplotlib.pyplot", "seaborn", "pylab"})
+
+#: what to write instead, per module (the object-oriented form)
+STATEFUL_ADVICE = {
+    "matplotlib.pyplot": "create the figure before the loop (`fig, axes = plt.subplots(...)`) "
+                         "and draw on it in the loop (`axes[i].plot(...)`)",
+}
+
+
+def is_stateful_module(value: object) -> bool:
+    return getattr(value, "__name__", None) in STATEFUL_MODULES and type(value).__name__ \
+        == "module"
+
+
 #: builtins that never change their arguments (calling them is not a hidden path)
 PURE_BUILTINS = frozenset(
     "abs all any ascii bin bool bytes callable chr complex dict divmod enumerate float "
@@ -52,6 +70,9 @@ def watch_candidates(body: list[ast.stmt]) -> set[str]:
                 if not pure:
                     for a in list(n.args) + [k.value for k in n.keywords]:
                         out |= _roots(a)
+                if isinstance(f, ast.Name) and not pure:
+                    # a callable object (``model(x)``): calling it may change it
+                    out.add(f.id)
                 if isinstance(f, ast.Attribute):
                     # a method call: its receiver (a statement-level call on an
                     # outside name is a recorded write, filtered out later)

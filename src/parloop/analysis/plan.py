@@ -57,6 +57,8 @@ class LoopPlan:
     #: the loop's `else:` statements (the first of the epilogue): run only
     #: when no iteration breaks
     orelse_count: int = 0
+    #: call roots bound to modules with global state (pyplot): replayed in order
+    stateful: set[str] = field(default_factory=set)
 
     @property
     def body_lines(self) -> tuple[int, int]:

@@ -44,8 +44,11 @@ class Mutations:
     kernel's item), or an outside name (recorded, replayed in order)."""
 
     def __init__(self, private: set[str], targets: set[str], reductions: set[str],
-                 plain_roots: frozenset[str] = frozenset()):
+                 plain_roots: frozenset[str] = frozenset(),
+                 stateful: dict[str, str] | None = None):
         self.private = private
+        #: name -> module, for names bound to modules with global state (pyplot)
+        self.stateful = stateful or {}
         #: outside names bound to modules, classes and functions: ``np.sort(a)``
         #: is a call, never a write to ``np``
         self.plain_roots = plain_roots
@@ -201,6 +204,17 @@ class Mutations:
         for n in ast.walk(node):
             if id(n) in skip:
                 continue
+            if isinstance(n, ast.Call) and self.stateful:
+                root = chain_root(n.func)[0]
+                if root in self.stateful and root not in self.private:
+                    from .hidden import STATEFUL_ADVICE
+                    advice = STATEFUL_ADVICE.get(self.stateful[root],
+                                                 "call it on its own line")
+                    raise LoopAnalysisError(
+                        f"`{ast.unparse(n)}` uses the global state of `{self.stateful[root]}` "
+                        "(its current figure) and the body needs its result: calls through it "
+                        f"are replayed in the kernel in iteration order only as statements; "
+                        f"{advice}", lineno=n.lineno, name=root)
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
                     and n.func.attr in MUTATING_METHODS:
                 root, _ = chain_root(n.func)

@@ -85,7 +85,13 @@ class Speculation:
     #: shared objects written through method calls (``model.fit(x)``): a copy
     #: per iteration (``private=``) would make such a loop parallel
     suggest: frozenset[str] = frozenset()
+    #: outside names that share state (see run._alias_groups): name -> (group,
+    #: every access whole)
+    canon: dict[str, tuple[str, bool]] = field(default_factory=dict)
     writes: WriteSet = field(default_factory=WriteSet)
+
+    def __post_init__(self) -> None:
+        self.writes.canon = self.canon
 
 
 class Committer:
@@ -138,10 +144,12 @@ class Committer:
                 env = env_cache[n] = self.targets.bind(chunk.items[n])
             return env
 
+        parts = _PartsWriter(res.parts)
         pos = 0
         while True:
             try:
-                replay(self.ns, res.log, target_env if self.synced else None, pos)
+                replay(self.ns, res.log, target_env if self.synced else None, pos,
+                       flush=parts.upto)
                 break
             except Exception as exc:
                 # an entry raised in the kernel (``out[k] = v`` on a list too
@@ -149,13 +157,13 @@ class Committer:
                 at = getattr(exc, "parloop_log_pos", pos)
                 n = max(bisect.bisect_right(res.marks, at) - 1, 0)
                 if self.on_error == "raise":
-                    write_parts(res.parts)
+                    parts.upto(len(res.parts))
                     self._finish_chunk(chunk, res, n + 1)
                     raise IterationFailed(chunk.start + n, exc, chunk.items[n]) from None
                 self.record.errors.append(ErrorRecord(
                     chunk.start + n, self.targets.describe(chunk.items[n]), exc))
                 pos = res.marks[n + 1] if n + 1 < len(res.marks) else len(res.log)
-        write_parts(res.parts)
+        parts.upto(len(res.parts))
         self._finish_chunk(chunk, res, res.done)
         for err in res.errors:
             item = chunk.items[err.index - chunk.start]
@@ -186,6 +194,7 @@ class Committer:
         shared = spec.shape.shared
         env = self._target_env(chunk) if self.synced else None
         subst = target_substitutions(res.log, env) if env is not None else {}
+        parts = _PartsWriter(res.parts)
         nreads = len(it.reads)
         self.record.reads += nreads
         for n in range(res.done):
@@ -220,14 +229,14 @@ class Committer:
                 for e in res.log[m0:m1]:
                     if e[1] in shared and e[0] in (SET_ITEM, SET_ATTR, CALL, PATH):
                         spec.writes.add(e[1], write_locations(self.ns[e[1]], e), index)
+                parts.done = it.pmarks[n]
                 try:
                     with spec.lock:
-                        replay(self.ns, res.log, env, m0, m1, subst)
+                        replay(self.ns, res.log, env, m0, m1, subst, flush=parts.upto)
                 except Exception as exc:  # noqa: BLE001 - as serial raised it
                     err = _iteration_error(index, exc)
-            p0 = it.pmarks[n]
-            p1 = it.pmarks[n + 1] if n + 1 < len(it.pmarks) else len(res.parts)
-            write_parts(res.parts[p0:p1])
+            parts.done = max(parts.done, it.pmarks[n])
+            parts.upto(it.pmarks[n + 1] if n + 1 < len(it.pmarks) else len(res.parts))
             self._private_values(it.privates[n] if n < len(it.privates) else {})
             self.last_item = (chunk.items[n],)
             self.next = index + 1
@@ -350,6 +359,23 @@ class Interrupted(KeyboardInterrupt):
 class IterationFailed(Exception):
     def __init__(self, index: int, exc: BaseException, item: Any):
         self.index, self.exc, self.item = index, exc, item
+
+
+class _PartsWriter:
+    """Writes a chunk's captured output in order, up to a given part, so
+    that a FLUSH entry puts the output of a call replayed in the kernel
+    (``plt.show()``) after what the iteration printed before it."""
+
+    __slots__ = ("parts", "done")
+
+    def __init__(self, parts: list[str]) -> None:
+        self.parts = parts
+        self.done = 0
+
+    def upto(self, k: int) -> None:
+        if k > self.done:
+            write_parts(self.parts[self.done:k])
+            self.done = k
 
 
 def _iteration_error(index: int, exc: BaseException) -> Any:

@@ -53,8 +53,20 @@ class WriteSet:
         self.locations: dict[str, dict[tuple, int]] = {}
         #: name -> the last iteration that wrote the object as a whole
         self.whole: dict[str, int] = {}
+        #: names that share state with others: name -> (group, whole only)
+        self.canon: dict[str, tuple[str, bool]] = {}
+
+    def _key(self, name: str, loc: tuple) -> tuple[str, tuple]:
+        c = self.canon.get(name)
+        if c is None:
+            return name, loc
+        return c[0], (WHOLE if c[1] else loc)
 
     def add(self, name: str, locs: Iterable[tuple], writer: int) -> None:
+        if self.canon and name in self.canon:
+            name, whole = self.canon[name]
+            if whole:
+                locs = (WHOLE,)
         for loc in locs:
             if loc == WHOLE:
                 self.whole[name] = writer
@@ -66,7 +78,10 @@ class WriteSet:
         whole, locations = self.whole, self.locations
         if not whole and not locations:
             return None
+        canon = self.canon
         for name, loc in reads:
+            if canon and name in canon:
+                name, loc = self._key(name, loc)
             w = whole.get(name)
             if w is not None:
                 return Conflict(index, name, loc, w)

@@ -20,6 +20,10 @@ opcodes below::
                                               in the chunk's n-th iteration (engines):
                                               ``entry`` (its root None) is applied to
                                               the kernel's own item
+    (FLUSH, k)                                write the iteration's captured output up
+                                              to part k before what follows (a replayed
+                                              ``plt.show()`` shows after the prints
+                                              before it)
     (GROUP, compared, cmp, candidate, names, values)
                                               the argmax/argmin shape ``if s > best:
                                               best = s; best_k = k``: when
@@ -39,7 +43,7 @@ import builtins
 import operator
 from typing import Any, Callable
 
-SET_ITEM, SET_ATTR, CALL, REDUCE, PATH, TARGET, GROUP, TARGET_WRITE = range(8)
+SET_ITEM, SET_ATTR, CALL, REDUCE, PATH, TARGET, GROUP, TARGET_WRITE, FLUSH = range(9)
 
 STEP_ITEM = "i"
 STEP_ATTR = "a"
@@ -84,6 +88,7 @@ OPS: dict[str, Callable[[Any, Any], Any]] = {
     **INPLACE,
     **BINARY,
     **{"r" + k: _flipped(f) for k, f in BINARY.items()},
+    "=": lambda acc, v: v,
     "max": lambda acc, v: builtins.max(acc, v),
     "rmax": lambda acc, v: builtins.max(v, acc),
     "min": lambda acc, v: builtins.min(acc, v),

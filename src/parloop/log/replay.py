@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, MutableMapping
 from .entries import (CALL, CMP, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR,
                       FINAL_DEL_ITEM, FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, INPLACE, OPS, PATH,
                       REDUCE, SCALARS, SET_ATTR, SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM,
-                      TARGET, TARGET_WRITE)
+                      TARGET, TARGET_WRITE, FLUSH)
 
 
 def _walk(obj: Any, steps: Iterable[tuple]) -> Any:
@@ -193,7 +193,8 @@ def target_substitutions(log: list, target_env: Callable[[int], dict] | None
 
 def replay(ns: MutableMapping[str, Any], log: list,
            target_env: Callable[[int], dict] | None = None, start: int = 0,
-           stop: int | None = None, subst: dict[int, Any] | None = None) -> None:
+           stop: int | None = None, subst: dict[int, Any] | None = None,
+           flush: Callable[[int], None] | None = None) -> None:
     """Apply a log to the namespace, in order.
 
     ``target_env(n)`` gives the kernel-side binding of the loop target for the
@@ -224,6 +225,9 @@ def replay(ns: MutableMapping[str, Any], log: list,
                     sync_into(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
             elif op == TARGET_WRITE:
                 apply_entry(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
+            elif op == FLUSH:
+                if flush is not None:
+                    flush(e2[1])
             else:
                 apply_entry(ns[e2[1]], e2)
     except Exception as err:
@@ -235,6 +239,9 @@ def replay(ns: MutableMapping[str, Any], log: list,
 def reduce_into(ns: MutableMapping[str, Any], e: tuple) -> None:
     """``root = OPS[op](root, value)`` on a notebook name; an unbound name is
     the NameError serial Python raises."""
+    if e[2] == "=":
+        ns[e[1]] = e[3]
+        return
     try:
         acc = ns[e[1]]
     except KeyError:

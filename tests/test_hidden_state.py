@@ -1,0 +1,251 @@
+"""State the cell's text does not show (DESIGN §3): notebook functions that
+write globals, method calls that change their object, arguments changed by
+the code they are handed to, aliases, loop-target DataFrames, stored inputs,
+submodules, pyplot.  Each case: the serial answer under both magics (run
+serially in the kernel where parloop cannot do better), never a silent
+difference; ``explain`` says what it found."""
+from __future__ import annotations
+
+import pytest
+
+import parloop
+from helpers import differential, reset, run_cell
+
+MAGICS = ["%%threaded threads=3 chunksize=2 progress=off",
+          "%%parallel processes=2 chunksize=2 progress=off"]
+
+CASES = [
+    ("helpers_two_calls_deep", """
+SEEN = {}
+def deeper(x):
+    SEEN[x] = x * x
+def record(x):
+    deeper(x)
+    return x + 1
+out = {}
+""", """
+for i in range(10):
+    out[i] = record(i)
+""", ["out", "SEEN"]),
+    ("class_attribute_memo", """
+class Memo:
+    cache = {}
+    def get(self, k):
+        if k not in Memo.cache:
+            Memo.cache[k] = k * 3
+        return Memo.cache[k]
+m = Memo()
+res = {}
+""", """
+for i in range(12):
+    res[i] = m.get(i % 5)
+""", ["res", "Memo.cache"]),
+    ("torch_shaped_trainer", """
+class Param:
+    def __init__(self, v):
+        self.v = v
+        self.grad = 0.0
+class Loss:
+    def __init__(self, model, x):
+        self.model, self.x = model, x
+    def backward(self):
+        self.model.w.grad = 2 * (self.model.w.v * self.x - 1) * self.x
+    def item(self):
+        return round((self.model.w.v * self.x - 1) ** 2, 12)
+class Model:
+    def __init__(self):
+        self.w = Param(0.1)
+    def __call__(self, x):
+        return Loss(self, x)
+class SGD:
+    def __init__(self, p, lr):
+        self.p, self.lr = p, lr
+    def step(self):
+        self.p.v -= self.lr * self.p.grad
+model = Model()
+opt = SGD(model.w, 0.05)
+losses = {}
+""", """
+for epoch in range(10):
+    loss = model(1.5)
+    loss.backward()
+    opt.step()
+    losses[epoch] = loss.item()
+""", ["losses", "model.w.v"]),
+    ("pandas_inplace_on_input", """
+import numpy as np
+import pandas as pd
+frames = [pd.DataFrame({"a": [1.0, np.nan, 3.0]}) for _ in range(4)]
+sums = {}
+""", """
+for i, f in enumerate(frames):
+    f.fillna(i, inplace=True)
+    sums[i] = float(f["a"].sum())
+""", ["sums", "frames"]),
+    ("rng_object_without_seed", """
+import numpy as np
+rng = np.random.default_rng(3)
+draws = {}
+""", """
+for i in range(10):
+    draws[i] = float(rng.normal())
+""", ["draws"]),
+    ("argument_changed_by_library", """
+import numpy as np
+arrs = [np.zeros(3) for _ in range(6)]
+def bump(a, v):
+    a += v
+""", """
+for i in range(6):
+    bump(arrs[i], i)
+""", ["arrs"]),
+]
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("name,setup,cell,checks", CASES, ids=[c[0] for c in CASES])
+def test_hidden_state_equals_serial(ip, magic, name, setup, cell, checks):
+    differential(ip, setup, cell, magic, checks)
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_hidden_state_note_names_object(ip, magic):
+    reset(ip)
+    run_cell(ip, "class C:\n    def __init__(self):\n        self.n = 0\n"
+                 "    def bump(self):\n        self.n += 1\n        return self.n\n"
+                 "c = C()\nout = {}")
+    _, err = run_cell(ip, magic + "\nfor i in range(6):\n    out[i] = c.bump()\n")
+    assert err is None, err
+    assert ip.user_ns["out"] == {i: i + 1 for i in range(6)}
+    notes = " ".join(parloop.last_run.notes)
+    assert "`c`" in notes and "serially" in notes, notes
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_notebook_function_writes_are_replayed_in_parallel(ip, magic):
+    """A notebook function that writes notebook globals runs as a copy whose
+    writes are logged: the loop stays parallel, nothing re-runs, the globals
+    end as serially (insertion order included)."""
+    setup = ("SEEN = {}\nLOG = []\nTOTAL = 0\ndef note(x):\n    LOG.append(x)\n"
+             "def record(x):\n    global TOTAL\n    SEEN[x] = x * x\n    note(f'saw {x}')\n"
+             "    TOTAL += x\n    return x + 1\nout = {}")
+    cell = "for i in range(16):\n    out[i] = record(i)\n"
+    differential(ip, setup, cell, magic, ["out", "SEEN", "LOG", "TOTAL"])
+    rec = parloop.last_run
+    assert not rec.hidden and rec.reruns == [], rec.notes
+    assert any(c.worker != "kernel" for c in rec.chunks)
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_notebook_function_reads_what_the_loop_writes(ip, magic):
+    """A helper's read of a global the loop (through the helper) writes takes
+    part in the dependence test."""
+    setup = ("cache = {}\ndef memo(k):\n    if k not in cache:\n        cache[k] = k * 10\n"
+             "    return cache[k]\nres = {}")
+    cell = "for i in range(20):\n    res[i] = memo(i % 6)\n"
+    differential(ip, setup, cell, magic, ["res", "cache"])
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_notebook_function_rebinding_a_global(ip, magic):
+    differential(ip, "last = None\ndef keep(x):\n    global last\n    if x % 3:\n"
+                     "        last = x\n", "for i in range(8):\n    keep(i)\n", magic, ["last"])
+
+
+def test_notebook_function_reading_its_global_is_rejected(ip):
+    reset(ip)
+    run_cell(ip, "n = 0\ndef count(x):\n    global n\n    n += 1\n    return n\nout = {}")
+    _, err = run_cell(ip, MAGICS[0] + "\nfor i in range(4):\n    out[i] = count(i)\n")
+    assert isinstance(err, parloop.LoopAnalysisError), err
+    assert "count" in str(err) and "`n`" in str(err)
+
+
+def test_explain_states_hidden_state(ip):
+    reset(ip)
+    run_cell(ip, "SEEN = {}\ndef record(x):\n    SEEN[x] = 1\n    return x\n"
+                 "out = {}\nclass Net:\n    def step(self):\n        return 1\nnet = Net()")
+    out, err = run_cell(ip, "%%parallel explain\nfor i in range(6):\n"
+                            "    out[i] = record(i) + net.step()\n")
+    assert err is None, err
+    assert "hidden state" in out and "`SEEN`" in out and "`net`" in out, out
+    assert "serially in the kernel" in out
+
+
+def test_no_hidden_state_no_probe(ip):
+    """A loop that hands nothing to code pays nothing: no fingerprints, no
+    iteration run in the kernel first."""
+    reset(ip)
+    run_cell(ip, "src = list(range(20))\nout = {}")
+    _, err = run_cell(ip, MAGICS[0] + "\nfor i in src:\n    out[i] = src[i] * 2\n")
+    assert err is None, err
+    assert not parloop.last_run.hidden
+    assert all(c.worker != "kernel" for c in parloop.last_run.chunks)
+
+
+PYPLOT_SETUP = """
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+plt.close("all")
+cols = ["a", "b", "c", "d"]
+def figures():
+    out = []
+    for n in plt.get_fignums():
+        f = plt.figure(n)
+        out.append((n, [(ax.get_title(), [list(map(float, l.get_ydata())) for l in ax.lines])
+                        for ax in f.axes]))
+    return out
+"""
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_pyplot_figures_as_serial(ip, magic):
+    """pyplot's calls in the body are replayed in the kernel in order: the
+    same figures, the same artists, prints in their places."""
+    pytest.importorskip("matplotlib")
+    differential(ip, PYPLOT_SETUP, """
+for i, c in enumerate(cols):
+    print("drawing", c)
+    plt.figure()
+    plt.plot([0, 1, 2], [i, i * 2, i * 3])
+    plt.title(c)
+    print("drawn", c)
+figs = figures()
+""", magic, ["figs"])
+
+
+def test_pyplot_result_needed_is_rejected(ip):
+    pytest.importorskip("matplotlib")
+    reset(ip)
+    run_cell(ip, PYPLOT_SETUP)
+    _, err = run_cell(ip, MAGICS[0] + "\nfor c in cols:\n    ax = plt.subplot(1, 1, 1)\n"
+                                      "    ax.set_title(c)\n")
+    assert isinstance(err, parloop.LoopAnalysisError)
+    assert "plt.subplots" in str(err) and "line 3" in str(err)
+
+
+@pytest.mark.parametrize("use_private", [False, True])
+def test_sklearn_cross_validation(ip, use_private):
+    """A real scikit-learn cross-validation loop (fit, then score, per fold),
+    with and without ``private=clf``: the serial scores and the serial model."""
+    pytest.importorskip("sklearn")
+    setup = """
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+rng = np.random.default_rng(0)
+X = rng.normal(size=(120, 4))
+y = (X[:, 0] + X[:, 1] * 0.5 > 0).astype(int)
+folds = np.array_split(np.arange(120), 5)
+clf = LogisticRegression()
+scores = {}
+"""
+    cell = """
+for k, test in enumerate(folds):
+    train = np.setdiff1d(np.arange(120), test)
+    clf.fit(X[train], y[train])
+    scores[k] = float(clf.score(X[test], y[test]))
+coef = clf.coef_.tolist()
+"""
+    opt = " private=clf" if use_private else ""
+    for magic in MAGICS:
+        differential(ip, setup, cell, magic + opt, ["scores", "coef"])
