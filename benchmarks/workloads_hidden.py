@@ -41,11 +41,12 @@ def fingerprint_cost(ip, rounds: int) -> Result:
     read = "for i in range(64):\n    out[i] = GRAPH[i % 10_000][0]\n"
     variants = [
         Variant("serial", lambda: run_cell(ip, passed)),
-        Variant("fingerprint, 10 MB dict of lists", lambda: _timed(lambda: fingerprint(graph))),
+        Variant("fingerprint, 10 MB dict of lists", lambda: _timed(lambda: fingerprint(graph)),
+                True),
         Variant("fingerprint, 100 MB array (hashed in place)",
-                lambda: _timed(lambda: fingerprint(array))),
+                lambda: _timed(lambda: fingerprint(array)), True),
         Variant("read-only flag, 100 MB array (what engines do)",
-                lambda: _timed(make_readonly)),
+                lambda: _timed(make_readonly), True),
         Variant("%%parallel, 10 MB dict handed to a function (watched)", lambda: run_cell(
             ip, "%%parallel processes=2 chunksize=8 progress=off\n" + passed), True),
         Variant("%%parallel, 10 MB dict only read (not watched)", lambda: run_cell(

@@ -249,3 +249,25 @@ coef = clf.coef_.tolist()
     opt = " private=clf" if use_private else ""
     for magic in MAGICS:
         differential(ip, setup, cell, magic + opt, ["scores", "coef"])
+
+
+@pytest.mark.parametrize("kind", ["np.random.default_rng(5)", "np.random.RandomState(5)",
+                                  "random.Random(5)"])
+def test_seeded_generator_objects_draw_per_iteration(ip, kind):
+    """``seed=`` with a generator object from outside: every iteration draws
+    from its own stream derived from (seed, index): the same numbers under
+    both magics, with any number of workers, never a repeated stream."""
+    draw = "float(rng.random())"
+    setup = f"import random\nimport numpy as np\nrng = {kind}\ndraws = {{}}"
+    cell = f"for i in range(24):\n    draws[i] = {draw}\n"
+    got = []
+    for magic in ("%%threaded threads=3 chunksize=2 progress=off seed=11",
+                  "%%parallel processes=2 chunksize=5 progress=off seed=11",
+                  "%%threaded threads=1 progress=off seed=11"):
+        reset(ip)
+        run_cell(ip, setup)
+        _, err = run_cell(ip, magic + "\n" + cell)
+        assert err is None, err
+        got.append(dict(ip.user_ns["draws"]))
+    assert got[0] == got[1] == got[2]
+    assert len(set(got[0].values())) == 24

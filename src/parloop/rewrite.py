@@ -580,7 +580,8 @@ class _BodyRewriter:
 def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
                          sync_names: set[str], hooked: bool,
                          shared: frozenset[str] | None = None,
-                         copies: set[str] = frozenset()) -> ast.Module:  # type: ignore
+                         copies: set[str] = frozenset(),  # type: ignore
+                         streams: tuple[str, ...] = ()) -> ast.Module:
 
     """The module that defines the chunk function for this loop.
 
@@ -619,6 +620,8 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
         inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
     # per-iteration set-up (seed=, timeout=, seeds in the body): only paid for when asked
     hook = ast.parse("___ctl.begin(___n)").body if hooked else []
+    # seed= and a generator object from outside: the iteration's own stream
+    hook += [ast.parse(f"{n} = ___ctl.stream({n!r}, ___n)").body[0] for n in streams]
     fns = ast.parse("___fns = ___ctl.fns").body if copies else []
     if not speculative:
         module = _fill(_TEMPLATE, INIT=fns, HOOK=hook, BODY=inner)

@@ -201,12 +201,14 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     shared = plan.shared(worker_roots) | (plan.inputs & fn_writes) | set().union(
         *(written & fp.reads for fp in functions.values()))
     canon = _alias_groups(plan, ns, written)
+    streams = tuple(sorted(n for n in plan.inputs if n in ns and seeding.is_generator(ns[n])
+                           and n not in shared)) if opts.seed is not None else ()
     shared = frozenset(shared | set(canon))
     if plan.is_async:
         module = build_iteration_function(plan, worker_roots, hooked=hooked)
     else:
         module = build_chunk_function(plan, worker_roots, sync_names=sync_names, hooked=hooked,
-                                      shared=shared, copies=set(functions))
+                                      shared=shared, copies=set(functions), streams=streams)
     factories = tuple((fp.path, build_function_factory(fp, shared, set(functions), cell.filename))
                       for fp in functions.values())
     record = LastRun(magic=opts.magic, backend=backend.name,
@@ -215,8 +217,9 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     parloop.last_run = record
     # the private= copies are written back by replay, not by their last values
     private = frozenset(plan.private - set(plan.copies))
-    watch = _watched(plan, ns, worker_roots, functions)
-    shape = LoopShape(private=private, shared=shared, functions=factories,
+    watch = tuple(p for p in _watched(plan, ns, worker_roots, functions)
+                  if not (len(p) == 1 and p[0] in streams))
+    shape = LoopShape(private=private, shared=shared, functions=factories, streams=streams,
                       checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
                       copies=plan.copies, body_seeds=plan.body_seeds, watch=watch,
                       stored=_stored(plan, ns, backend))

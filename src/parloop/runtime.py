@@ -174,6 +174,8 @@ class ChunkResult:
     #: a watched object changed on the worker (hidden state): why, or "".
     #: The kernel runs this chunk and the rest of the loop serially
     hidden: str = ""
+    #: seconds the worker spent fingerprinting watched objects for this chunk
+    watch_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,9 @@ class LoopShape:
     #: inputs whose objects a write may store: engines send such values back
     #: as references to the kernel's own objects (see parloop.engine)
     stored: tuple[str, ...] = ()
+    #: random generator objects the body draws from (``rng.normal()``): with
+    #: ``seed=`` each iteration has its own, derived from (seed, index)
+    streams: tuple[str, ...] = ()
     #: notebook functions the body calls, as factories of the workers' copies:
     #: ``(path from the body's globals, factory module)``
     functions: tuple[tuple[tuple[str, ...], Any], ...] = ()
@@ -311,6 +316,12 @@ class ChunkControl:
         """``del name`` of a private ran (after the loop the name is unbound
         unless a later iteration binds it again)."""
         self.dels.add(name)
+
+    def stream(self, name: str, n: int) -> Any:
+        """``seed=``: iteration n's own generator standing for the outside
+        generator ``name`` (whose state the iteration leaves alone)."""
+        assert self.seed_value is not None
+        return seeding.stream_like(self.originals[name], self.seed_value, self.start + n)
 
     def copy_of(self, name: str) -> Any:
         """``private=name``: the iteration's own copy of the outside object as
@@ -448,14 +459,17 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
     ``watch`` (engines): fingerprint ``shape.watch`` around the chunk."""
     log: Any = direct if direct is not None else []
     parts: list[str] = []
-    if originals is None and shape is not None and shape.copies:
-        originals = {k: fn.__globals__[k] for k in shape.copies if k in fn.__globals__}
+    if originals is None and shape is not None and (shape.copies or shape.streams):
+        originals = {k: fn.__globals__[k] for k in shape.copies + shape.streams
+                     if k in fn.__globals__}
     ctl = ChunkControl(start, on_error, log, parts, private, seed_value, timeout, shape,
                        objects=fn.__globals__, lock=lock, init=init, originals=originals,
                        direct=direct is not None)
     if register is not None:
         register(ctl)
+    tw = time.perf_counter()
     watched = _watched(fn, shape) if watch and shape is not None and shape.watch else None
+    watch_seconds = time.perf_counter() - tw
     ctl_token = None
     if shape is not None and shape.functions:
         ctl.fns = _function_copies(fn, shape)
@@ -488,14 +502,17 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set
     iters = ctl.iters
     if iters is not None and type(ctl.reader) is Reader:
         iters.reads = ctl.reader.reads
+    tw = time.perf_counter()
     hidden = ctl.hidden or (_changed(watched) if watched else "")
+    watch_seconds += time.perf_counter() - tw
     return ChunkResult(start=start, done=done, log=log if direct is None else [],
                        marks=ctl.marks[:done], parts=parts,
                        snapshot=snapshot, errors=ctl.errors, raised=ctl.raised,
                        halted=ctl.halted_at is not None and ctl.raised is None
                        and ctl.broke_at is None and not ctl.hidden and done < len(items),
                        worker=worker, t_start=t0, t_end=t1, cpu=c1 - c0,
-                       broke=ctl.broke_at, iters=iters, hidden=hidden)
+                       broke=ctl.broke_at, iters=iters, hidden=hidden,
+                       watch_seconds=watch_seconds)
 
 
 #: the chunk control of the running chunk (per thread / task): notebook

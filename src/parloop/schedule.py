@@ -138,6 +138,9 @@ def cpu_count() -> int:
 WINDOW_CHUNKS = 2
 
 
+#: chunks last at least this many times the per-chunk fingerprint cost
+WATCH_SHARE = 10.0
+
 #: speculative loops: chunks grow from one iteration, doubling, until this
 #: many iterations have been checked at commit (see dispatch)
 RAMP_CHECKED = 16
@@ -251,6 +254,10 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
         w.current = None
         w.partial = 0
         sizer.observe(res.done, res.t_end - res.t_start)
+        if res.watch_seconds:
+            # fingerprinting watched objects costs per chunk: chunks long
+            # enough that it stays under a tenth of the work
+            sizer.target = max(sizer.target, WATCH_SHARE * res.watch_seconds)
         if threads is not None:
             threads.observe(res.done, res.cpu, res.t_end - res.t_start)
             record.threads.update(t1=threads.t1, t2=threads.t2, cores=threads.cores)

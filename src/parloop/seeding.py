@@ -111,3 +111,23 @@ def fresh_iteration() -> None:
     np = sys.modules.get("numpy")
     if np is not None:
         _np.set(np.random.RandomState())
+
+
+def is_generator(value: Any) -> bool:
+    """A random generator object (numpy Generator or RandomState, or
+    ``random.Random``): with ``seed=`` each iteration draws from its own."""
+    if isinstance(value, random.Random):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, (np.random.Generator, np.random.RandomState))
+
+
+def stream_like(value: Any, seed: int, index: int) -> Any:
+    """A generator of ``value``'s kind for iteration ``index`` of a run with
+    ``seed``: the same numbers whichever worker runs the iteration."""
+    if isinstance(value, random.Random):
+        return type(value)(derive(seed, index))
+    np = sys.modules["numpy"]
+    if isinstance(value, np.random.RandomState):
+        return np.random.RandomState(derive(seed, index, 32))
+    return np.random.Generator(type(value.bit_generator)(derive(seed, index)))
