@@ -271,3 +271,36 @@ def test_seeded_generator_objects_draw_per_iteration(ip, kind):
         got.append(dict(ip.user_ns["draws"]))
     assert got[0] == got[1] == got[2]
     assert len(set(got[0].values())) == 24
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_axes_as_loop_items(ip, magic):
+    """``for ax in axes: ax.plot(...)``: drawn on the kernel's own axes, and no
+    extra pyplot figure comes back from the engines."""
+    pytest.importorskip("matplotlib")
+    setup = PYPLOT_SETUP + "fig, axes = plt.subplots(1, 3)\n"
+    cell = ("for i, ax in enumerate(axes):\n    ax.plot([0, 1], [i, i + 1])\n"
+            "    ax.set_title(f'p{i}')\nfigs = figures()\nn = len(plt.get_fignums())\n")
+    differential(ip, setup, cell, magic, ["figs", "n"])
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_replayed_call_output_in_place(ip, magic):
+    """A call replayed in the kernel prints at its place among the
+    iteration's own prints."""
+    setup = ("class Grid:\n    def __init__(self):\n        self.cells = []\n"
+             "    def add(self, v):\n        self.cells.append(v)\n"
+             "    def show(self):\n        print('grid', len(self.cells))\ngrid = Grid()")
+    cell = ("for i in range(6):\n    print('before', i)\n    grid.add(i)\n    grid.show()\n"
+            "    print('after', i)\ncells = grid.cells\n")
+    differential(ip, setup, cell, magic, ["cells"])
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_class_method_changing_class_state(ip, magic):
+    """``Registry.add(x)`` on a notebook class (a call through a class runs in
+    the worker) changes class attributes: detected, the serial answer."""
+    setup = ("class Registry:\n    items = []\n    @classmethod\n    def add(cls, x):\n"
+             "        cls.items.append(x)\n")
+    cell = "for i in range(8):\n    Registry.add(i * i)\nitems = list(Registry.items)\n"
+    differential(ip, setup, cell, magic, ["items"])

@@ -30,7 +30,10 @@ _SYNC = tuple(type(x) for x in (threading.Lock(), threading.RLock())) + (
 
 
 def watchable(value: Any) -> bool:
-    """Whether ``value`` could carry hidden state (a tuple of ints cannot)."""
+    """Whether ``value`` could carry hidden state (a tuple of ints cannot; a
+    class defined in the notebook can, in its class attributes)."""
+    if isinstance(value, type):
+        return getattr(value, "__module__", None) == "__main__"
     if isinstance(value, _IMMUTABLE) or isinstance(value, _SYNC):
         return False
     if type(value) is tuple:

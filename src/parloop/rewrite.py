@@ -20,7 +20,7 @@ import inspect
 import types
 from typing import Any, Mapping
 
-from .analysis import AUG_OPS, LoopPlan, chain_root
+from .analysis import AUG_OPS, MUTATING_METHODS, LoopPlan, chain_root
 from .analysis.dependence import rebind_operand
 from .log.entries import (CALL, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR, FINAL_DEL_ITEM,
                           FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
@@ -556,9 +556,10 @@ class _BodyRewriter:
         root = chain_root(call)[0]
         if root is None or root not in self.recorded_roots:
             return [st]
-        if root in self.plan.stateful:
+        if root in self.plan.stateful or call.func.attr not in MUTATING_METHODS:
             # what the iteration printed so far comes out before the call's
-            # own output (plt.show()) when it is replayed in the kernel
+            # own output (plt.show(), grid.show()) when it is replayed in the
+            # kernel; container methods (append, add...) print nothing
             flush = ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
                 [_const(FLUSH), ast.Call(func=_name("___len"), args=[_name("___parts")],
                                          keywords=[])])], keywords=[]))
@@ -614,10 +615,16 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
         deleted_through = {chain_root(t)[0] for st in plan.loop.body for n in ast.walk(st)
                            if isinstance(n, ast.Delete) for t in n.targets}
         mutated = sorted(sync_names & plan.target_roots
-                         & (watch_candidates(plan.loop.body) | deleted_through))
-        sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {sorted(sync_names)!r}, "
-                         f"{mutated!r})").body
-        inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
+                         & (watch_candidates(plan.loop.body, statement_receivers=False)
+                            | deleted_through))
+        # only what must come back travels back: an item a write stores (the
+        # kernel stores its own), or one handed to code (synced whole); an
+        # item merely written through does not (an Axes would come back with
+        # its figure, and register it with the kernel's pyplot)
+        back = sorted((sync_names & plan.stored_targets) | set(mutated))
+        if back:
+            sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {back!r}, {mutated!r})").body
+            inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
     # per-iteration set-up (seed=, timeout=, seeds in the body): only paid for when asked
     hook = ast.parse("___ctl.begin(___n)").body if hooked else []
     # seed= and a generator object from outside: the iteration's own stream

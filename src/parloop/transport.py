@@ -571,6 +571,23 @@ def loads(frames: list | bytes) -> Any:
     return _KernelUnpickler(io.BytesIO(frames[0]), buffers=frames[1:]).load()
 
 
+def _quiet_figure(figure_cls: type) -> type:
+    """A Figure coming back from an engine must not register itself with the
+    kernel's pyplot (matplotlib re-registers unpickled pyplot figures: an
+    extra figure per result)."""
+    quiet = getattr(figure_cls, "___parloop_quiet", None)
+    if quiet is None:
+        class QuietFigure(figure_cls):  # type: ignore[valid-type, misc]
+            def __setstate__(self, state: dict) -> None:
+                state.pop("_restore_to_pylab", None)
+                figure_cls.__setstate__(self, state)
+                self.__class__ = figure_cls
+
+        quiet = QuietFigure
+        figure_cls.___parloop_quiet = quiet  # type: ignore[attr-defined]
+    return quiet
+
+
 #: the namespace whose objects engines' results refer to (set by the engines
 #: backend for its run; see parloop.engine._InputPickler)
 KERNEL_NS: list[Mapping[str, Any]] = [{}]
@@ -594,6 +611,8 @@ class _KernelUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         obj = super().find_class(module, name)
+        if module == "matplotlib.figure" and name == "Figure":
+            return _quiet_figure(obj)
         if module.startswith("cloudpickle"):
             if name == "_make_skeleton_class":
                 return self._tracking(obj, 4)  # (type, name, bases, kwargs, tracker id, extra)

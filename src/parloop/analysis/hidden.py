@@ -59,9 +59,15 @@ def _roots(node: ast.AST) -> set[str]:
     return set()
 
 
-def watch_candidates(body: list[ast.stmt]) -> set[str]:
-    """Names the body hands to code that could change them (see above)."""
+def watch_candidates(body: list[ast.stmt], statement_receivers: bool = True) -> set[str]:
+    """Names the body hands to code that could change them (see above).
+    Without ``statement_receivers``, the receiver of a method call on its own
+    line is left out (through the loop target, such a call is replayed on the
+    kernel's item)."""
     out: set[str] = set()
+    statement_calls = set() if statement_receivers else {
+        id(n.value) for st in body for n in walk_scope(st)
+        if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)}
     for st in body:
         for n in walk_scope(st):
             if isinstance(n, ast.Call):
@@ -73,9 +79,9 @@ def watch_candidates(body: list[ast.stmt]) -> set[str]:
                 if isinstance(f, ast.Name) and not pure:
                     # a callable object (``model(x)``): calling it may change it
                     out.add(f.id)
-                if isinstance(f, ast.Attribute):
-                    # a method call: its receiver (a statement-level call on an
-                    # outside name is a recorded write, filtered out later)
+                if isinstance(f, ast.Attribute) and id(n) not in statement_calls:
+                    # a method call: its receiver (one on its own line through
+                    # an outside name is a recorded write, filtered out later)
                     out |= _roots(f.value)
             elif isinstance(n, ast.Assign):
                 for t in n.targets:
