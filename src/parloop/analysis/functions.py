@@ -14,6 +14,7 @@ else a body calls stays covered by the hidden-state fingerprints.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import textwrap
 import types
@@ -129,6 +130,25 @@ def _plan(name: str, path: tuple[str, ...], fdef: ast.FunctionDef,
                         stateful=set(stateful) & call_roots)
 
 
+#: analysed functions by code object (re-reading and parsing a function's
+#: source costs about a millisecond; a warm cell must not pay it each time)
+_CACHE: dict[tuple, FunctionPlan | None] = {}
+
+
+def _analysed(fn: types.FunctionType, name: str, path: tuple[str, ...],
+              plain: frozenset[str], stateful: dict[str, str]) -> FunctionPlan | None:
+    key = (fn.__code__, plain, tuple(sorted(stateful.items())))
+    if key not in _CACHE:
+        fdef = _source(fn)
+        if len(_CACHE) > 256:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = None if fdef is None else _plan(name, path, fdef, plain, stateful)
+    fp = _CACHE[key]
+    if fp is None:
+        return None
+    return dataclasses.replace(fp, path=path, calls=set(fp.calls))
+
+
 def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozenset[str],
                        stateful: dict[str, str]) -> dict[str, FunctionPlan]:
     """The notebook functions the body calls, followed MAX_DEPTH calls deep:
@@ -143,12 +163,11 @@ def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozense
         fn = ns.get(name)
         if not isinstance(fn, types.FunctionType) or fn.__globals__ is not ns:
             continue
-        fdef = _source(fn)
-        if fdef is None:
+        fp = _analysed(fn, name, path, plain, stateful)
+        if fp is None:
             continue
-        fp = _plan(name, path, fdef, plain, stateful)
         out[name] = fp
-        for n in walk_scope(fdef):
+        for n in walk_scope(fp.fdef):
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
                     and n.func.id not in fp.locals:
                 fp.calls.add(n.func.id)
