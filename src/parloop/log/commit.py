@@ -136,14 +136,7 @@ class Committer:
         if res.iters is not None and self.spec is not None:
             self._commit_iterations(chunk, res)
             return
-        env_cache: dict[int, dict[str, Any]] = {}
-
-        def target_env(n: int) -> dict[str, Any]:
-            env = env_cache.get(n)
-            if env is None:
-                env = env_cache[n] = self.targets.bind(chunk.items[n])
-            return env
-
+        target_env = self._target_env(chunk)
         parts = _PartsWriter(res.parts)
         pos = 0
         while True:
