@@ -217,3 +217,18 @@ preds = {}
     assert err is None, err
     assert ip.user_ns["preds"] == {f: 4 * f for f in range(6)}
     assert any("private=model" in n for n in parloop.last_run.notes), parloop.last_run.notes
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_same_key_objects_record_no_reads(ip, magic):
+    """``acc[k] = acc[k] * 2 + v``: every access at the one key expression;
+    no reads are recorded, only a repeated key conflicts."""
+    setup = "pairs = [(n % 7, n) for n in range(40)]\nacc = {k: 1 for k in range(7)}"
+    cell = "for k, v in pairs:\n    acc[k] = acc[k] * 2 + v\n"
+    differential(ip, setup, cell, magic, ["acc", "k", "v"])
+    rec = parloop.last_run
+    assert rec.reads == 0
+    assert rec.reruns, "repeated keys must conflict"
+    differential(ip, "pairs = [(n, n) for n in range(40)]\nacc = {k: 1 for k in range(40)}",
+                 cell, magic, ["acc"])
+    assert parloop.last_run.reruns == [] and parloop.last_run.reads == 0

@@ -220,6 +220,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     watch = tuple(p for p in _watched(plan, ns, worker_roots, functions)
                   if not (len(p) == 1 and p[0] in streams))
     shape = LoopShape(private=private, shared=shared, functions=factories, streams=streams,
+                      same_key=frozenset(plan.same_key & shared) - set(canon),
                       checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
                       copies=plan.copies, body_seeds=plan.body_seeds, watch=watch,
                       stored=_stored(plan, ns, backend))

@@ -186,6 +186,9 @@ class LoopShape:
     private: frozenset[str]
     #: written-and-read outside objects: reads recorded, own writes overlaid
     shared: frozenset[str] = frozenset()
+    #: shared objects accessed at one key expression only: reads not recorded
+    #: (the key an iteration writes is the key it read; see log.commit)
+    same_key: frozenset[str] = frozenset()
     #: privates that may be read before the iteration assigns them
     checked: frozenset[str] = frozenset()
     #: private names the body deletes (``del tmp``)
@@ -300,7 +303,8 @@ class ChunkControl:
         if shape is not None and shape.speculative:
             self.iters = IterationRecords()
             if not direct and shape.shared:
-                reader = Reader(objects if objects is not None else {}, log, lock)
+                reader = Reader(objects if objects is not None else {}, log, lock,
+                                unrecorded=shape.same_key)
                 self.reader = reader
                 self.write = reader.write
 

@@ -73,11 +73,14 @@ class Reader:
     location)`` in order; the chunk control marks where each iteration's
     begin) and the current iteration's own writes."""
 
-    __slots__ = ("reads", "objects", "log", "lock", "stuck", "_own", "_whole", "_copied")
+    __slots__ = ("reads", "objects", "log", "lock", "stuck", "unrecorded", "_own", "_whole",
+                 "_copied")
 
     def __init__(self, objects: MutableMapping[str, Any], log: list,
-                 lock: Any = None) -> None:
+                 lock: Any = None, unrecorded: frozenset[str] = frozenset()) -> None:
         self.reads: list[tuple[str, tuple]] = []
+        #: same-key objects: their reads are not recorded (see LoopShape)
+        self.unrecorded = unrecorded
         self.objects = objects          # the snapshot: the chunk function's globals
         self.log = log
         self.lock = lock if lock is not None else _NoLock()
@@ -198,7 +201,8 @@ class Reader:
             if v is PRESENT:
                 raise self._needs(name)
             return v
-        self.reads.append((name, loc))
+        if name not in self.unrecorded:
+            self.reads.append((name, loc))
         with self.lock:
             if type(obj) is collections.defaultdict and loc != WHOLE and key not in obj:
                 # reading a missing key inserts it: a write, replayed in order

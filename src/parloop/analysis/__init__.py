@@ -17,7 +17,7 @@ import ast
 
 from ..errors import LoopAnalysisError
 from .dependence import (argmax_groups, body_seeds, loads_outside_writes,
-                         rebinding_reductions)
+                         rebinding_reductions, same_key_objects)
 from .plan import LoopPlan
 from .scopes import ScopeNames, chain_root, target_names, walk_scope
 from .statements import CarriedReads, Forbidden, maybe_bound_before
@@ -104,7 +104,8 @@ def analyse(tree: ast.Module, plain_roots: frozenset[str] = frozenset(),
     call_roots = muts.call_roots - roots
     for r in (roots | call_roots) & set(reductions):
         raise LoopAnalysisError(
-            f"`{r}` is accumulated and also written through in the body", name=r)
+            f"`{r}` is accumulated and also written through in the body: each iteration "
+            "would depend on the one before; use one of the two forms", name=r)
 
     inputs = set(names.loads) - private - target_set - set(reductions)
     read_roots = loads_outside_writes(loop.body, roots | call_roots)
@@ -121,7 +122,9 @@ def analyse(tree: ast.Module, plain_roots: frozenset[str] = frozenset(),
                     checked=dict(checker.checked), deleted=muts.deleted & private,
                     groups=groups, copies=tuple(copies), break_lines=forbidden.breaks,
                     body_seeds=body_seeds(loop.body), orelse_count=len(loop.orelse),
-                    stateful=set(stateful) & call_roots)
+                    stateful=set(stateful) & call_roots,
+                    same_key=same_key_objects(loop.body, read_roots & roots,
+                                              target_set - reassigned_targets))
 
 
 def prologue_names(plan: LoopPlan) -> set[str]:

@@ -223,3 +223,42 @@ def rebind_operand(name: str, value: ast.expr) -> tuple[str, ast.expr] | None:
         return op, (value.right if not op.startswith("r") else value.left)
     assert isinstance(value, ast.Call)
     return op, (value.args[1] if not op.startswith("r") else value.args[0])
+
+
+def same_key_objects(body: list[ast.stmt], names: set[str], targets: set[str]) -> set[str]:
+    """Shared objects that every iteration reads and writes at one key only,
+    the same expression of the loop variables everywhere (``df[c] =
+    g(df[c])``), written unconditionally by a top-level statement: their reads
+    need no recording, the key each iteration writes is the one it read
+    (only a repeated key conflicts)."""
+    out: set[str] = set()
+    for name in names:
+        keys: set[str] = set()
+        bare = False
+        for st in body:
+            subs = {id(n.value) for n in ast.walk(st)
+                    if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)
+                    and n.value.id == name}
+            for n in ast.walk(st):
+                if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) \
+                        and n.value.id == name:
+                    keys.add(ast.dump(n.slice))
+                    loads = {x.id for x in ast.walk(n.slice) if isinstance(x, ast.Name)}
+                    if not loads <= targets or any(isinstance(x, ast.Call)
+                                                   for x in ast.walk(n.slice)):
+                        bare = True
+                elif isinstance(n, ast.Name) and n.id == name and id(n) not in subs:
+                    bare = True
+        if bare or len(keys) != 1:
+            continue
+        for st in body:
+            if isinstance(st, ast.Assign) and len(st.targets) == 1 \
+                    and isinstance(st.targets[0], ast.Subscript) \
+                    and isinstance(st.targets[0].value, ast.Name) \
+                    and st.targets[0].value.id == name:
+                out.add(name)
+                break
+            if not isinstance(st, (ast.Assign, ast.AnnAssign, ast.Expr, ast.AugAssign)) \
+                    or any(isinstance(n, ast.NamedExpr) for n in ast.walk(st)):
+                break
+    return out

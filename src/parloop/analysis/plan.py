@@ -59,6 +59,9 @@ class LoopPlan:
     orelse_count: int = 0
     #: call roots bound to modules with global state (pyplot): replayed in order
     stateful: set[str] = field(default_factory=set)
+    #: shared objects read and written at one key expression of the loop
+    #: variables only (``df[c] = g(df[c])``): reads need no recording
+    same_key: set[str] = field(default_factory=set)
 
     @property
     def body_lines(self) -> tuple[int, int]:

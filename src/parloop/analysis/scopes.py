@@ -199,7 +199,8 @@ class ScopeNames(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         for a in node.names:
             if a.name == "*":
-                raise LoopAnalysisError("`from ... import *` inside the loop", lineno=node.lineno)
+                raise LoopAnalysisError("`from ... import *` inside the loop: import the names "
+                                        "before the loop", lineno=node.lineno)
             self._store(a.asname or a.name, node.lineno)
 
     def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:

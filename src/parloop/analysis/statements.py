@@ -55,7 +55,8 @@ class Forbidden(ast.NodeVisitor):
                                 lineno=node.lineno)
 
     def _yield(self, node: ast.AST) -> None:
-        raise LoopAnalysisError("`yield` in the loop body cannot run in parallel",
+        raise LoopAnalysisError("`yield` in the loop body cannot run in parallel; "
+                                "collect the values in a list and yield them after the loop",
                                 lineno=node.lineno)  # type: ignore[attr-defined]
 
     visit_Yield = _yield
@@ -69,7 +70,8 @@ class Forbidden(ast.NodeVisitor):
 
     def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
         raise LoopAnalysisError(
-            f"`nonlocal {', '.join(node.names)}` in the loop body cannot run in parallel",
+            f"`nonlocal {', '.join(node.names)}` in the loop body cannot run in parallel; "
+            "assign to a name of the iteration and rebind after the loop",
             lineno=node.lineno, name=node.names[0])
 
 
@@ -108,7 +110,8 @@ class CarriedReads:
             if name in self.reductions:
                 raise LoopAnalysisError(
                     f"`{name}` is accumulated with an augmented assignment and also read "
-                    "in the body: each iteration would depend on the one before",
+                    "in the body: each iteration would depend on the one before; read it "
+                    "after the loop, or accumulate into a list and combine it afterwards",
                     lineno=ln, name=name)
             if name in self.private and name not in bound and name not in walrus:
                 self._carried(name, ln)

@@ -86,7 +86,8 @@ class Mutations:
         if has_call:
             raise LoopAnalysisError(
                 f"`{ast.unparse(target)}` writes through a call's result on `{root}`; "
-                "parloop replays only subscript and attribute chains",
+                "parloop replays only subscript and attribute chains: bind the call's "
+                "result to a name before the loop and write through that name",
                 lineno=lineno, name=root)
         self.found.append(Mutation(kind, root, lineno, root in self.targets))
 

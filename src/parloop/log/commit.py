@@ -21,7 +21,7 @@ from ..runtime import ChunkResult, LoopShape, run_chunk, write_parts
 from ..tracking import DELETED, ApplyingLog
 from .conflicts import Conflict, WriteSet
 from .entries import CALL, PATH, SET_ATTR, SET_ITEM
-from .locations import write_locations
+from .locations import LENGTH, write_locations
 from .replay import replay, target_substitutions
 
 _short = reprlib.Repr()
@@ -204,6 +204,11 @@ class Committer:
                 r1 = it.rmarks[n + 1] if n + 1 < len(it.rmarks) else nreads
                 if r1 > r0:
                     conflict = spec.writes.conflict(index, it.reads[r0:r1])
+            m0 = res.marks[n]
+            m1 = res.marks[n + 1] if n + 1 < len(res.marks) else len(res.log)
+            err = it.failed.get(n)
+            if conflict is None and spec.shape.same_key:
+                conflict = self._same_key_conflict(index, res.log[m0:m1], err)
             if conflict is not None:
                 self._conflict(index, conflict)
                 self.run_direct([chunk.items[n]], index)
@@ -215,9 +220,6 @@ class Committer:
                     self.run_direct(chunk.items[n + 1:], index + 1)
                     return
                 continue
-            m0 = res.marks[n]
-            m1 = res.marks[n + 1] if n + 1 < len(res.marks) else len(res.log)
-            err = it.failed.get(n)
             if err is None or self.on_error != "skip":
                 for e in res.log[m0:m1]:
                     if e[1] in shared and e[0] in (SET_ITEM, SET_ATTR, CALL, PATH):
@@ -244,6 +246,25 @@ class Committer:
             res.cpu, sorted(chunk.start + k for k in it.failed)))
         if res.halted and self.next < chunk.start + len(chunk.items) and not self.broke:
             raise KeyboardInterrupt
+
+    def _same_key_conflict(self, index: int, entries: list, err: Any) -> Conflict | str | None:
+        """Same-key objects record no reads: the key an iteration writes is
+        the one it read, so it conflicts when an earlier iteration wrote that
+        key.  One that raised may have read before it could write: the kernel
+        runs it again (the error, if real, comes back there)."""
+        spec = self.spec
+        assert spec is not None
+        same = spec.shape.same_key
+        if err is not None:
+            return "raised, and may have read a key an earlier iteration wrote"
+        for e in entries:
+            if e[1] in same and e[0] in (SET_ITEM, PATH):
+                reads = [(e[1], loc) for loc in write_locations(self.ns[e[1]], e)
+                         if loc != LENGTH]
+                found = spec.writes.conflict(index, reads)
+                if found is not None:
+                    return found
+        return None
 
     def _failed(self, index: int, exc: BaseException, item: Any) -> None:
         if self.on_error == "raise":
