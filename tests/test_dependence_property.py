@@ -96,7 +96,7 @@ I_CONDS = ("i % 2 == 0", "i % 3 == 1", "i > 6", "i < 9", "i % 4 != 3")
 
 #: every name the cells can bind, rebind, mutate or delete; compared after the run
 CHECKS = ("d", "xs", "s", "out", "w", "total", "acc", "m", "lo", "v", "best", "best_k",
-          "tmp", "s_", "i", "finished")
+          "tmp", "s_", "i", "finished", "LOGD")
 
 #: forms whose name may appear in one statement only (reductions, argmax, the
 #: conditional private): reading a reduction elsewhere would be a different
@@ -133,7 +133,8 @@ class _Body:
 
     def forms(self, depth: int) -> list[str]:
         names = ["dict", "continue_set", "continue_i", "set_add", "list", "append", "print",
-                 "break", "del_tmp", "total", "acc", "max", "min", "argmax", "cond_private"]
+                 "break", "del_tmp", "total", "acc", "max", "min", "argmax", "cond_private",
+                 "helper_log", "helper_xs"]
         if depth < self.max_depth:
             names.append("if")
         return [f for f in names if f not in (ONCE & self.used)]
@@ -164,6 +165,12 @@ class _Body:
             return [[(0, f"xs[{x}] = xs[{x2}] * 2 + i")]]
         if form == "append":
             return [[(0, f"out.append({k})")]]
+        if form == "helper_log":
+            # a notebook function that reads and writes a notebook global
+            return [[(0, f"out.append(log_d({k}, i))")]]
+        if form == "helper_xs":
+            # a notebook function that writes an object the loop reads too
+            return [[(0, f"bump_xs({x}, i)")]]
         if form == "print":
             text = self.draw(st.sampled_from((
                 f"print(i, {k})", f"print('d', i, d.get({k}, 0))",
@@ -235,7 +242,13 @@ def loop_cells(draw: Callable) -> LoopCell:
         v = -1
         best = -1
         best_k = -1
-        finished = False""")
+        finished = False
+        LOGD = {{}}
+        def log_d(k, i):
+            LOGD[k] = LOGD.get(k, 0) + i
+            return k
+        def bump_xs(x, i):
+            xs[x] = xs[x] + i""")
     body = _Body(draw).block(0, 1, 5)
     source = f"for i in range({n}):\n" + _render(body, 1)
     if draw(st.booleans()):

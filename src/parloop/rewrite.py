@@ -635,7 +635,10 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     else:
         init = fns + [ast.parse(f"if {n!r} in ___ctl.init:\n    {n} = ___ctl.init[{n!r}]"
                                 ).body[0] for n in sorted(plan.checked)]
-        unbind = [ast.parse(f"try:\n    del {n}\nexcept NameError:\n    pass").body[0]
+        # (in the kernel, re-executing iterations in order, privates carry
+        # over from one iteration to the next as in serial)
+        unbind = [ast.parse(f"if not ___ctl.direct:\n    try:\n        del {n}\n"
+                            "    except NameError:\n        pass").body[0]
                   for n in sorted(plan.private)]
         module = _fill(_SPECULATIVE_TEMPLATE, INIT=init, HOOK=hook, BODY=inner,
                        UNBIND=unbind)
