@@ -154,6 +154,46 @@ for i in range(9):
     out[i] = b.tag + str(b.n)
     b.n = b.n + i
 """, ["out", "b.n", "b.tag"]),
+    ("numpy_1d_prange_recurrence", "import numpy as np\na = np.arange(20.0)", """
+for i in range(1, 20):
+    a[i] = a[i - 1] + i
+""", ["a"]),
+    ("index_by_first_seen_len", "index = {}", """
+for w in 'the cat the dog a cat the end'.split():
+    if w not in index:
+        index[w] = len(index)
+""", ["index"]),
+    ("counter_subscript_aug", "from collections import Counter\nc = Counter()\nseen_at = {}", """
+for i, w in enumerate('a b a c b a d'.split()):
+    c[w] += 1
+    seen_at[i] = c[w]
+""", ["c", "seen_at"]),
+    ("results_until_enough", "results = []", """
+for x in range(30):
+    results.append(x * x)
+    if len(results) > 5:
+        break
+""", ["results", "x"]),
+    ("comprehension_reads_shared", "d = {k: k for k in range(5)}", """
+for i in range(5, 12):
+    d[i] = sum(d[k] for k in range(i - 3, i))
+""", ["d"]),
+    ("lambda_reads_shared", "d = {0: 1}", """
+for i in range(1, 8):
+    get = lambda k: d[k]
+    d[i] = get(i - 1) * 2
+""", ["d"]),
+    ("attr_aug_then_read", "class O:\n    pass\no = O()\no.count = 0\nlog = []", """
+for i in range(6):
+    o.count += i
+    log.append(o.count)
+""", ["log", "o.count"]),
+    ("del_key_then_membership", "d = {k: k for k in range(10)}\nhits = []", """
+for k in [1, 3, 1, 5, 3, 7]:
+    if k in d:
+        hits.append(k)
+        del d[k]
+""", ["d", "hits"]),
     ("set_membership_and_add", "seen = set()\nkept = []", """
 for k in [1, 2, 1, 3, 2, 4, 1, 5]:
     if k not in seen:

@@ -90,6 +90,42 @@ draws = {}
 for i in range(10):
     draws[i] = float(rng.normal())
 """, ["draws"]),
+    ("setattr_then_read", """
+class O:
+    pass
+o = O()
+o.x = 0
+seen = {}
+""", """
+for i in range(6):
+    seen[i] = o.x
+    setattr(o, "x", i * 2)
+""", ["seen", "o.x"]),
+    ("heapq_push", """
+import heapq
+h = []
+tops = {}
+""", """
+for i in [5, 3, 8, 1, 9, 2]:
+    heapq.heappush(h, i)
+    tops[i] = h[0]
+""", ["h", "tops"]),
+    ("shared_list_iterator", """
+it = iter([10, 20, 30, 40, 50, 60, 70])
+out = {}
+""", """
+for i in range(6):
+    out[i] = next(it) + i
+""", ["out"]),
+    ("numpy_copyto_argument", """
+import numpy as np
+buf = np.zeros(4)
+snap = {}
+""", """
+for i in range(5):
+    np.copyto(buf, buf + i)
+    snap[i] = float(buf.sum())
+""", ["buf", "snap"]),
     ("argument_changed_by_library", """
 import numpy as np
 arrs = [np.zeros(3) for _ in range(6)]
