@@ -404,7 +404,8 @@ class _BodyRewriter:
         targets = [replace(t) for t in st.targets]
         if not leaves:
             return [st]
-        if len(st.targets) == 1 and len(leaves) == 1 and targets[0].id == leaves[0][1] \
+        if len(st.targets) == 1 and len(leaves) == 1 \
+                and getattr(targets[0], "id", None) == leaves[0][1] \
                 and leaves[0][0].value.__class__ is ast.Name:  # type: ignore[attr-defined]
             # the hot path: out[k] = v  ->  ___rec((0, 'out', v, k))
             t = leaves[0][0]
@@ -456,7 +457,8 @@ class _BodyRewriter:
             t = st.target
             tv = self._temp()
             op = AUG_OPS[type(st.op)]
-            r, steps = _steps(t.value)  # type: ignore[attr-defined]
+            assert isinstance(t, (ast.Subscript, ast.Attribute))
+            r, steps = _steps(t.value)
             final = (_tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), _name(tv)])
                      if isinstance(t, ast.Subscript)
                      else _tuple([_const(FINAL_AUG_ATTR), _const(t.attr), _const(op),  # type: ignore

@@ -314,7 +314,7 @@ def _reach(value: Any) -> set[int]:
     out: set[int] = set()
     level = [value]
     for _ in range(3):
-        nxt = []
+        nxt: list[Any] = []
         for v in level:
             if not watchable(v) or id(v) in out:
                 continue

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from . import seeding
 from .log.entries import SCALARS, TARGET
@@ -255,7 +255,7 @@ HELPERS = _Helpers()
 _NOTHING = object()
 
 
-def private_values(local_vars: dict[str, Any], private: set[str]) -> dict[str, Any]:
+def private_values(local_vars: dict[str, Any], private: Collection[str]) -> dict[str, Any]:
     """The iteration's private names (their last values) from a worker's locals."""
     return {k: v for k, v in local_vars.items() if k in private}
 
@@ -271,7 +271,7 @@ class ChunkControl:
                  "_fresh_streams", "hidden", "fns")
 
     def __init__(self, start: int, on_error: str, log: Any, parts: list,
-                 private: set[str] | frozenset[str], seed_value: int | None = None,
+                 private: Collection[str], seed_value: int | None = None,
                  timeout: float | None = None, shape: LoopShape | None = None,
                  objects: Any = None, lock: Any = None, init: dict[str, Any] | None = None,
                  originals: dict[str, Any] | None = None, direct: bool = False):
@@ -447,7 +447,7 @@ def capture_into(parts: list) -> contextvars.Token:
     return _parts_var.set(parts)
 
 
-def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: set[str],
+def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: Collection[str],
               seed_value: int | None = None, worker: str = "",
               register: Callable[[ChunkControl], None] | None = None,
               timeout: float | None = None, shape: LoopShape | None = None,

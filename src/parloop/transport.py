@@ -580,7 +580,7 @@ def _quiet_figure(figure_cls: type) -> type:
         class QuietFigure(figure_cls):  # type: ignore[valid-type, misc]
             def __setstate__(self, state: dict) -> None:
                 state.pop("_restore_to_pylab", None)
-                figure_cls.__setstate__(self, state)
+                figure_cls.__setstate__(self, state)  # type: ignore[attr-defined]
                 self.__class__ = figure_cls
 
         quiet = QuietFigure

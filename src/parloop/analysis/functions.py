@@ -154,8 +154,9 @@ def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozense
     """The notebook functions the body calls, followed MAX_DEPTH calls deep:
     name -> plan.  Functions that do not qualify are left out."""
     out: dict[str, FunctionPlan] = {}
-    todo = [(n.func.id, (n.func.id,), 1) for st in body for n in walk_scope(st)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    todo: list[tuple[str, tuple[str, ...], int]] = [
+        (n.func.id, (n.func.id,), 1) for st in body for n in walk_scope(st)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     while todo:
         name, path, depth = todo.pop(0)
         if name in out or depth > MAX_DEPTH:

@@ -3,7 +3,7 @@ that every other analysis module uses.  Pure functions over :mod:`ast`."""
 from __future__ import annotations
 
 import ast
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ..errors import LoopAnalysisError
 
@@ -36,7 +36,7 @@ def target_names(node: ast.AST, where: str) -> list[str]:
     raise LoopAnalysisError(
         f"the {where} target `{ast.unparse(node)}` writes to an object; "
         "use a plain name and assign inside the body",
-        lineno=node.lineno,
+        lineno=getattr(node, "lineno", None),
     )
 
 
@@ -80,7 +80,7 @@ def chain_root(node: ast.AST) -> tuple[str | None, bool]:
             return None, has_call
 
 
-def stored_names(stmt_targets: list[ast.AST]) -> list[str]:
+def stored_names(stmt_targets: Sequence[ast.AST]) -> list[str]:
     out: list[str] = []
     for t in stmt_targets:
         for n in ast.walk(t):

@@ -191,6 +191,7 @@ class CarriedReads:
                     b |= set(stored_names([item.optional_vars]))
             return self.block(st.body, b)
         if isinstance(st, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+            assert isinstance(st, ast.Try)  # TryStar has the same fields
             body_end = self.block(st.body, b)
             if body_end is not _ALL:
                 body_end = self.block(st.orelse, body_end)

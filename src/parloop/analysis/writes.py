@@ -64,7 +64,8 @@ class Mutations:
         if root is None:
             raise LoopAnalysisError(
                 f"cannot tell which object `{ast.unparse(node)}` {what}: write through a "
-                "name (assign the object to a variable first)", lineno=node.lineno)
+                "name (assign the object to a variable first)",
+                lineno=getattr(node, "lineno", None))
         if root in self.private:
             return None
         return root
@@ -127,7 +128,7 @@ class Mutations:
         if isinstance(st, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and st.value is not None:
             stored = [st.value]
         elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
-            stored = list(st.value.args) + [k.value for k in st.value.keywords]
+            stored = [*st.value.args, *(k.value for k in st.value.keywords)]
         for v in list(stored):
             if isinstance(v, (ast.Tuple, ast.List, ast.Set)):
                 stored.extend(v.elts)
@@ -259,6 +260,6 @@ class Mutations:
                             f"a function defined in the loop body writes to the outside "
                             f"object `{root}` (`{ast.unparse(tgt)}`); write it in the loop "
                             "body itself so it can be replayed in order",
-                            lineno=n.lineno, name=root)
+                            lineno=getattr(n, "lineno", None), name=root)
 
 
