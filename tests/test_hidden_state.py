@@ -340,3 +340,18 @@ def test_class_method_changing_class_state(ip, magic):
              "        cls.items.append(x)\n")
     cell = "for i in range(8):\n    Registry.add(i * i)\nitems = list(Registry.items)\n"
     differential(ip, setup, cell, magic, ["items"])
+
+
+@pytest.mark.parametrize("magic", MAGICS)
+def test_method_writing_notebook_globals(ip, magic):
+    """A method of a notebook class that writes notebook globals runs as a
+    copy whose writes are logged: parallel, nothing re-run, the serial
+    globals."""
+    setup = ("AUDIT = []\nSEEN = {}\nclass Scorer:\n    def __init__(self, w):\n"
+             "        self.w = w\n    def score(self, x):\n        AUDIT.append(x)\n"
+             "        SEEN[x] = x * self.w\n        return x * self.w + 1\n"
+             "sc = Scorer(3)\nout = {}")
+    cell = "for i in range(12):\n    out[i] = sc.score(i)\n"
+    differential(ip, setup, cell, magic, ["out", "AUDIT", "SEEN", "sc.w"])
+    rec = parloop.last_run
+    assert not rec.hidden and rec.reruns == [], rec.notes

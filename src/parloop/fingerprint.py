@@ -46,12 +46,35 @@ class Unfingerprintable(Exception):
     iteration changed it cannot be told."""
 
 
+def _class_data(cls: type) -> dict[str, Any]:
+    """A notebook class's data attributes (its methods are code, not state:
+    pickling them by value would take in the globals they use, which the
+    loop's log may legitimately change)."""
+    return {k: v for k, v in vars(cls).items()
+            if not k.startswith("__") and not isinstance(
+                v, (types.FunctionType, classmethod, staticmethod, property))}
+
+
+def _state(value: Any) -> Any:
+    """What of ``value`` is state: an instance of a notebook class is its
+    attributes and its class's data attributes, a notebook class its data."""
+    cls = type(value)
+    if isinstance(value, type):
+        return ("class", value.__qualname__, _class_data(value))
+    if getattr(cls, "__module__", None) == "__main__":
+        slots = {s: getattr(value, s) for k in cls.__mro__
+                 for s in getattr(k, "__slots__", ()) if hasattr(value, s)}
+        return ("instance", cls.__qualname__, getattr(value, "__dict__", None), slots,
+                _class_data(cls))
+    return value
+
+
 def fingerprint(value: Any) -> bytes:
     """A digest that changes when ``value``'s state changes."""
     h = hashlib.blake2b(digest_size=16)
     buffers: list[pickle.PickleBuffer] = []
     try:
-        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        data = cloudpickle.dumps(_state(value), protocol=5, buffer_callback=buffers.append)
     except Exception as e:  # noqa: BLE001 - anything unpicklable
         raise Unfingerprintable(f"{type(value).__name__}: {e}") from None
     h.update(data)

@@ -724,16 +724,30 @@ ___slice = slice
 
 
 class _CallsToCopies(ast.NodeTransformer):
-    """``f(x)`` -> ``___fns["f"](x)`` for the notebook functions that run as copies."""
+    """``f(x)`` -> ``___fns.get("f", f)(x)`` and ``obj.m(x)`` ->
+    ``___fns.get("obj.m", type(obj).m)(obj, x)`` for the notebook functions
+    and methods that run as copies (the original when no copy was made: its
+    code changed since the analysis)."""
 
     def __init__(self, names: set[str]):
         self.names = names
 
+    def _get(self, key: str, fallback: ast.expr) -> ast.expr:
+        return ast.Call(func=ast.Attribute(value=_name("___fns"), attr="get", ctx=ast.Load()),
+                        args=[_const(key), fallback], keywords=[])
+
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
-        if isinstance(node.func, ast.Name) and node.func.id in self.names:
-            node.func = ast.copy_location(ast.Subscript(
-                value=_name("___fns"), slice=_const(node.func.id), ctx=ast.Load()), node.func)
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in self.names:
+            node.func = ast.copy_location(self._get(f.id, _name(f.id)), f)
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
+                and f"{f.value.id}.{f.attr}" in self.names:
+            recv = f.value.id
+            cls_fn = ast.Attribute(value=ast.Call(func=_name("type"), args=[_name(recv)],
+                                                  keywords=[]), attr=f.attr, ctx=ast.Load())
+            node.func = ast.copy_location(self._get(f"{recv}.{f.attr}", cls_fn), f)
+            node.args = [_name(recv), *node.args]
         return node
 
 
@@ -752,6 +766,7 @@ def build_function_factory(fplan: Any, shared: frozenset[str], copies: set[str],
     from .analysis.plan import LoopPlan
 
     fdef = copy.deepcopy(fplan.fdef)
+    fdef.name = fplan.fdef.name
     plan = LoopPlan(tree=ast.Module(body=[], type_ignores=[]), prologue=[],
                     loop=ast.For(target=_name("___x", True), iter=_name("___y"), body=[],
                                  orelse=[]),

@@ -209,8 +209,9 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     else:
         module = build_chunk_function(plan, worker_roots, sync_names=sync_names, hooked=hooked,
                                       shared=shared, copies=set(functions), streams=streams)
-    factories = tuple((fp.path, build_function_factory(fp, shared, set(functions), cell.filename))
-                      for fp in functions.values())
+    factories = tuple((fp.path, build_function_factory(fp, shared, set(functions), cell.filename),
+                       key, (fp.fdef.name, fp.fdef.lineno))
+                      for key, fp in functions.items())
     record = LastRun(magic=opts.magic, backend=backend.name,
                      options=dict(opts.given), workers=backend.worker_count(), total=total,
                      roles=plan.roles())

@@ -207,9 +207,10 @@ class LoopShape:
     #: random generator objects the body draws from (``rng.normal()``): with
     #: ``seed=`` each iteration has its own, derived from (seed, index)
     streams: tuple[str, ...] = ()
-    #: notebook functions the body calls, as factories of the workers' copies:
-    #: ``(path from the body's globals, factory module)``
-    functions: tuple[tuple[tuple[str, ...], Any], ...] = ()
+    #: notebook functions (and methods of notebook classes) the body calls, as
+    #: factories of the workers' copies: ``(path from the body's globals,
+    #: factory module, key, (name, first line) of the analysed code)``
+    functions: tuple[tuple[tuple[str, ...], Any, str, tuple[str, int]], ...] = ()
 
     @property
     def speculative(self) -> bool:
@@ -555,18 +556,23 @@ def _function_copies(fn: Callable, shape: LoopShape) -> dict[str, Callable]:
     if cached is not None:
         return cached
     fns: dict[str, Callable] = {}
-    for path, module in shape.functions:
+    for path, module, key, where in shape.functions:
         orig: Any = fn.__globals__.get(path[0])
-        for name in path[1:]:
+        rest = path[1:]
+        if rest[:1] == ("#method",):   # an instance, then its class's method
+            orig = getattr(type(orig), rest[1], None)
+            rest = rest[2:]
+        for name in rest:
             orig = getattr(orig, "__globals__", {}).get(name)
-        if orig is None or not hasattr(orig, "__globals__"):
-            continue
+        code = getattr(orig, "__code__", None)
+        if code is None or (code.co_name, code.co_firstlineno) != where:
+            continue  # not the function that was analysed: the original runs
         scratch: dict[str, Any] = {}
         exec(compile(module, orig.__code__.co_filename, "exec"), orig.__globals__, scratch)
         copy_ = scratch["___parloop_factory"](FUNCTION_RUNTIME, fns, orig.__globals__)
         copy_.__defaults__ = orig.__defaults__
         copy_.__kwdefaults__ = orig.__kwdefaults__
-        fns[path[-1]] = copy_
+        fns[key] = copy_
     fn.__dict__["___parloop_fns"] = fns
     return fns
 

@@ -130,6 +130,22 @@ def _plan(name: str, path: tuple[str, ...], fdef: ast.FunctionDef,
                         stateful=set(stateful) & call_roots)
 
 
+#: the step of a path that goes from an instance to its class's method
+METHOD = "#method"
+
+
+def _method(obj: Any, name: str, ns: dict[str, Any]) -> types.FunctionType | None:
+    """The plain function behind ``obj.name(...)`` when ``obj`` is an
+    instance of a class defined in the notebook."""
+    cls = type(obj)
+    if getattr(cls, "__module__", None) != "__main__" or isinstance(obj, type):
+        return None
+    fn = inspect.getattr_static(cls, name, None)
+    if isinstance(fn, types.FunctionType) and fn.__globals__ is ns:
+        return fn
+    return None
+
+
 #: analysed functions by code object (re-reading and parsing a function's
 #: source costs about a millisecond; a warm cell must not pay it each time)
 _CACHE: dict[tuple, FunctionPlan | None] = {}
@@ -157,6 +173,22 @@ def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozense
     todo: list[tuple[str, tuple[str, ...], int]] = [
         (n.func.id, (n.func.id,), 1) for st in body for n in walk_scope(st)
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    for st in body:
+        for n in walk_scope(st):
+            # recv.meth(...) on an instance of a class defined in the notebook
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
+                    and isinstance(n.func.value, ast.Name):
+                recv, meth = n.func.value.id, n.func.attr
+                fn = _method(ns.get(recv), meth, ns)
+                key = f"{recv}.{meth}"
+                if fn is not None and key not in out:
+                    fp = _analysed(fn, key, (recv, METHOD, meth), plain, stateful)
+                    if fp is not None:
+                        out[key] = fp
+                        todo.extend((c.func.id, fp.path + (c.func.id,), 2)  # type: ignore
+                                    for c in walk_scope(fp.fdef) if isinstance(c, ast.Call)
+                                    and isinstance(c.func, ast.Name)
+                                    and c.func.id not in fp.locals)
     while todo:
         name, path, depth = todo.pop(0)
         if name in out or depth > MAX_DEPTH:
