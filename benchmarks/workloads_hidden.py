@@ -1,4 +1,4 @@
-"""The cost of hidden-state detection (DESIGN §3): an object the body hands
+"""The cost of hidden-state detection (docs/design.md §3): an object the body hands
 to code is fingerprinted around each engine chunk (parloop.fingerprint).
 
 Measured here, per chunk: the fingerprint of a 10 MB object graph (a dict of

@@ -1,4 +1,4 @@
-"""Static analysis (DESIGN §3): roles of names in accepted loops, and the
+"""Static analysis (docs/design.md §3): roles of names in accepted loops, and the
 rejections, each a LoopAnalysisError naming the line and the variable."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The run-time dependence test (DESIGN §3): how often iterations run, what
+"""The run-time dependence test (docs/design.md §3): how often iterations run, what
 is recorded, and what ``parloop.last_run`` and ``explain`` say."""
 from __future__ import annotations
 

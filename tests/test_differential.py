@@ -1,4 +1,4 @@
-"""Serial equivalence (DESIGN §3): every cell is run serially and under
+"""Serial equivalence (docs/design.md §3): every cell is run serially and under
 ``%%threaded`` with several option sets; the checked expressions, stdout and
 the displayed value must be strictly equal."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Failures (DESIGN §1, §3): iteration exceptions keep their type and the
+"""Failures (docs/design.md §1, §3): iteration exceptions keep their type and the
 serial state at the raise; on_error=skip/collect; usage errors; static
 rejections run nothing; syntax errors point at the user's line."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""State the cell's text does not show (DESIGN §3): notebook functions that
+"""State the cell's text does not show (docs/design.md §3): notebook functions that
 write globals, method calls that change their object, arguments changed by
 the code they are handed to, aliases, loop-target DataFrames, stored inputs,
 submodules, pyplot.  Each case: the serial answer under both magics (run

@@ -1,4 +1,4 @@
-"""Kernel interrupt (DESIGN §3): workers stop within about two seconds, the
+"""Kernel interrupt (docs/design.md §3): workers stop within about two seconds, the
 completed prefix of iterations is applied, the pool stays usable."""
 from __future__ import annotations
 

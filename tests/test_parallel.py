@@ -1,4 +1,4 @@
-"""``%%parallel`` on real ipyparallel engines (DESIGN §3, §4, §7; issue 4):
+"""``%%parallel`` on real ipyparallel engines (docs/design.md §3, §4, §7; issue 4):
 serial equivalence, faults (killed engines, interrupt, timeout), never-stale
 inputs, no orphan processes, external clusters, the decorator, the status."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The live view (DESIGN §6, issue 5): the widget in a real kernel (nbclient,
+"""The live view (docs/design.md §6, issue 5): the widget in a real kernel (nbclient,
 ``store_widget_state=True``), the report it leaves, the text fallback, and the
 widget's rendering rules on synthetic runs (grouping, interrupt, throttle)."""
 from __future__ import annotations

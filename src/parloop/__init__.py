@@ -14,7 +14,7 @@ from .record import LastRun
 
 __version__ = "0.1.0"
 
-#: the record of the last run (DESIGN §1); replaced by every run
+#: the record of the last run (docs/design.md §1); replaced by every run
 last_run: LastRun | None = None
 
 __all__ = ["LoopAnalysisError", "WorkerLostError", "LastRun", "last_run", "parallel",

@@ -1,4 +1,4 @@
-"""The ipyparallel clusters behind ``%%parallel`` (DESIGN §7).
+"""The ipyparallel clusters behind ``%%parallel`` (docs/design.md §7).
 
 One :class:`ClusterManager` (the module-level :data:`MANAGER`) owns at most one
 *managed* local cluster -- a controller plus ``processes`` engines that parloop

@@ -2,7 +2,7 @@
 does not hold (a method call inside an expression, a library call that
 updates its argument, a notebook function writing a global): compared before
 and after, a difference means hidden state, and the loop runs serially in the
-kernel from there (DESIGN §3).
+kernel from there (docs/design.md §3).
 
 A fingerprint is a BLAKE2b digest of the object's pickle (cloudpickle, so
 instances of notebook classes and the class attributes of those classes are

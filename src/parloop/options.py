@@ -1,4 +1,4 @@
-"""The magics' options (DESIGN §1): one table that parses, validates, and writes
+"""The magics' options (docs/design.md §1): one table that parses, validates, and writes
 the manual, so the three can never disagree.
 
 Options are ``key=value`` words; bare words are flags.  Anything unknown or

@@ -1,5 +1,5 @@
 """``parloop.last_run``: what the last run did, for the user, the report and
-the tests (DESIGN §1)."""
+the tests (docs/design.md §1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -51,7 +51,7 @@ class Cell:
 
     def parse(self) -> ast.Module:
         """Compile the unmodified cell first, so a SyntaxError points at the
-        user's own text (DESIGN; as %%timeit does)."""
+        user's own text (as %%timeit does)."""
         if self.tree is not None:
             return self.tree
         padded = "\n" * (self.first_line - 1) + self.source

@@ -1,4 +1,4 @@
-"""Chunk sizes and worker counts, from measured iteration times (DESIGN §5).
+"""Chunk sizes and worker counts, from measured iteration times (docs/design.md §5).
 
 Backend-independent: the dispatch loop in :mod:`parloop.run` asks a
 :class:`ChunkSizer` how big the next chunk should be and a :class:`ThreadCount`

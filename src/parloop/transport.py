@@ -1,4 +1,4 @@
-"""Moving the loop's inputs to the engines: by value, once per engine, never stale (DESIGN §4).
+"""Moving the loop's inputs to the engines: by value, once per engine, never stale (docs/design.md §4).
 
 Kernel side, :class:`Transport` serialises every input with cloudpickle
 (protocol 5): functions and classes defined in the notebook travel by value,
@@ -201,7 +201,7 @@ class _Pickler(cloudpickle.Pickler):
 
     cloudpickle pickles a file opened for reading as a StringIO of its contents;
     a loop that reads from a shared file handle would then see the same lines on
-    every engine, so parloop reports it instead (DESIGN §4).
+    every engine, so parloop reports it instead (docs/design.md §4).
     """
 
     _STREAMS = ("stdout", "stderr", "stdin", "__stdout__", "__stderr__", "__stdin__")
@@ -219,7 +219,7 @@ class _Pickler(cloudpickle.Pickler):
             raise TypeError(f"cannot pickle an open file{f' ({name!r})' if name else ''}")
         if isinstance(obj, functools._lru_cache_wrapper) and _by_value(obj.__wrapped__):
             # pickle would look the wrapper up by name in the engine's __main__
-            # (DESIGN §4: functools wrappers of cell functions travel by value)
+            # (docs/design.md §4: functools wrappers of cell functions travel by value)
             return _rebuild_lru_cache, (obj.__wrapped__, obj.cache_parameters())
         return super().reducer_override(obj)
 

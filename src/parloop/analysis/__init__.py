@@ -1,6 +1,6 @@
 """Static analysis of a loop cell: split it, give every name a role, plan
 how each dependence between iterations is kept serial-equivalent, reject
-what cannot be (DESIGN §3).
+what cannot be (docs/design.md §3).
 
 Pure functions over :mod:`ast`; nothing here runs user code.  One module per
 concern: :mod:`.scopes` (names and chains), :mod:`.statements` (forbidden

@@ -12,7 +12,7 @@ from .writes import Mutation
 
 @dataclass
 class LoopPlan:
-    """Roles of names (DESIGN §3):
+    """Roles of names (docs/design.md §3):
 
     * ``targets``     the loop target's names, bound per iteration;
     * ``private``     names assigned in the body (lastprivate): per iteration,

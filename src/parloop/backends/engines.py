@@ -1,4 +1,4 @@
-"""``%%parallel``: chunks on ipyparallel engines (DESIGN §4, §7).
+"""``%%parallel``: chunks on ipyparallel engines (docs/design.md §4, §7).
 
 The cluster's life cycle lives in :mod:`parloop.cluster`, the inputs' journey
 in :mod:`parloop.transport`, the engine side in :mod:`parloop.engine`; this

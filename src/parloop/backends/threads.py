@@ -2,7 +2,7 @@
 serial backend behind the ``serial`` flag.
 
 The workers share the kernel's objects, so inputs need no copying; the cell's
-own writes still go through the ordered replay (DESIGN §3).
+own writes still go through the ordered replay (docs/design.md §3).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Committing finished chunks into the notebook namespace, in iteration order:
 replay the logs, write the output, keep the last values, bind the loop
-variable to the kernel's own item, record errors (DESIGN §3).
+variable to the kernel's own item, record errors (docs/design.md §3).
 
 For loops whose iterations may depend on each other (shared objects, checked
 privates) each iteration is committed on its own: one whose reads meet a

@@ -1,5 +1,5 @@
 """Replay of mutation-log entries (:mod:`parloop.log.entries`) on the
-kernel's objects, in iteration order (the ordered commit of DESIGN §3)."""
+kernel's objects, in iteration order (the ordered commit of docs/design.md §3)."""
 from __future__ import annotations
 
 import itertools

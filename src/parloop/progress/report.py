@@ -1,4 +1,4 @@
-"""The report a finished run leaves in the notebook (DESIGN §6).
+"""The report a finished run leaves in the notebook (docs/design.md §6).
 
 ``report_bundle(record)`` is a MIME bundle for ``display(bundle, raw=True)``:
 ``text/plain`` and ``text/html`` summaries that any frontend (and nbconvert)

@@ -1,4 +1,4 @@
-"""The widget live view (DESIGN §6): a header and a row per worker.
+"""The widget live view (docs/design.md §6): a header and a row per worker.
 
 Built like tqdm's notebook bar (plain ``HBox(HTML, IntProgress, HTML)`` rows,
 state shown by ``bar_style``), quiet for quick cells like ipyparallel's
