@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test test-browser chromium bench venv clean
+.PHONY: demo test lint test-browser chromium bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: $(STAMP)
 chromium:
 	@test -x $(CHROMIUM) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
-test: $(STAMP) chromium
+# the linter (rules in pyproject.toml) and the type checker, then the tests
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
+
+test: $(STAMP) chromium lint
 	$(PY) -m pytest -q tests
 
 test-browser: $(STAMP) chromium

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 from . import work
 from .harness import Result, Variant, measure, run_cell
@@ -95,7 +96,7 @@ def throughput(ip, rounds: int) -> Result:
             for c in LBV_CHUNKS:
                 name = f"{n} engines: ipyparallel LoadBalancedView.map chunksize={c}"
 
-                def lbv_k(k: int, c: int = c) -> float:
+                def lbv_k(k: int, c: int = c, lview: Any = lview, rc: Any = rc) -> float:
                     t0 = time.perf_counter()
                     out = dict(enumerate(lview.map_sync(work.echo, range(k), chunksize=c)))
                     dt = time.perf_counter() - t0

@@ -46,7 +46,7 @@ def snapshot(ip, exprs: Iterable[str]) -> list[tuple[str, Any]]:
     for expr in exprs:
         try:
             v = eval(expr, ip.user_ns)
-        except BaseException as e:  # noqa: B902
+        except BaseException as e:  # noqa: BLE001
             snap.append(("raised", type(e).__name__))
             continue
         snap.append(("value", pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL)))

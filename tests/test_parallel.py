@@ -52,7 +52,7 @@ def _timed_run(ip, cell, actions, watchdog=30.0):
     def guarded(fn, args):
         try:
             fn(*args)
-        except BaseException as e:  # noqa: B902
+        except BaseException as e:  # noqa: BLE001
             action_errors.append(e)
 
     def dog():

@@ -34,7 +34,6 @@ def notebook(source: str) -> types.ModuleType:
 def describe(keys, name):
     import hashlib
 
-    from parloop import transport
 
     v = transport.engine_resolve(keys)[name]
     return (type(v).__name__, v.shape, str(v.dtype), bool(v.flags.writeable),
@@ -43,14 +42,12 @@ def describe(keys, name):
 
 @ipp.interactive
 def get(keys, name):
-    from parloop import transport
 
     return transport.dumps(transport.engine_resolve(keys)[name])
 
 
 @ipp.interactive
 def append_to(keys, name, item):
-    from parloop import transport
 
     v = transport.engine_resolve(keys)[name]
     v.append(item)
@@ -59,7 +56,6 @@ def append_to(keys, name, item):
 
 @ipp.interactive
 def stored_keys():
-    from parloop import transport
 
     return sorted(transport._STORE)
 

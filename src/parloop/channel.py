@@ -36,7 +36,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -108,7 +108,7 @@ class ChunkChannel:
 
     def __init__(self) -> None:
         self.key = os.urandom(32)
-        ctx = zmq.Context.instance()
+        ctx: Any = zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -187,7 +187,7 @@ class ChunkChannel:
             self._tail = True
         self._wake()
 
-    def in_flight(self) -> dict[int, tuple[int, int]]:
+    def in_flight(self) -> dict[int, tuple[int | None, int]]:
         """seq -> (engine, chunk start) of the chunks on engines now."""
         with self._lock:
             return {e.seq: (e.engine, e.start) for e in self._assigned.values()}
@@ -346,7 +346,7 @@ class EngineLink:
 
     def __init__(self, address: str, key: bytes, ident: str):
         self.key = key
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: Any = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.IDENTITY, ident.encode())
         self.sock.connect(address)

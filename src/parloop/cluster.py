@@ -266,7 +266,7 @@ class ClusterManager:
             for i, ar in pending.items():
                 try:
                     host, pid, place = ar.get(timeout=max(0.0, deadline - time.monotonic()))
-                except Exception:
+                except Exception:  # noqa: BLE001 - an engine that does not answer
                     continue  # not cached: asked again next time
                 self._info[(id(client), i)] = {"id": i, "host": host, "pid": pid,
                                                "local": place == _HERE}
@@ -312,7 +312,7 @@ class ClusterManager:
             if pending is not None and self._cluster is None:
                 try:
                     self._cluster = pending.result(timeout=60)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a start that failed is started again
                     pass
             cluster, client = self._cluster, self._client
             if cluster is None and client is None and not self.owned_pids():
@@ -329,18 +329,18 @@ class ClusterManager:
             if client is not None:
                 try:
                     client.close(linger=0)
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing a client that may be gone
                     pass
             if cluster is not None:
                 try:
                     # Engines first, while the controller can still take
                     # their goodbyes; then the controller and its schedulers.
                     self._run(cluster.stop_engines(), timeout=20)
-                except Exception as e:  # fall through to killing by pid
+                except Exception as e:  # noqa: BLE001 - fall through to killing by pid
                     log.debug("stop_engines failed: %r", e)
                 try:
                     self._run(cluster.stop_controller(), timeout=20)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - stopping what may be gone
                     log.debug("stop_controller failed: %r", e)
             self._kill_leftovers()
             if self._profile_dir:
@@ -439,7 +439,7 @@ class ClusterManager:
             else:
                 try:  # another size, or lost engines: fix it in place
                     self._reconcile(n, deadline)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - any failure: a new cluster instead
                     log.info("resizing the managed cluster failed (%r): starting a new one", e)
                     self.stop()
         if self._cluster is None:
@@ -665,7 +665,7 @@ class ClusterManager:
                 out.append("controller log:\n" + _tail(cluster.controller.get_output()))
             for es in cluster.engines.values():
                 out.append(_tail(es.get_output(), 40))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a diagnostic must not fail
             pass
         return "\n".join(o for o in out if o.strip())
 
@@ -728,7 +728,7 @@ class ClusterManager:
                 self._drop_info(client)
                 try:
                     client.close(linger=0)
-                except Exception:
+                except Exception:  # noqa: BLE001 - closing a client that may be gone
                     pass
                 del self._external[key]
         # Wait for the connection file ourselves: ipyparallel.Client would print
@@ -812,7 +812,7 @@ MANAGER = ClusterManager()
 def _stop_at_exit() -> None:
     try:
         MANAGER.stop()
-    except Exception:  # never raise from atexit
+    except Exception:  # noqa: BLE001 - never raise from atexit
         pass
 
 

@@ -204,7 +204,8 @@ def _setup(keys: dict[str, str]) -> tuple[Callable, Program]:
     from .transport import engine_resolve
 
     values = engine_resolve(keys)
-    program: Program = values.pop("___program")
+    program = values.pop("___program")
+    assert isinstance(program, Program)
     return _function(repr(sorted(keys.items())), program, values), program
 
 

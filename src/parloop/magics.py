@@ -162,6 +162,7 @@ class ParloopMagics(Magics):
         opts = self._options(line, magic)
         if cell is None or not cell.strip():
             raise UsageError(f"%%{magic} needs a cell with a `for` loop below the magic line")
+        assert self.shell is not None
         return run_cell(self._cell(magic, line, cell), self.shell.user_ns, opts,
                         make_backend, None if opts.explain else self._progress(opts))
 

@@ -157,9 +157,10 @@ def _live_state(record: LastRun, running: dict[int, tuple[str, int]],
         w.current = None
         w.partial = 0
     for start, (worker, n) in running.items():
-        w = record.live.get(worker)
-        if w is None:
-            w = record.live[worker] = WorkerState(worker)
+        found = record.live.get(worker)
+        if found is None:
+            found = record.live[worker] = WorkerState(worker)
+        w = found
         chunk = chunks.get(start)
         w.current = start + n
         if chunk is not None and n < len(chunk.items):
@@ -192,7 +193,7 @@ def make_taker(iterable: Any, is_async: bool) -> Any:
     return Taker(iterable)
 
 
-def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
+def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # noqa: C901
              committer: Committer, record: LastRun, progress: Progress,
              threads: ThreadCount | None, start: int = 0,
              measured: tuple[int, float, float] | None = None) -> None:
@@ -340,7 +341,7 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
                 results.clear()
                 break
             # an error further on: stop what comes after it, finish what comes before
-            for chunk, res in list(results.values()):
+            for _chunk, res in list(results.values()):
                 if res.raised is not None and (stop_at is None or res.raised.index < stop_at):
                     stop_at = res.raised.index
                     backend.cancel_after(stop_at)
@@ -376,8 +377,8 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,
     if hasattr(backend, "peak"):
         record.threads["peak_in_flight"] = backend.peak
     retried = getattr(backend, "retried", ())
-    for c in record.chunks:
-        c.retried = c.start in retried
+    for rec_chunk in record.chunks:
+        rec_chunk.retried = rec_chunk.start in retried
     if failure is not None:
         index, exc, item = failure
         record.errors.append(ErrorRecord(index, committer.targets.describe(item), exc))
@@ -451,7 +452,7 @@ def drain(in_flight: dict[Future, Chunk], results: dict[int, tuple[Chunk, ChunkR
             chunk = in_flight.pop(fut)
             try:
                 results[chunk.start] = (chunk, fut.result())
-            except BaseException:  # noqa: B902 - a worker lost while stopping
+            except BaseException:  # noqa: BLE001 - a worker lost while stopping
                 pass
     while committer.next in results:
         chunk, res = results.pop(committer.next)

@@ -150,7 +150,7 @@ def _stop_tracker_if_ours() -> None:
     if _TRACKER_OURS and _TRACKER_OURS[0] and os.getpid() == _OWNER:
         tracker = _tracker()
         try:
-            tracker._stop()  # type: ignore[union-attr]  # restarted on demand by anyone
+            tracker._stop()  # type: ignore[attr-defined]  # restarted on demand by anyone
         except Exception:  # noqa: BLE001 - not running, or already stopped
             pass
         _TRACKER_OURS.clear()
@@ -173,7 +173,7 @@ def _create(name: str, raw: memoryview) -> SharedMemory:
         if fd >= 0:
             _pwrite_all(fd, raw)
         else:  # pragma: no cover - a SharedMemory without its descriptor
-            shm.buf[:raw.nbytes] = raw
+            shm.buf[:raw.nbytes] = raw  # type: ignore[index]
     except BaseException:
         _destroy(shm)
         raise
@@ -192,7 +192,7 @@ def _unlink(shm: SharedMemory) -> None:
         shm.unlink()
     except FileNotFoundError:  # removed by someone else: keep the resource tracker quiet
         from multiprocessing import resource_tracker
-        resource_tracker.unregister(shm._name, "shared_memory")
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
 
 
 def _close_all(segments: list[SharedMemory]) -> None:

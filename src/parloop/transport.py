@@ -111,7 +111,8 @@ class TransportError(RuntimeError):
 
 def _materialize(key: str) -> object:
     try:
-        kind, data, bkeys = _STORE[key]
+        entry: Any = _STORE[key]  # (kind, pickle stream, buffer keys)
+        kind, data, bkeys = entry
     except KeyError:
         raise TransportError(
             f"parloop: input {key} is not on this engine (pid {os.getpid()}); "
@@ -119,8 +120,8 @@ def _materialize(key: str) -> object:
         ) from None
     bufs = [_STORE[b] for b in bkeys]
     if kind == "bytes":
-        return bytes(bufs[0])
-    return pickle.loads(data, buffers=bufs)
+        return bytes(bufs[0])  # type: ignore[call-overload]
+    return pickle.loads(data, buffers=bufs)  # type: ignore[arg-type]
 
 
 def _enter_epoch(epoch: str) -> None:
@@ -173,7 +174,7 @@ def _engine_store(index: dict, *blobs) -> dict:
         for name, vkey in index["load"].items():
             try:
                 _LIVE[(name, vkey)] = (index["epoch"], _materialize(vkey))
-            except Exception as e:  # reported in the kernel with the variable's name
+            except Exception as e:  # noqa: BLE001 - reported in the kernel with the variable's name
                 errors[name] = f"{type(e).__name__}: {e}"
     return {"pid": os.getpid(), "stored": len(_STORE), "errors": errors, "unmapped": unmapped}
 
@@ -360,7 +361,7 @@ class Transport:
         self._gen += 1
         gen, epoch = self._gen, f"{self._uid}.{self._gen}"
         used = {p.key for p in packed.values()} | {bk for p in packed.values() for bk, _ in p.buffers}
-        pending = []
+        pending: list[Any] = []
         for eid, ident in idents.items():
             have = self._have.setdefault(ident, {})
             index, blobs = self._index(packed, have, eid in mapping, epoch, stats)
@@ -491,7 +492,8 @@ class Transport:
         now); a smaller buffer, or one /dev/shm has no room for, is hashed."""
         if self._segments is None:
             self._segments = _shm.SegmentPool(self._uid)  # unlinks what is left at exit
-        pool, memo = self._segments, {}
+        pool = self._segments
+        memo: dict[int, Any] = {}
 
         def key(raw: memoryview) -> str:
             if raw.nbytes >= SHM_THRESHOLD:
@@ -554,7 +556,7 @@ def dumps(obj: Any) -> list:
     return [data, *raws]
 
 
-def loads(frames: list | bytes) -> Any:
+def loads(frames: list | bytes | bytearray | memoryview) -> Any:
     """Inverse of :func:`dumps` (or of any cloudpickle stream), for the kernel:
     unlike ``pickle.loads`` it leaves the kernel's own classes alone.
 
@@ -670,7 +672,7 @@ def _discard(_buffer) -> bool:
 def _probe(value: Any) -> Exception | None:
     try:
         _cloudpickle(value, _discard)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever does not pickle is reported by name
         return e
     return None
 

@@ -144,7 +144,8 @@ class EngineBackend:
         self.keys: dict[str, str] = {}
         self._inputs: dict[str, Any] | None = None
         self.retries = opts.retries
-        self._pending: dict[str, tuple[Any, int]] = {}  # msg_id -> (async result, start)
+        # msg_id -> (async result, start, engine id)
+        self._pending: dict[str, tuple[Any, int, int]] = {}
         self._lock = threading.Lock()
         self._cancel_from: int | None = None
         self.events: list[str] = []     # what happened (lost engines), for last_run
@@ -237,7 +238,7 @@ class EngineBackend:
     def _channel_result(self, fut: Future, start: int, eid: int, payload: memoryview) -> None:
         try:
             res: ChunkResult = transport_loads(payload)
-        except BaseException as e:  # noqa: B902 - a result the kernel cannot load
+        except BaseException as e:  # noqa: BLE001 - a result the kernel cannot load
             fut.set_exception(e)
             return
         self._deliver(fut, res, eid)
@@ -253,7 +254,7 @@ class EngineBackend:
         error: BaseException | None = None
         try:
             ar.get(0)
-        except BaseException as e:  # noqa: B902
+        except BaseException as e:  # noqa: BLE001
             error = e
         lost = error is not None and _engine_lost(error)
         if lost:
@@ -276,13 +277,13 @@ class EngineBackend:
         """chunk start -> (engine, iterations done in it so far): engines
         publish their progress while a chunk runs (ipyparallel's data
         publication, four times a second)."""
-        out = {}
+        out: dict[int, tuple[str, int]] = {}
         if self.channel is not None:
             on_engines = {(eid, start) for eid, start in self.channel.in_flight().values()}
             for eid, ar in list(self._serving.items()):
                 data = getattr(ar, "data", None) or {}
                 start = data.get("parloop_start")
-                if (eid, start) in on_engines:
+                if start is not None and (eid, start) in on_engines:
                     out[start] = (self.label(eid), int(data.get("parloop_done", 0)))
             return out
         with self._lock:
@@ -322,7 +323,7 @@ class EngineBackend:
                 # notebook classes as they are when instances of them come back
                 res: ChunkResult = transport_loads(ar_.get())
                 self._forget(ar_)
-            except BaseException as e:  # noqa: B902
+            except BaseException as e:  # noqa: BLE001
                 if self._cancel_from is not None and start > self._cancel_from:
                     fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))
                     return

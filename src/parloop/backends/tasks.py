@@ -124,7 +124,7 @@ class TaskBackend:
     def submit(self, items: list, start: int) -> "Future[ChunkResult]":
         return asyncio.run_coroutine_threadsafe(self._chunk(items, start), event_loop())
 
-    async def _one(self, ctl: ChunkControl, n: int, item: Any) -> tuple:
+    async def _one(self, ctl: ChunkControl, n: int, item: Any) -> tuple | None:
         assert self._sem is not None and self._fn is not None and self._job is not None
         async with self._sem:
             if ctl.stop or (self._cancel_from is not None and ctl.start + n > self._cancel_from):

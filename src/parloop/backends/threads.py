@@ -197,7 +197,7 @@ class SerialBackend:
         try:
             fut.set_result(run_chunk(self._fn, items, start, job.on_error, job.private,
                                      job.seed, worker="kernel", shape=job.shape))
-        except BaseException as e:  # noqa: B902 - handed to the dispatcher as is
+        except BaseException as e:  # noqa: BLE001 - handed to the dispatcher as is
             fut.set_exception(e)
         return fut
 

@@ -144,7 +144,7 @@ class Committer:
                 replay(self.ns, res.log, target_env if self.synced else None, pos,
                        flush=parts.upto)
                 break
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the iteration raised it, as serial would
                 # an entry raised in the kernel (``out[k] = v`` on a list too
                 # short): serial would have raised in that iteration
                 at = getattr(exc, "parloop_log_pos", pos)
