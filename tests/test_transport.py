@@ -15,7 +15,6 @@ ipp = pytest.importorskip("ipyparallel")
 np = pytest.importorskip("numpy")
 
 from helpers import engine_call as call  # noqa: E402
-from parloop import transport  # noqa: E402
 from parloop.cluster import MANAGER  # noqa: E402
 from parloop.errors import LoopAnalysisError  # noqa: E402
 from parloop.transport import Transport, TransportError, check_picklable, dumps, loads  # noqa: E402
@@ -34,6 +33,7 @@ def notebook(source: str) -> types.ModuleType:
 def describe(keys, name):
     import hashlib
 
+    from parloop import transport
 
     v = transport.engine_resolve(keys)[name]
     return (type(v).__name__, v.shape, str(v.dtype), bool(v.flags.writeable),
@@ -42,12 +42,14 @@ def describe(keys, name):
 
 @ipp.interactive
 def get(keys, name):
+    from parloop import transport
 
     return transport.dumps(transport.engine_resolve(keys)[name])
 
 
 @ipp.interactive
 def append_to(keys, name, item):
+    from parloop import transport
 
     v = transport.engine_resolve(keys)[name]
     v.append(item)
@@ -56,6 +58,7 @@ def append_to(keys, name, item):
 
 @ipp.interactive
 def stored_keys():
+    from parloop import transport
 
     return sorted(transport._STORE)
 
