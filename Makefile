@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m parloop.demo notebooks/quickstart.ipynb
+	$(PY) notebooks/run.py notebooks/quickstart.ipynb
 
 chromium:
 	@test -x $(CHROMIUM) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)

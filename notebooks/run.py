@@ -1,5 +1,6 @@
-"""``python -m parloop.demo NOTEBOOK``: execute a notebook headless (nbclient, a
-real kernel) and print what each cell showed -- what ``make demo`` runs."""
+"""``python notebooks/run.py NOTEBOOK``: execute a notebook headless (nbclient, a
+real kernel) and print what each cell showed -- what ``make demo`` runs.  It
+lives outside the package: nbclient is a development dependency."""
 from __future__ import annotations
 
 import argparse
