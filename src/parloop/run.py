@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import itertools
 import operator
 import sys
 import time
@@ -323,9 +324,9 @@ def _reach(value: Any) -> set[int]:
             if len(out) > ALIAS_REACH:
                 return out
             if isinstance(v, dict):
-                nxt.extend(v.values())
+                nxt.extend(itertools.islice(v.values(), ALIAS_REACH))
             elif isinstance(v, (list, tuple, set)):
-                nxt.extend(v)
+                nxt.extend(itertools.islice(v, ALIAS_REACH))
             elif hasattr(v, "__dict__") and not isinstance(v, type):
                 nxt.extend(vars(v).values())
         level = nxt
