@@ -287,3 +287,28 @@ def test_output_before_the_raise_is_shown_like_serial(ip):
     assert m_out.split("a 13\n")[0] == s_out.split("a 13\n")[0]
     assert "a 13\n" in m_out and "b 13" not in m_out and "a 14" not in m_out
     _assert_same(["res", "i"], s_state, materialize(snapshot(ip, ["res", "i"])))
+
+
+@pytest.mark.parametrize("channel", [True, False], ids=["channel", "tasks"])
+def test_worker_traceback_shows_notebook_function_lines(ip, monkeypatch, channel):
+    """Under %%parallel the re-raised exception carries the engine's frames
+    (as its cause): the notebook function ``boom`` and its ``raise`` line,
+    while ``except CellError`` still catches it; over parloop's channel and
+    with one ipyparallel task per chunk (``PARLOOP_CHANNEL=0``)."""
+    from parloop.backends.engines import EngineBackend
+    monkeypatch.setattr(EngineBackend, "use_channel", channel)
+    reset(ip)
+    run_cell(ip, "class CellError(Exception):\n    pass\n"
+                 "def boom(x):\n    if x == 5:\n        raise CellError(f'bad {x}')\n"
+                 "    return x\nout = {}")
+    _, err = run_cell(ip, "%%parallel processes=2 progress=off chunksize=2\n"
+                          "for i in range(8):\n    out[i] = boom(i)\n")
+    assert isinstance(err, ip.user_ns["CellError"]), repr(err)
+    text = "".join(traceback.format_exception(err))
+    assert "boom" in text and "raise CellError(f'bad {x}')" in text, text
+    assert parloop.last_run.dispatch == ("channel" if channel else "tasks")
+    _, err2 = run_cell(ip, "try:\n    get_ipython().run_cell_magic('parallel', "
+                           "'processes=2 progress=off chunksize=2', "
+                           "'for i in range(8):\\n    out[i] = boom(i)\\n')\n"
+                           "except CellError as e:\n    caught = str(e)\n")
+    assert err2 is None and ip.user_ns["caught"] == "bad 5"

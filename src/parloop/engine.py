@@ -18,7 +18,7 @@ import pickle
 import socket
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cloudpickle
@@ -44,6 +44,8 @@ class Program:
     live: bool = False
     shape: LoopShape | None = None
     imports: tuple[str, ...] = ()
+    #: the notebook cells defining the functions it calls (see run._cell_sources)
+    sources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seeded(self) -> bool:
@@ -62,6 +64,10 @@ def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
                 pass
         linecache.cache[program.filename] = (sum(map(len, program.cell_lines)), None,
                                              program.cell_lines, program.filename)
+        for filename, lines in program.sources.get("files", {}).items():
+            # the cells that define the notebook functions the loop calls: a
+            # traceback from inside one shows its lines, as in the kernel
+            linecache.cache.setdefault(filename, (sum(map(len, lines)), None, lines, filename))
         globals_: dict[str, Any] = {"__builtins__": builtins, "__name__": "__parloop__"}
         globals_.update(inputs)
         scratch: dict[str, Any] = {}
@@ -110,12 +116,34 @@ def _input_ids(fn: Callable, names: tuple[str, ...]) -> dict[int, tuple]:
     return ids
 
 
-def _portable(res: ChunkResult, ids: dict[int, tuple] | None = None) -> bytes:
+def _traceback_text(exc: BaseException, functions: dict[str, str]) -> str:
+    """The exception's traceback as the engine saw it, with the frames of
+    notebook functions (cloudpickle names their file ``<dynamic-code>``) put
+    back in their cells, so their source lines show."""
+    te = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    todo = [te]
+    while todo:
+        t = todo.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for k, f in enumerate(t.stack):
+            if f.filename == "<dynamic-code>" and f.name in functions and f.lineno:
+                real = functions[f.name]
+                t.stack[k] = traceback.FrameSummary(
+                    real, f.lineno, f.name, line=linecache.getline(real, f.lineno).strip())
+        todo += [x for x in (t.__cause__, t.__context__) if x is not None]
+    return "".join(te.format())
+
+
+def _portable(res: ChunkResult, ids: dict[int, tuple] | None = None,
+              functions: dict[str, str] | None = None) -> bytes:
     """cloudpickle the result; values that cannot travel (an open file left in
     a private name, an exception holding a socket) are replaced by a
     description rather than losing the whole chunk."""
     for err in res.errors + ([res.raised] if res.raised else []):
-        err.tb_text = "".join(traceback.format_exception(err.exc))  # type: ignore[attr-defined]
+        err.tb_text = _traceback_text(err.exc, functions or {})  # type: ignore[attr-defined]
         err.exc.__traceback__ = None
     if ids:
         try:
@@ -229,7 +257,8 @@ def _run(fn: Callable, program: Program, payload: bytes | memoryview,
         if program.seeded:
             seeding.end_run()
     shape = program.shape
-    return _portable(res, _input_ids(fn, shape.stored) if shape and shape.stored else None)
+    return _portable(res, _input_ids(fn, shape.stored) if shape and shape.stored else None,
+                     program.sources.get("functions"))
 
 
 def run_remote(keys: dict[str, str], payload: bytes) -> bytes:

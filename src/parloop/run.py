@@ -232,7 +232,8 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
               private=set(private),
               on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout,
               live=bool(progress is not None and progress.wants_live),
-              shape=shape, lock=lock, imports=_submodules(plan, ns))
+              shape=shape, lock=lock, imports=_submodules(plan, ns),
+              sources=_cell_sources(plan, ns) if not backend.shares_memory else {})
     backend.prepare(job)
     threads = None
     if backend.name == "tasks":
@@ -278,7 +279,11 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
                 record.wall = time.perf_counter() - t0
                 view.close(record)
     except IterationFailed as f:
-        raise _annotate(f.exc, f.index, targets.describe(f.item), total) from None
+        # an engine's frames travel as the exception's cause (_RemoteTraceback):
+        # kept; anything else parloop's own machinery chained is dropped
+        cause = f.exc.__cause__
+        remote = cause if type(cause).__name__ == "_RemoteTraceback" else None
+        raise _annotate(f.exc, f.index, targets.describe(f.item), total) from remote
     finally:
         if seeded:
             seeding.end_run()
@@ -355,6 +360,38 @@ def _alias_groups(plan: LoopPlan, ns: dict[str, Any], written: set[str]
             out[w] = (key, whole or out.get(w, (key, False))[1])
             out[r] = (key, whole)
     return out
+
+
+def _cell_sources(plan: LoopPlan, ns: dict[str, Any]) -> dict[str, Any]:
+    """For engines' tracebacks: the lines of the notebook cells that define
+    the functions (and classes) the body reads, and which function lives in
+    which cell (cloudpickle sends code as ``<dynamic-code>``), so a frame
+    inside ``boom`` shows ``boom``'s own lines."""
+    import linecache
+
+    where: dict[str, str] = {}
+
+    def note(f: Any) -> None:
+        if isinstance(f, types.FunctionType) and f.__globals__ is ns:
+            where.setdefault(f.__name__, f.__code__.co_filename)
+            for g in f.__code__.co_names:   # the functions it calls, one level
+                h = ns.get(g)
+                if isinstance(h, types.FunctionType) and h.__globals__ is ns:
+                    where.setdefault(h.__name__, h.__code__.co_filename)
+
+    for name in plan.inputs:
+        v = ns.get(name)
+        note(v)
+        cls = v if isinstance(v, type) else type(v)
+        if getattr(cls, "__module__", None) == "__main__":
+            for f in vars(cls).values():
+                note(f)
+    files = {}
+    for f in set(where.values()):
+        lines = linecache.getlines(f)
+        if lines and sum(map(len, lines)) < 1_000_000:
+            files[f] = lines
+    return {"files": files, "functions": {n: f for n, f in where.items() if f in files}}
 
 
 def _submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:

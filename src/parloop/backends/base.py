@@ -31,6 +31,9 @@ class Job:
     #: submodules the body reaches through an input module (``xml.dom.minidom``
     #: after ``import xml.dom.minidom``): engines import them too
     imports: tuple[str, ...] = ()
+    #: the notebook cells that define the functions the body calls:
+    #: ``{"files": {filename: lines}, "functions": {name: filename}}``
+    sources: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(Protocol):

@@ -188,7 +188,7 @@ class EngineBackend:
                                       ("\n" + job.cell_source).splitlines()],
                           private=job.private, on_error=job.on_error, seed=job.seed,
                           timeout=job.timeout, live=job.live, shape=job.shape,
-                          imports=job.imports)
+                          imports=job.imports, sources=job.sources)
         inputs["___program"] = program
         # sent with the first chunk: a loop that runs natively needs none of it
         self._inputs = inputs
