@@ -16,7 +16,8 @@ import hashlib
 import pickle
 import threading
 import types
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -81,3 +82,69 @@ def fingerprint(value: Any) -> bytes:
     for b in buffers:
         h.update(b.raw())
     return h.digest()
+
+
+@dataclass
+class Watched:
+    """One watched object and its fingerprint when watching began (or why
+    none could be taken)."""
+
+    label: str                 # for messages: "`net`", "`SEEN` (a global of `record`)"
+    obj: Any
+    print: bytes | str         # the digest, or why there is none
+
+    def change(self, who: str = "") -> str:
+        """Why the object may have changed since (``who``: "iteration 0"),
+        or "" when its fingerprint is the same."""
+        if isinstance(self.print, str):
+            return f"{self.label} {self.print}: whether an iteration changes it cannot be told"
+        try:
+            now = fingerprint(self.obj)
+        except Unfingerprintable:
+            now = b""
+        if now == self.print:
+            return ""
+        if who:
+            return f"{who} changed {self.label} through a path the log does not hold"
+        return f"{self.label} changed through a path the log does not hold"
+
+
+_MISSING = object()
+
+
+def resolve(path: tuple[str, ...], names: dict[str, Any]) -> tuple[str, Any]:
+    """(label, object) of a watched path: ``(name,)`` an input, ``(function,
+    name)`` a global of a notebook function (looked up in the function's own
+    globals: on an engine they are not the chunk function's)."""
+    obj = names.get(path[0], _MISSING)
+    if len(path) == 1:
+        return f"`{path[0]}`", obj
+    return (f"`{path[1]}` (a global of `{path[0]}`)",
+            getattr(obj, "__globals__", {}).get(path[1], _MISSING))
+
+
+def watch(label: str, obj: Any) -> Watched:
+    try:
+        return Watched(label, obj, fingerprint(obj))
+    except Unfingerprintable as e:
+        return Watched(label, obj, f"cannot be fingerprinted ({e})")
+
+
+def watch_all(paths: tuple[tuple[str, ...], ...], names: dict[str, Any],
+              skip: Callable[[Any], bool] = lambda obj: False) -> list[Watched]:
+    """Fingerprint every watched object found in ``names`` (``skip``: objects
+    watched some other way, e.g. arrays made read-only)."""
+    out = []
+    for path in paths:
+        label, obj = resolve(path, names)
+        if obj is not _MISSING and not skip(obj):
+            out.append(watch(label, obj))
+    return out
+
+
+def first_change(watched: list[Watched], who: str = "") -> str:
+    for w in watched:
+        why = w.change(who)
+        if why:
+            return why
+    return ""

@@ -470,42 +470,17 @@ def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, ta
     first iteration runs in the kernel with the watched objects fingerprinted
     around it; if one changed, the whole loop runs serially in the kernel.
     Returns the iterations run."""
-    from .fingerprint import Unfingerprintable, fingerprint
+    from .fingerprint import first_change, watch_all
     from .schedule import ChunkSizer, _serial_rest
-
-    def objects() -> list[tuple[str, Any]]:
-        out = []
-        for path in shape.watch:
-            if len(path) == 1:
-                out.append((path[0], ns.get(path[0])))
-            else:
-                out.append((f"{path[1]}` (a global of `{path[0]}`", ns.get(path[1])))
-        return out
-
-    def prints() -> list[tuple[str, bytes | str]]:
-        fps: list[tuple[str, bytes | str]] = []
-        for label, obj in objects():
-            try:
-                fps.append((label, fingerprint(obj)))
-            except Unfingerprintable as e:
-                fps.append((label, f"cannot be fingerprinted ({e})"))
-        return fps
 
     items = take(0, 1)
     if not items:
         return 0
-    before = prints()
+    before = watch_all(shape.watch, ns)
     committer.run_direct(items, 0)
     if committer.stopped:
         return 1
-    why = ""
-    for (label, fp0), (_, fp1) in zip(before, prints()):
-        if isinstance(fp0, str):
-            why = f"`{label}` {fp0}: whether an iteration changes it cannot be told"
-            break
-        if fp0 != fp1:
-            why = f"iteration 0 changed `{label}` through a path the log does not hold"
-            break
+    why = first_change(before, "iteration 0")
     if not why:
         return 1
     committer.serial = True

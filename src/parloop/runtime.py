@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
 from . import seeding
+from .fingerprint import first_change, watch_all
 from .log.entries import SCALARS, TARGET
 from .tracking import DELETED, DirectReader, NeedsKernel, Reader
 
@@ -508,7 +509,7 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: Col
     if iters is not None and type(ctl.reader) is Reader:
         iters.reads = ctl.reader.reads
     tw = time.perf_counter()
-    hidden = ctl.hidden or (_changed(watched) if watched else "")
+    hidden = ctl.hidden or (first_change(watched) if watched else "")
     watch_seconds += time.perf_counter() - tw
     return ChunkResult(start=start, done=done, log=log if direct is None else [],
                        marks=ctl.marks[:done], parts=parts,
@@ -577,52 +578,24 @@ def _function_copies(fn: Callable, shape: LoopShape) -> dict[str, Callable]:
     return fns
 
 
-def _watched(fn: Callable, shape: LoopShape) -> list[tuple[str, Any, bytes | str]]:
-    """The watched objects on this worker and their fingerprints as they were
+def _read_only(obj: Any) -> bool:
+    """Input arrays are made read-only instead of fingerprinted: a write into
+    one raises (and is taken for hidden state), at no cost per chunk."""
+    if type(obj).__name__ != "ndarray" or getattr(obj, "flags", None) is None:
+        return False
+    try:
+        obj.flags.writeable = False
+    except ValueError:
+        pass
+    return True
+
+
+def _watched(fn: Callable, shape: LoopShape) -> list[Any]:
+    """The watched objects on this worker with their fingerprints as they were
     when the run's first chunk here began (kept on the chunk function, which
-    is compiled once per run per engine).  Input arrays are made read-only:
-    a write into one raises and is taken for hidden state."""
-    from .fingerprint import Unfingerprintable, fingerprint
-
+    is compiled once per run per engine)."""
     cached = fn.__dict__.get("___parloop_watch")
-    if cached is not None:
-        return cached
-    out: list[tuple[str, Any, bytes | str]] = []
-    g = fn.__globals__
-    for path in shape.watch:
-        obj = g.get(path[0], _NOTHING)
-        label = path[0]
-        if len(path) == 2:
-            obj = getattr(obj, "__globals__", {}).get(path[1], _NOTHING)
-            label = f"{path[1]}` (a global of `{path[0]}`)"
-        if obj is _NOTHING:
-            continue
-        flags = getattr(obj, "flags", None)
-        if flags is not None and type(obj).__name__ == "ndarray":
-            try:
-                obj.flags.writeable = False
-            except ValueError:
-                pass
-            continue
-        try:
-            fp: bytes | str = fingerprint(obj)
-        except Unfingerprintable as e:
-            fp = f"cannot be fingerprinted ({e})"
-        out.append((label, obj, fp))
-    fn.__dict__["___parloop_watch"] = out
-    return out
-
-
-def _changed(watched: list[tuple[str, Any, bytes | str]]) -> str:
-    from .fingerprint import Unfingerprintable, fingerprint
-
-    for label, obj, fp in watched:
-        if isinstance(fp, str):
-            return f"`{label}` {fp}: whether an iteration changed it cannot be told"
-        try:
-            now = fingerprint(obj)
-        except Unfingerprintable:
-            now = b""
-        if now != fp:
-            return f"`{label}` changed through a path the log does not hold"
-    return ""
+    if cached is None:
+        cached = fn.__dict__["___parloop_watch"] = watch_all(shape.watch, fn.__globals__,
+                                                            skip=_read_only)
+    return cached
