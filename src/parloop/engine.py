@@ -44,7 +44,7 @@ class Program:
     live: bool = False
     shape: LoopShape | None = None
     imports: tuple[str, ...] = ()
-    #: the notebook cells defining the functions it calls (see run._cell_sources)
+    #: the notebook cells defining the functions it calls (see analysis.namespace.cell_sources)
     sources: dict[str, Any] = field(default_factory=dict)
 
     @property

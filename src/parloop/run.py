@@ -9,15 +9,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
-import itertools
 import operator
 import sys
 import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Iterator
-
-import types
 
 from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
@@ -27,6 +24,8 @@ from .log.commit import Committer, Interrupted, IterationFailed, Speculation, Ta
 from .options import Options
 from .record import LastRun
 from .analysis.functions import notebook_functions
+from .analysis.namespace import (alias_groups, cell_sources, plain_roots, stored, submodules,
+                                 watched)
 from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_function_factory,
                       build_iteration_function, classify_call_roots)
 from .runtime import LoopShape, OutputCapture
@@ -174,7 +173,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
 
     __tracebackhide__ = True  # IPython: tracebacks start at the user's cell
     tree = cell.parse()
-    plain, stateful = _plain_roots(tree, ns)
+    plain, stateful = plain_roots(tree, ns)
     plan = analyse(tree, plain_roots=plain, copies=opts.private, stateful=stateful)
     _check_supported(plan, opts, ns)
     functions = ({} if plan.is_async else
@@ -201,7 +200,7 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     written = plan.roots | (plan.call_roots - worker_roots) | fn_writes
     shared = plan.shared(worker_roots) | (plan.inputs & fn_writes) | set().union(
         *(written & fp.reads for fp in functions.values()))
-    canon = _alias_groups(plan, ns, written)
+    canon = alias_groups(plan, ns, written)
     streams = tuple(sorted(n for n in plan.inputs if n in ns and seeding.is_generator(ns[n])
                            and n not in shared)) if opts.seed is not None else ()
     shared = frozenset(shared | set(canon))
@@ -219,21 +218,21 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     parloop.last_run = record
     # the private= copies are written back by replay, not by their last values
     private = frozenset(plan.private - set(plan.copies))
-    watch = tuple(p for p in _watched(plan, ns, worker_roots, functions)
+    watch = tuple(p for p in watched(plan, ns, worker_roots, functions)
                   if not (len(p) == 1 and p[0] in streams))
     shape = LoopShape(private=private, shared=shared, functions=factories, streams=streams,
                       same_key=frozenset(plan.same_key & shared) - set(canon),
                       checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
                       copies=plan.copies, body_seeds=plan.body_seeds, watch=watch,
-                      stored=_stored(plan, ns, backend))
+                      stored=() if backend.shares_memory else stored(plan, ns))
     lock = run_lock() if shape.shared and backend.shares_memory else contextlib.nullcontext()
     job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
               inputs={n for n in plan.inputs | worker_roots if n in ns},
               private=set(private),
               on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout,
               live=bool(progress is not None and progress.wants_live),
-              shape=shape, lock=lock, imports=_submodules(plan, ns),
-              sources=_cell_sources(plan, ns) if not backend.shares_memory else {})
+              shape=shape, lock=lock, imports=submodules(plan, ns),
+              sources=cell_sources(plan, ns) if not backend.shares_memory else {})
     backend.prepare(job)
     threads = None
     if backend.name == "tasks":
@@ -299,171 +298,6 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     return _exec_block(epilogue, cell, ns, want_value=True)
 
 
-def _stored(plan: LoopPlan, ns: dict[str, Any], backend: Backend) -> tuple[str, ...]:
-    """Inputs whose objects may be stored by a write (engines only)."""
-    if backend.shares_memory:
-        return ()
-    from .analysis.hidden import stored_inputs
-    from .fingerprint import watchable
-    return tuple(sorted(n for n in stored_inputs(plan.loop.body, plan.inputs)
-                        if n in ns and watchable(ns[n])))
-
-
-#: objects visited per name when looking for aliasing between outside names
-ALIAS_REACH = 10_000
-
-
-def _reach(value: Any) -> set[int]:
-    """ids of the mutable objects reachable from ``value``, two levels deep
-    (attributes of instances, items of containers), at most ALIAS_REACH."""
-    from .fingerprint import watchable
-
-    out: set[int] = set()
-    level = [value]
-    for _ in range(3):
-        nxt: list[Any] = []
-        for v in level:
-            if not watchable(v) or id(v) in out:
-                continue
-            out.add(id(v))
-            if len(out) > ALIAS_REACH:
-                return out
-            if isinstance(v, dict):
-                nxt.extend(itertools.islice(v.values(), ALIAS_REACH))
-            elif isinstance(v, (list, tuple, set)):
-                nxt.extend(itertools.islice(v, ALIAS_REACH))
-            elif hasattr(v, "__dict__") and not isinstance(v, type):
-                nxt.extend(vars(v).values())
-        level = nxt
-    return out
-
-
-def _alias_groups(plan: LoopPlan, ns: dict[str, Any], written: set[str]
-                  ) -> dict[str, tuple[str, bool]]:
-    """Outside names whose objects share state with an object the loop writes
-    (``a = b = {}``; ``opt = SGD(model.w)``: ``opt.step()`` changes what
-    ``model`` reads): the dependence test must take them for one object.
-    name -> (group key, whole: the objects are not identical, so keys of one
-    say nothing of the other: every access is to the whole group)."""
-    reads = {n for n in plan.inputs if n in ns}
-    writes = {n for n in written if n in ns}
-    if not writes or not reads - writes:
-        return {}
-    reach = {n: _reach(ns[n]) for n in reads | writes}
-    out: dict[str, tuple[str, bool]] = {}
-    for w in sorted(writes):
-        for r in sorted(reads):
-            if r == w or not reach[w] & reach[r]:
-                continue
-            key = out.get(w, (w, False))[0]
-            whole = ns[w] is not ns[r]
-            out[w] = (key, whole or out.get(w, (key, False))[1])
-            out[r] = (key, whole)
-    return out
-
-
-def _cell_sources(plan: LoopPlan, ns: dict[str, Any]) -> dict[str, Any]:
-    """For engines' tracebacks: the lines of the notebook cells that define
-    the functions (and classes) the body reads, and which function lives in
-    which cell (cloudpickle sends code as ``<dynamic-code>``), so a frame
-    inside ``boom`` shows ``boom``'s own lines."""
-    import linecache
-
-    where: dict[str, str] = {}
-
-    def note(f: Any) -> None:
-        if isinstance(f, types.FunctionType) and f.__globals__ is ns:
-            where.setdefault(f.__name__, f.__code__.co_filename)
-            for g in f.__code__.co_names:   # the functions it calls, one level
-                h = ns.get(g)
-                if isinstance(h, types.FunctionType) and h.__globals__ is ns:
-                    where.setdefault(h.__name__, h.__code__.co_filename)
-
-    for name in plan.inputs:
-        v = ns.get(name)
-        note(v)
-        cls = v if isinstance(v, type) else type(v)
-        if getattr(cls, "__module__", None) == "__main__":
-            for f in vars(cls).values():
-                note(f)
-    files = {}
-    for f in set(where.values()):
-        lines = linecache.getlines(f)
-        if lines and sum(map(len, lines)) < 1_000_000:
-            files[f] = lines
-    return {"files": files, "functions": {n: f for n, f in where.items() if f in files}}
-
-
-def _submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
-    """Submodules the body reaches as attributes of a module input
-    (``xml.dom.minidom.parseString``) that the kernel has imported."""
-    out: list[str] = []
-    for node in ast.walk(plan.loop):
-        if not isinstance(node, ast.Attribute) or not isinstance(node.ctx, ast.Load):
-            continue
-        chain: list[str] = []
-        n: ast.AST = node
-        while isinstance(n, ast.Attribute):
-            chain.append(n.attr)
-            n = n.value
-        if not isinstance(n, ast.Name) or not isinstance(ns.get(n.id), types.ModuleType):
-            continue
-        name = ns[n.id].__name__
-        for part in reversed(chain):
-            name = f"{name}.{part}"
-            if name not in sys.modules:
-                break
-            if name not in out:
-                out.append(name)
-    return tuple(out)
-
-
-def _watched(plan: LoopPlan, ns: dict[str, Any], worker_roots: set[str],
-             functions: dict[str, Any] | None = None) -> tuple[tuple[str, ...], ...]:
-    """The objects an iteration could change behind the log's back (see
-    parloop.analysis.hidden): inputs the body hands to code, and the mutable
-    globals of the notebook functions it calls (two calls deep), except the
-    globals the workers' copies of those functions log (``functions``), when
-    the body only ever calls the function (never hands it on)."""
-    functions = functions or {}
-    handed = {n.id for st in plan.loop.body for n in ast.walk(st)
-              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - {
-        n.func.id for st in plan.loop.body for n in ast.walk(st)
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    logged = {g for name, fp in functions.items() if name not in handed for g in fp.writes()}
-    from .analysis.hidden import called_names, watch_candidates
-    from .fingerprint import watchable
-
-    recorded = plan.roots | (plan.call_roots - worker_roots) | set(plan.reductions)
-    local = plan.private | set(plan.targets) | recorded | set(plan.copies)
-    out: list[tuple[str, ...]] = [
-        (n,) for n in sorted(watch_candidates(plan.loop.body) - local)
-        if n in ns and watchable(ns[n])]
-    seen: set[int] = set()
-
-    def globals_of(fname: str, fn: Any, depth: int) -> None:
-        if id(fn) in seen or depth > 2:
-            return
-        seen.add(id(fn))
-        if not isinstance(fn, types.FunctionType) or fn.__globals__ is not ns:
-            return
-        codes = [fn.__code__]
-        names: set[str] = set()
-        while codes:
-            code = codes.pop()
-            names.update(code.co_names)
-            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        for g in sorted(names):
-            v = ns.get(g)
-            if isinstance(v, types.FunctionType):
-                globals_of(fname, v, depth + 1)
-            elif g in ns and watchable(v) and (fname, g) not in out and g not in logged:
-                out.append((fname, g))
-    for f in sorted(called_names(plan.loop.body) - local):
-        globals_of(f, ns.get(f), 0)
-    return tuple(out)
-
-
 def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, take: Any,
                   opts: Options, total: int | None, view: Progress, record: LastRun) -> int:
     """Threads share the kernel's objects, so a hidden change would race: the
@@ -489,32 +323,6 @@ def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, ta
     _serial_rest(committer, [], take, 1, False, ChunkSizer(opts.chunksize, 1, total), view,
                  record)
     return committer.next
-
-
-def _plain_roots(tree: ast.Module, ns: dict[str, Any]
-                 ) -> tuple[frozenset[str], dict[str, str]]:
-    """Names of the cell bound to modules, classes and functions (in the
-    namespace, or imported by the statements before the loop): calls through
-    them (``np.sort(a)``) are calls, not writes.  And apart, the names bound
-    to modules with global state of their own (``plt``): name -> module."""
-    from .analysis.hidden import STATEFUL_MODULES, is_stateful_module
-
-    plain = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
-    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    out = {n for n in names if isinstance(ns.get(n), plain)}
-    stateful = {n: ns[n].__name__ for n in out if is_stateful_module(ns[n])}
-    for st in tree.body:
-        if isinstance(st, (ast.For, ast.AsyncFor)):
-            break
-        if isinstance(st, ast.Import):
-            for a in st.names:
-                if a.asname and a.name in STATEFUL_MODULES:
-                    stateful[a.asname] = a.name
-                out.add((a.asname or a.name).split(".")[0])
-        elif isinstance(st, ast.ImportFrom) and st.module == "matplotlib":
-            stateful.update({(a.asname or a.name): f"matplotlib.{a.name}" for a in st.names
-                             if f"matplotlib.{a.name}" in STATEFUL_MODULES})
-    return frozenset(out - set(stateful)), stateful
 
 
 def _check_supported(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> None:

@@ -90,13 +90,13 @@ def hidden_state(plan: LoopPlan, ns: dict[str, Any]) -> list[str]:
     """What the body hands to code that could change it behind the log (see
     parloop.analysis.hidden), and what parloop does about it."""
     from ..rewrite import classify_call_roots
-    from ..run import _plain_roots, _watched
+    from .namespace import plain_roots, watched
     from .functions import notebook_functions
 
-    plain, stateful = _plain_roots(plan.tree, ns)
+    plain, stateful = plain_roots(plan.tree, ns)
     functions = notebook_functions(plan.loop.body, ns, plain, stateful)
     out = []
-    for path in _watched(plan, ns, classify_call_roots(plan, ns), functions):
+    for path in watched(plan, ns, classify_call_roots(plan, ns), functions):
         if len(path) == 1:
             out.append(f"`{path[0]}` is handed to code that may change it")
             continue
@@ -156,8 +156,8 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
         lines.append(f"  break at line(s) {', '.join(map(str, plan.break_lines))}: the "
                      "breaking iteration is the last one committed; later work is discarded")
     from .functions import notebook_functions
-    from ..run import _plain_roots
-    plain, stateful = _plain_roots(plan.tree, ns)
+    from .namespace import plain_roots
+    plain, stateful = plain_roots(plan.tree, ns)
     functions = notebook_functions(plan.loop.body, ns, plain, stateful)
     if functions:
         lines.append("")

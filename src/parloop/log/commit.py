@@ -85,7 +85,7 @@ class Speculation:
     #: shared objects written through method calls (``model.fit(x)``): a copy
     #: per iteration (``private=``) would make such a loop parallel
     suggest: frozenset[str] = frozenset()
-    #: outside names that share state (see run._alias_groups): name -> (group,
+    #: outside names that share state (see analysis.namespace.alias_groups): name -> (group,
     #: every access whole)
     canon: dict[str, tuple[str, bool]] = field(default_factory=dict)
     writes: WriteSet = field(default_factory=WriteSet)
