@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..analysis import LoopPlan
 from ..record import ChunkRecord, ErrorRecord, LastRun
-from ..runtime import ChunkResult, LoopShape, run_chunk, write_parts
+from ..runtime import ChunkResult, IterationError, LoopShape, run_chunk, write_parts
 from ..tracking import DELETED, ApplyingLog
 from .conflicts import Conflict, WriteSet
 from .entries import CALL, PATH, SET_ATTR, SET_ITEM
@@ -229,7 +229,7 @@ class Committer:
                     with spec.lock:
                         replay(self.ns, res.log, env, m0, m1, subst, flush=parts.upto)
                 except Exception as exc:  # noqa: BLE001 - as serial raised it
-                    err = _iteration_error(index, exc)
+                    err = IterationError(index, exc)
             parts.done = max(parts.done, it.pmarks[n])
             parts.upto(it.pmarks[n + 1] if n + 1 < len(it.pmarks) else len(res.parts))
             self._private_values(it.privates[n] if n < len(it.privates) else {})
@@ -390,8 +390,3 @@ class _PartsWriter:
         if k > self.done:
             write_parts(self.parts[self.done:k])
             self.done = k
-
-
-def _iteration_error(index: int, exc: BaseException) -> Any:
-    from ..runtime import IterationError
-    return IterationError(index, exc, None)
