@@ -27,7 +27,8 @@ chromium:
 
 # the linter (rules in pyproject.toml) and the type checker, then the tests
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks notebooks/run.py
+	$(PY) -m ruff format --check src tests benchmarks notebooks/run.py
 	$(PY) -m mypy
 
 test: $(STAMP) chromium lint

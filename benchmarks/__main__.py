@@ -1,15 +1,22 @@
 """``python -m benchmarks [workload ...] [--rounds N]``: run the workloads and
 print the Markdown table (what ``make bench`` runs; BENCHMARKS.md holds the
 latest)."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 
+from . import (
+    workloads_async,
+    workloads_deps,
+    workloads_engines,
+    workloads_hidden,
+    workloads_threads,
+    workloads_throughput,
+    workloads_view,
+)
 from .harness import shell, table
-from . import (workloads_async, workloads_deps, workloads_engines, workloads_hidden,
-               workloads_threads,
-               workloads_throughput, workloads_view)
 
 WORKLOADS = {
     "cpu": workloads_engines.cpu,

@@ -1,5 +1,6 @@
 """Timing machinery shared by the workloads: a real IPython shell with parloop
 loaded, alternating rounds, medians, and a note of how busy the machine was."""
+
 from __future__ import annotations
 
 import os
@@ -65,6 +66,7 @@ def _own_cpu() -> float:
     total = t.user + t.system + t.children_user + t.children_system
     try:
         import psutil
+
         me = psutil.Process()
         for child in me.children(recursive=True):
             try:
@@ -80,7 +82,7 @@ def _own_cpu() -> float:
 @dataclass
 class Variant:
     name: str
-    run: Callable[[], float]   # returns seconds (its own measurement)
+    run: Callable[[], float]  # returns seconds (its own measurement)
     is_parloop: bool = False
     note: str = ""
     #: run in the first ``max_runs`` rounds only (a slow peer that would make
@@ -119,14 +121,20 @@ def measure(workload: str, variants: list[Variant], rounds: int) -> Result:
 def table(results: list[Result], baseline: str = "serial") -> str:
     """Markdown: median seconds, ratio to serial, ratio to the best peer."""
     cores = os.cpu_count()
-    lines = [f"Machine: {cores} cores (`os.cpu_count()`), Python "
-             f"{'.'.join(map(str, __import__('sys').version_info[:3]))}.", ""]
+    lines = [
+        f"Machine: {cores} cores (`os.cpu_count()`), Python "
+        f"{'.'.join(map(str, __import__('sys').version_info[:3]))}.",
+        "",
+    ]
     for r in results:
         med = {k: statistics.median(v) for k, v in r.rows.items()}
         peers = [k for k in med if k not in r.parloop and k != baseline]
         best_peer = min(peers, key=lambda k: med[k]) if peers else None
-        busy = " **(machine busy: other processes used %.2f cores)**" % r.other_cores \
-            if r.other_cores > 0.25 else f" (other processes: {r.other_cores:.2f} cores)"
+        busy = (
+            " **(machine busy: other processes used %.2f cores)**" % r.other_cores
+            if r.other_cores > 0.25
+            else f" (other processes: {r.other_cores:.2f} cores)"
+        )
         lines.append(f"### {r.workload}{busy}")
         lines.append("")
         lines.append("| variant | median s | runs | ÷ serial | ÷ best peer | note |")
@@ -134,8 +142,10 @@ def table(results: list[Result], baseline: str = "serial") -> str:
         for k, m in med.items():
             vs_serial = f"{m / med[baseline]:.3f}" if baseline in med else ""
             vs_peer = f"{m / med[best_peer]:.3f}" if best_peer and k in r.parloop else ""
-            lines.append(f"| {k} | {m:.4f} | {len(r.rows[k])} | {vs_serial} | {vs_peer} | "
-                         f"{r.notes.get(k, '')} |")
+            lines.append(
+                f"| {k} | {m:.4f} | {len(r.rows[k])} | {vs_serial} | {vs_peer} | "
+                f"{r.notes.get(k, '')} |"
+            )
         lines.extend(r.extra)
         lines.append("")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Work functions for the peers that need importable functions
 (multiprocessing, joblib, deco, ipyparallel); parloop gets the same code as
 notebook cells."""
+
 from __future__ import annotations
 
 CPU_SOURCE = '''
@@ -19,6 +20,7 @@ SPIN = 400_000  # calibrated at import by calibrate()
 def calibrate(target: float = 0.060) -> int:
     """The n for which spin(n) takes about ``target`` seconds here."""
     import time
+
     global SPIN
     n = 100_000
     t0 = time.perf_counter()
@@ -32,6 +34,7 @@ def timed_spin(n: int) -> float:
     """spin(n), returning the seconds it took where it ran (a worker's own
     compute speed, apart from any dispatch)."""
     import time
+
     t0 = time.perf_counter()
     spin(n)  # noqa: F821 - defined by exec above
     return time.perf_counter() - t0

@@ -14,6 +14,7 @@ Both must give the serial answer: every parloop run is checked against the
 serial run's result, and a run that is rejected, raises or gives another
 answer says so in the table (its time is ``nan`` when it did not finish) --
 the workloads run before the dependence test exists, too."""
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,10 @@ def _define(ip, n: int) -> None:
     """``spin`` and the two ~1 ms bodies as notebook cells define them: functions
     of the shell's namespace travel to the engines by value, with the globals
     they read (``spin``, ``SPIN_1MS``)."""
-    run_cell(ip, work.CPU_SOURCE + f'''
+    run_cell(
+        ip,
+        work.CPU_SOURCE
+        + f'''
 SPIN_1MS = {n}
 
 def slow(k):
@@ -84,7 +88,8 @@ def step(v):
     """~1 ms, then the next term of the recurrence."""
     spin(SPIN_1MS)
     return v * 1.0001 + 1
-''')
+''',
+    )
 
 
 def _warm(ip) -> None:
@@ -128,7 +133,7 @@ def _n(k: int) -> str:
 def _first_line(text: str, width: int = 90) -> str:
     """One line of a message, short enough for a table cell, no pipes."""
     line = (text.splitlines() or [""])[0].replace("|", "/")
-    return line if len(line) <= width else line[:width - 1] + "…"
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 @dataclass
@@ -191,9 +196,11 @@ class Checked:
 
     def counts(self) -> str:
         """reruns and conflicts of the last run, as far as the record has them."""
+
         def one(name: str, values: list[int | None]) -> str:
             v = values[-1] if values else None
             return f"{name} n/a (no `last_run.{name}`)" if v is None else f"{v} {name}"
+
         return one("reruns", self.reruns) + ", " + one("conflicts", self.conflicts)
 
 
@@ -231,33 +238,50 @@ def memo(ip, rounds: int) -> Result:
             dt = run_cell(ip, MEMO_CELL)
             serial_out[which] = (list(ip.user_ns["res"]), dict(ip.user_ns["cache"]))
             return dt
+
         return run
 
     def check(which: str) -> Callable[[], str]:
         def run() -> str:
             # the serial variant runs first in every round
             want_res, want_cache = serial_out[which]
-            problems = [f"{name}: {d}" for name, d in (
-                ("res", _diff(ip.user_ns["res"], want_res)),
-                ("cache", _diff(ip.user_ns["cache"], want_cache))) if d]
+            problems = [
+                f"{name}: {d}"
+                for name, d in (
+                    ("res", _diff(ip.user_ns["res"], want_res)),
+                    ("cache", _diff(ip.user_ns["cache"], want_cache)),
+                )
+                if d
+            ]
             return "; ".join(problems)
+
         return run
 
     par_memo = Checked(ip, PARALLEL + MEMO_CELL, reset("MEMO_KEYS"), check("MEMO_KEYS"))
     par_free = Checked(ip, PARALLEL + MEMO_CELL, reset("FREE_KEYS"), check("FREE_KEYS"))
     variants = [
-        Variant("serial", serial("MEMO_KEYS"), note=f"{_n(MEMO_ITERATIONS - MEMO_REPEATS)} "
-                f"slow() calls, {MEMO_REPEATS} memo hits"),
+        Variant(
+            "serial",
+            serial("MEMO_KEYS"),
+            note=f"{_n(MEMO_ITERATIONS - MEMO_REPEATS)} slow() calls, {MEMO_REPEATS} memo hits",
+        ),
         Variant("%%parallel processes=2", par_memo.run, True),
-        Variant("serial, all keys distinct", serial("FREE_KEYS"),
-                note=f"{_n(MEMO_ITERATIONS)} slow() calls"),
+        Variant(
+            "serial, all keys distinct",
+            serial("FREE_KEYS"),
+            note=f"{_n(MEMO_ITERATIONS)} slow() calls",
+        ),
         Variant("%%parallel processes=2, all keys distinct", par_free.run, True),
     ]
-    res = measure(f"Memo fill: {_n(MEMO_ITERATIONS)} × ~1 ms (spin({n})), "
-                  f"{MEMO_REPEATS} repeated keys", variants, max(1, min(rounds, MEMO_MAX_ROUNDS)))
+    res = measure(
+        f"Memo fill: {_n(MEMO_ITERATIONS)} × ~1 ms (spin({n})), {MEMO_REPEATS} repeated keys",
+        variants,
+        max(1, min(rounds, MEMO_MAX_ROUNDS)),
+    )
     res.notes["%%parallel processes=2"] = par_memo.note("res and cache equal serial")
     res.notes["%%parallel processes=2, all keys distinct"] = par_free.note(
-        "res and cache equal serial")
+        "res and cache equal serial"
+    )
 
     med = {k: statistics.median(v) for k, v in res.rows.items()}
     s_memo = med["serial"] / med["%%parallel processes=2"]
@@ -271,7 +295,8 @@ def memo(ip, rounds: int) -> Result:
         f"\nSpeed-up over its own serial loop: memo {s_memo:.2f}×, all keys distinct "
         f"{s_free:.2f}×; memo ÷ conflict-free = {ratio:.3f} (goal ≥ 0.80: {verdict}).  "
         f"The memo run's `parloop.last_run`: {par_memo.counts()}; "
-        f"the conflict-free run's: {par_free.counts()}.")
+        f"the conflict-free run's: {par_free.counts()}."
+    )
     return res
 
 
@@ -302,8 +327,11 @@ def recurrence(ip, rounds: int) -> Result:
         Variant("%%parallel processes=2", par.run, True),
         Variant("%%threaded", thr.run, True),
     ]
-    res = measure(f"Recurrence: x[i + 1] = step(x[i]), {RECURRENCE_ITERATIONS} × ~1 ms "
-                  f"(spin({n}))", variants, rounds)
+    res = measure(
+        f"Recurrence: x[i + 1] = step(x[i]), {RECURRENCE_ITERATIONS} × ~1 ms (spin({n}))",
+        variants,
+        rounds,
+    )
     res.notes["%%parallel processes=2"] = par.note("x equals serial")
     res.notes["%%threaded"] = thr.note("x equals serial")
 
@@ -315,7 +343,9 @@ def recurrence(ip, rounds: int) -> Result:
         why = "" if c.correct else ", not the serial answer"
         return f"{name} {times:.2f}× serial ({ok}{why}; {c.counts()})"
 
-    res.extra.append("\nGoal ≤ 1.3× serial with x equal to serial's: "
-                     + "; ".join([verdict("%%parallel processes=2", par),
-                                  verdict("%%threaded", thr)]) + ".")
+    res.extra.append(
+        "\nGoal ≤ 1.3× serial with x equal to serial's: "
+        + "; ".join([verdict("%%parallel processes=2", par), verdict("%%threaded", thr)])
+        + "."
+    )
     return res

@@ -11,6 +11,7 @@ K / median, and, for %%parallel, also K / (median - the latency row's median):
 the fixed cost of a cell (one iteration per engine) grows with the engines.
 Starting 64 engines on a 2-core machine takes a minute or more; the resize
 times are reported under the table.  The cluster is stopped at the end."""
+
 from __future__ import annotations
 
 import statistics
@@ -55,7 +56,7 @@ def throughput(ip, rounds: int) -> Result:
 
     merged = Result("W7 scheduler throughput: `out[i] = i` on engines that do nothing")
     resize: dict[int, float] = {}
-    info: dict[str, dict] = {}      # row -> K, max_outstanding, native, chunks
+    info: dict[str, dict] = {}  # row -> K, max_outstanding, native, chunks
     best64 = best64_steady = 0.0
     try:
         for n in ENGINES:
@@ -63,23 +64,32 @@ def throughput(ip, rounds: int) -> Result:
             MANAGER.client(processes=n, timeout=900)
             resize[n] = time.perf_counter() - t0
             ip.run_cell("out = {}", store_history=False)
-            run_cell(ip, f"%%parallel processes={n} progress=off\n"
-                         f"for i in range({4 * n}):\n    out[i] = i\n")
+            run_cell(
+                ip,
+                f"%%parallel processes={n} progress=off\n"
+                f"for i in range({4 * n}):\n    out[i] = i\n",
+            )
             # the fixed cost of a cell on n engines: one iteration per engine
             lat_name = f"{n} engines: %%parallel, {n} iterations, chunksize=1 (latency)"
-            variants = [Variant(lat_name, lambda n=n: run_cell(
-                ip, f"%%parallel processes={n} progress=off chunksize=1\n"
-                    f"for i in range({n}):\n    out[i] = i\n"), True)]
+            variants = [
+                Variant(
+                    lat_name,
+                    lambda n=n: run_cell(
+                        ip,
+                        f"%%parallel processes={n} progress=off chunksize=1\n"
+                        f"for i in range({n}):\n    out[i] = i\n",
+                    ),
+                    True,
+                )
+            ]
             for c in CHUNKS:
                 name = f"{n} engines: %%parallel chunksize={c or 'auto'}"
-                row = info.setdefault(name, {"max_outstanding": 0, "native": False,
-                                             "chunks": 0})
+                row = info.setdefault(name, {"max_outstanding": 0, "native": False, "chunks": 0})
                 opts = f"processes={n} progress=off" + (f" chunksize={c}" if c else "")
 
                 def run_k(k: int, opts: str = opts, row: dict = row) -> float:
                     ip.run_cell("out = {}", store_history=False)  # not timed
-                    dt = run_cell(ip, f"%%parallel {opts}\nfor i in range({k}):\n"
-                                      "    out[i] = i\n")
+                    dt = run_cell(ip, f"%%parallel {opts}\nfor i in range({k}):\n    out[i] = i\n")
                     last = parloop.last_run
                     assert len(ip.user_ns["out"]) == k and last.done == k
                     row["max_outstanding"] = max(row["max_outstanding"], last.max_outstanding)
@@ -123,13 +133,17 @@ def throughput(ip, rounds: int) -> Result:
                 note = f"K = {_fmt(row['K'])}: **{_fmt(rate)} it/s**"
                 if "chunks" in row:
                     if row["native"]:
-                        note += (" — ran natively in the kernel (parloop.last_run.native),"
-                                 " not scheduler throughput")
+                        note += (
+                            " — ran natively in the kernel (parloop.last_run.native),"
+                            " not scheduler throughput"
+                        )
                     else:
                         steady = row["K"] / (med - latency) if med > latency else float("nan")
-                        note += (f"; {_fmt(steady)} it/s less the latency row; "
-                                 f"{_fmt(row['chunks'])} chunks; max outstanding "
-                                 f"{_fmt(row['max_outstanding'])} iterations")
+                        note += (
+                            f"; {_fmt(steady)} it/s less the latency row; "
+                            f"{_fmt(row['chunks'])} chunks; max outstanding "
+                            f"{_fmt(row['max_outstanding'])} iterations"
+                        )
                         if n == 64 and "auto" not in v.name:
                             best64 = max(best64, rate)
                             best64_steady = max(best64_steady, steady)
@@ -140,19 +154,24 @@ def throughput(ip, rounds: int) -> Result:
     merged.extra.append(
         "Loop lengths K sized for ~1 s of steady running (the sizing runs are the "
         "warm-up); rate = K / median, and for %%parallel K / (median − the latency row's "
-        "median). \"max outstanding\": the most iterations handed out but not yet "
+        'median). "max outstanding": the most iterations handed out but not yet '
         "committed (`parloop.last_run.max_outstanding`, max over the timed runs), the "
         "kernel's memory bound. LoadBalancedView: `map_sync` of a no-op returning its "
         "argument, results into a dict. Engines that do nothing, on the same machine as "
-        "the kernel: they, the controller and the kernel share its cores.")
+        "the kernel: they, the controller and the kernel share its cores."
+    )
     merged.extra.append("")
-    merged.extra.append("Growing the managed cluster (warm, before timing): " + ", ".join(
-        f"to {n} engines {resize[n]:.1f} s" for n in ENGINES if n in resize) + ".")
+    merged.extra.append(
+        "Growing the managed cluster (warm, before timing): "
+        + ", ".join(f"to {n} engines {resize[n]:.1f} s" for n in ENGINES if n in resize)
+        + "."
+    )
     if best64:
         merged.extra.append("")
         merged.extra.append(
             f"Goal ≥ {_fmt(GOAL)} it/s with 64 engines, best fixed chunk size: "
             f"{_fmt(best64)} it/s over the whole cell "
             f"({'met' if best64 >= GOAL else 'not met'}), {_fmt(best64_steady)} it/s "
-            f"less the per-cell latency ({'met' if best64_steady >= GOAL else 'not met'}).")
+            f"less the per-cell latency ({'met' if best64_steady >= GOAL else 'not met'})."
+        )
     return merged

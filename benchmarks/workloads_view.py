@@ -9,6 +9,7 @@ for the whole run).  Its widgets are real ipywidgets objects whose comm
 messages go nowhere (no kernel, no frontend); what is measured is everything
 the kernel side pays: live state from the workers (engines publishing their
 progress), rendering, trait changes and message serialisation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,13 +23,13 @@ from .workloads_engines import cpu_setup
 def _runner(ip, magic: str, line: str, source: str, widget: bool, seen: dict):
     import time
 
+    import parloop
     from parloop.magics import make_backend
     from parloop.options import parse_options
     from parloop.progress.widget import WidgetProgress
-    from parloop.run import Cell, run_cell as parloop_run
+    from parloop.run import Cell
+    from parloop.run import run_cell as parloop_run
     from parloop.schedule import Progress
-
-    import parloop
 
     def run() -> float:
         view = WidgetProgress(delay=0.0) if widget else Progress()
@@ -57,29 +58,37 @@ def widget_overhead(ip, rounds: int) -> Result:
         # and run them natively (parloop.native), with no view at all
         ("W2 %%threaded threads=2", "threaded", "threads=2", tiny),
         # a fixed chunk size keeps them on the threads, so the view is on
-        ("W2 %%threaded threads=2 chunksize=2000", "threaded", "threads=2 chunksize=2000",
-         tiny),
+        ("W2 %%threaded threads=2 chunksize=2000", "threaded", "threads=2 chunksize=2000", tiny),
     ]
     variants, seen = [], {}
     for label, magic, line, source in cases:
         for widget in (False, True):
             info = seen.setdefault((label, widget), {})
-            variants.append(Variant(f"{label}, {'widget' if widget else 'progress=off'}",
-                                    _runner(ip, magic, line, source, widget, info), True))
+            variants.append(
+                Variant(
+                    f"{label}, {'widget' if widget else 'progress=off'}",
+                    _runner(ip, magic, line, source, widget, info),
+                    True,
+                )
+            )
     res = measure("Live view overhead: widget against progress=off", variants, rounds)
     res.parloop = set()  # no peers here: the ratio that matters is below
     for label, *_ in cases:
         off = statistics.median(res.rows[f"{label}, progress=off"])
         on = statistics.median(res.rows[f"{label}, widget"])
         info = seen[(label, True)]
-        how = ("ran natively in the kernel: no view was started"
-               if info.get("native") else
-               f"{statistics.median(info['renders']):.0f} renders, "
-               f"{statistics.median(info['messages']):.0f} widget updates per run")
+        how = (
+            "ran natively in the kernel: no view was started"
+            if info.get("native")
+            else f"{statistics.median(info['renders']):.0f} renders, "
+            f"{statistics.median(info['messages']):.0f} widget updates per run"
+        )
         res.notes[f"{label}, widget"] = f"{(on / off - 1) * 100:+.1f} % ({how})"
     res.extra.append("")
-    res.extra.append("Widget shown from the start (delay=0), driven through "
-                     "`parloop.run.run_cell` in a plain shell: its comm messages went "
-                     "nowhere (no kernel, no frontend).  The note is the median's change "
-                     "against progress=off.")
+    res.extra.append(
+        "Widget shown from the start (delay=0), driven through "
+        "`parloop.run.run_cell` in a plain shell: its comm messages went "
+        "nowhere (no kernel, no frontend).  The note is the median's change "
+        "against progress=off."
+    )
     return res

@@ -1,6 +1,7 @@
 """``python notebooks/run.py NOTEBOOK``: execute a notebook headless (nbclient, a
 real kernel) and print what each cell showed -- what ``make demo`` runs.  It
 lives outside the package: nbclient is a development dependency."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
     nb = nbformat.read(args.notebook, as_version=4)
     os.environ.setdefault("PARLOOP_PROGRESS", "text")
-    client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel,
-                            resources={"metadata": {"path": os.path.dirname(
-                                os.path.abspath(args.notebook))}})
+    client = NotebookClient(
+        nb,
+        timeout=args.timeout,
+        kernel_name=args.kernel,
+        resources={"metadata": {"path": os.path.dirname(os.path.abspath(args.notebook))}},
+    )
     client.execute()
     n = 0
     for cell in nb.cells:

@@ -1,4 +1,5 @@
 """Shared fixtures: one in-process IPython shell with parloop loaded."""
+
 from __future__ import annotations
 
 import pytest

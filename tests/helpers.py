@@ -1,5 +1,6 @@
 """Test helpers: run a cell with captured stdout, strict snapshots of
 namespace expressions, and the serial-vs-magic differential check."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,15 @@ import pickle
 import sys
 from typing import Any, Iterable
 
-__all__ = ["run_cell", "run_cell_result", "reset", "snapshot", "materialize",
-           "deep_diff", "differential"]
+__all__ = [
+    "run_cell",
+    "run_cell_result",
+    "reset",
+    "snapshot",
+    "materialize",
+    "deep_diff",
+    "differential",
+]
 
 
 def run_cell_result(ip, code: str):
@@ -30,6 +38,7 @@ def reset(ip) -> None:
     """``%reset -f``, without its two full ``gc.collect()`` passes (50 ms each
     once numpy and pandas are loaded; they change nothing the tests look at)."""
     import gc
+
     collect = gc.collect
     gc.collect = lambda *a, **k: 0
     try:
@@ -127,12 +136,20 @@ def deep_diff(a: Any, b: Any, path: str = "", depth: int = 0) -> str | None:
         return None if a == b else f"{path}: {a!r:.80} != {b!r:.80}"
     if not _has_own_eq(a):
         if hasattr(a, "__dict__") or hasattr(b, "__dict__"):
-            return deep_diff(getattr(a, "__dict__", None), getattr(b, "__dict__", None),
-                             path + ".__dict__", depth + 1)
+            return deep_diff(
+                getattr(a, "__dict__", None),
+                getattr(b, "__dict__", None),
+                path + ".__dict__",
+                depth + 1,
+            )
         slots = [s for k in type(a).__mro__ for s in getattr(k, "__slots__", ())]
         if slots:
-            return deep_diff([getattr(a, s, None) for s in slots],
-                             [getattr(b, s, None) for s in slots], path + ".__slots__", depth + 1)
+            return deep_diff(
+                [getattr(a, s, None) for s in slots],
+                [getattr(b, s, None) for s in slots],
+                path + ".__slots__",
+                depth + 1,
+            )
         return None
     try:
         return None if a == b else f"{path}: {a!r:.80} != {b!r:.80}"
@@ -149,8 +166,15 @@ def _run_variant(ip, setup: str, cell: str):
     return out, res
 
 
-def differential(ip, setup: str, cell: str, magic_line: str, checks: Iterable[str],
-                 *, compare_result: bool = True):
+def differential(
+    ip,
+    setup: str,
+    cell: str,
+    magic_line: str,
+    checks: Iterable[str],
+    *,
+    compare_result: bool = True,
+):
     """Run ``setup`` then ``cell`` serially after ``%reset -f``, snapshot
     ``checks``; then the same with ``magic_line`` on top of the cell.  Assert
     that neither raised, that the checks are strictly equal, that stdout is the
@@ -187,6 +211,7 @@ def differential(ip, setup: str, cell: str, magic_line: str, checks: Iterable[st
 def alive(pid: int) -> bool:
     """The process runs (a zombie counts as gone)."""
     import psutil
+
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -196,6 +221,7 @@ def alive(pid: int) -> bool:
 def wait_gone(pids, timeout: float = 10.0) -> list[int]:
     """Wait until the processes are gone; return those still alive."""
     import time
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if not [p for p in pids if alive(p)]:
@@ -219,8 +245,7 @@ class LiveSpy:
     def close(self, record) -> None: ...
 
     def update(self, record) -> None:
-        self.rows.append({k: (w.shown_done, w.partial, w.current)
-                          for k, w in record.live.items()})
+        self.rows.append({k: (w.shown_done, w.partial, w.current) for k, w in record.live.items()})
 
 
 def engine_call(keys, fname, *args):
@@ -240,11 +265,17 @@ def run_live(ip, source: str, magic: str, options: str) -> LiveSpy:
     """Run a loop through parloop.run.run_cell with a LiveSpy as its view."""
     from parloop.magics import make_backend
     from parloop.options import parse_options
-    from parloop.run import Cell, run_cell as run_loop
+    from parloop.run import Cell
+    from parloop.run import run_cell as run_loop
 
     spy = LiveSpy()
-    run_loop(Cell(source=source, filename=f"<live {magic}>"), ip.user_ns,
-             parse_options(options, magic), make_backend, spy)
+    run_loop(
+        Cell(source=source, filename=f"<live {magic}>"),
+        ip.user_ns,
+        parse_options(options, magic),
+        make_backend,
+        spy,
+    )
     return spy
 
 

@@ -3,6 +3,7 @@
 Differential (the serial cell uses IPython's top-level await), a real HTTP
 server on 127.0.0.1 fetched 500 times, interrupt, and the %%parallel refusal.
 """
+
 from __future__ import annotations
 
 import _thread
@@ -14,36 +15,57 @@ import pytest
 
 from helpers import differential, reset, run_cell, run_cell_result
 
-MAGICS = ["%%threaded progress=off", "%%threaded tasks=7 progress=off",
-          "%%threaded tasks=3 chunksize=2 progress=off", "%%threaded serial progress=off"]
+MAGICS = [
+    "%%threaded progress=off",
+    "%%threaded tasks=7 progress=off",
+    "%%threaded tasks=3 chunksize=2 progress=off",
+    "%%threaded serial progress=off",
+]
 
 CASES = [
-    ("sleep_dict", "import asyncio\nout = {}", """
+    (
+        "sleep_dict",
+        "import asyncio\nout = {}",
+        """
 for i in range(30):
     await asyncio.sleep(((i * 37) % 11) / 4000)
     out[i] = i * i
-""", "out i"),
-    ("append_reduce_print", "import asyncio\nlog = []\ntotal = 0\ns = ''", """
+""",
+        "out i",
+    ),
+    (
+        "append_reduce_print",
+        "import asyncio\nlog = []\ntotal = 0\ns = ''",
+        """
 for i in range(25):
     await asyncio.sleep(((i * 7) % 5) / 2000)
     log.append(i)
     total += i
     s += str(i)
     print("it", i)
-""", "log total s i"),
-    ("async_generator_iterable", """
+""",
+        "log total s i",
+    ),
+    (
+        "async_generator_iterable",
+        """
 import asyncio
 async def agen(n):
     for k in range(n):
         await asyncio.sleep(0)
         yield k * 3
 res = {}
-""", """
+""",
+        """
 async for v in agen(20):
     await asyncio.sleep(((v * 37) % 11) / 4000)
     res[v] = v + 1
-""", "res v"),
-    ("async_with_and_inner_async_for", """
+""",
+        "res v",
+    ),
+    (
+        "async_with_and_inner_async_for",
+        """
 import asyncio, contextlib
 @contextlib.asynccontextmanager
 async def opened(k):
@@ -53,22 +75,30 @@ async def agen(n):
     for k in range(n):
         yield k
 res = {}
-""", """
+""",
+        """
 for i in range(12):
     async with opened(i) as v:
         acc = 0
         async for k in agen(i):
             acc += k
         res[i] = (v, acc)
-""", "res i v acc"),
-    ("continue_and_private_names", "import asyncio\nres = {}", """
+""",
+        "res i v acc",
+    ),
+    (
+        "continue_and_private_names",
+        "import asyncio\nres = {}",
+        """
 for i in range(20):
     await asyncio.sleep(0)
     if i % 3 == 0:
         continue
     y = i * 10
     res[i] = y
-""", "res i y"),
+""",
+        "res i y",
+    ),
 ]
 
 
@@ -99,9 +129,13 @@ for i in range(30):
 def test_parallel_rejects_awaiting_loops(ip):
     reset(ip)
     run_cell(ip, "import asyncio\nres = {}")
-    out, err = run_cell(ip, "%%parallel progress=off\npre = 1\nfor i in range(3):\n"
-                            "    await asyncio.sleep(0)\n    res[i] = i\n")
+    out, err = run_cell(
+        ip,
+        "%%parallel progress=off\npre = 1\nfor i in range(3):\n"
+        "    await asyncio.sleep(0)\n    res[i] = i\n",
+    )
     import parloop
+
     assert isinstance(err, parloop.LoopAnalysisError)
     assert "%%threaded" in str(err)
     assert "pre" not in ip.user_ns and ip.user_ns["res"] == {}
@@ -131,7 +165,7 @@ def http_server():
     server.server_close()
 
 
-FETCH = '''
+FETCH = """
 import asyncio
 async def fetch(port, n):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -143,20 +177,24 @@ async def fetch(port, n):
     return data.split(b"\\r\\n\\r\\n", 1)[1].decode()
 pages = {}
 order = []
-'''
+"""
 
 
 @pytest.mark.timeout(120)
 def test_500_fetches_from_a_local_http_server(ip, http_server):
     reset(ip)
     run_cell(ip, FETCH + f"PORT = {http_server}")
-    out, err = run_cell(ip, "%%threaded tasks=50 progress=off\nfor n in range(500):\n"
-                            "    pages[n] = await fetch(PORT, n)\n    order.append(n)\n")
+    out, err = run_cell(
+        ip,
+        "%%threaded tasks=50 progress=off\nfor n in range(500):\n"
+        "    pages[n] = await fetch(PORT, n)\n    order.append(n)\n",
+    )
     assert err is None
     assert ip.user_ns["pages"] == {n: f"page {n} squared {n * n}" for n in range(500)}
     assert list(ip.user_ns["pages"]) == list(range(500))
     assert ip.user_ns["order"] == list(range(500))
     import parloop
+
     assert parloop.last_run.threads["peak_in_flight"] > 1
 
 
@@ -167,8 +205,11 @@ def test_interrupt_cancels_pending_tasks(ip, capfd):
     timer = threading.Timer(0.5, _thread.interrupt_main)
     timer.start()
     t0 = time.perf_counter()
-    _, res = run_cell_result(ip, "%%threaded tasks=4 progress=off\nfor i in range(400):\n"
-                              "    await asyncio.sleep(0.05)\n    res[i] = i\n")
+    _, res = run_cell_result(
+        ip,
+        "%%threaded tasks=4 progress=off\nfor i in range(400):\n"
+        "    await asyncio.sleep(0.05)\n    res[i] = i\n",
+    )
     elapsed = time.perf_counter() - t0
     timer.cancel()
     assert isinstance(res.error_in_exec, KeyboardInterrupt)
@@ -178,6 +219,9 @@ def test_interrupt_cancels_pending_tasks(ip, capfd):
     assert ip.user_ns["i"] == len(got) - 1
     time.sleep(0.2)
     assert "Task was destroyed" not in capfd.readouterr().err
-    out, err = run_cell(ip, "%%threaded progress=off\nfor i in range(10):\n"
-                            "    await asyncio.sleep(0)\n    res[i] = -i\n")
+    out, err = run_cell(
+        ip,
+        "%%threaded progress=off\nfor i in range(10):\n"
+        "    await asyncio.sleep(0)\n    res[i] = -i\n",
+    )
     assert err is None and ip.user_ns["res"][9] == -9

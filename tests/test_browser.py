@@ -12,6 +12,7 @@ Needs ``/usr/bin/chromium`` (``make test-browser`` installs it) and the
 ``jupyterlab`` and ``playwright`` packages; skipped without them.  Playwright
 drives the system Chromium, so no ``playwright install`` is needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (make test-browser installs it)",
-                allow_module_level=True)
+    pytest.skip(f"{CHROMIUM} is missing (make test-browser installs it)", allow_module_level=True)
 pytest.importorskip("jupyterlab")
 sync_api = pytest.importorskip("playwright.sync_api")
 nbformat = pytest.importorskip("nbformat")
@@ -85,19 +85,37 @@ def lab(tmp_path_factory):
     settings.mkdir(parents=True)
     # no "receive news?" toast over the notebook
     (settings / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "PARLOOP_PROGRESS"}
-    env.update(JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_DATA_DIR=str(base / "data"),
-               JUPYTER_RUNTIME_DIR=str(base / "runtime"), IPYTHONDIR=str(base / "ipython"))
+    env.update(
+        JUPYTER_CONFIG_DIR=str(base / "config"),
+        JUPYTER_DATA_DIR=str(base / "data"),
+        JUPYTER_RUNTIME_DIR=str(base / "runtime"),
+        IPYTHONDIR=str(base / "ipython"),
+    )
     log = open(base / "lab.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         "--expose-app-in-browser", f"--LabApp.user_settings_dir={base / 'settings'}",
-         f"--LabApp.workspaces_dir={base / 'workspaces'}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--allow-root",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--expose-app-in-browser",
+            f"--LabApp.user_settings_dir={base / 'settings'}",
+            f"--LabApp.workspaces_dir={base / 'workspaces'}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -108,8 +126,9 @@ def lab(tmp_path_factory):
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.flush()
-                    pytest.fail("JupyterLab did not start:\n"
-                                + (base / "lab.log").read_text()[-3000:])
+                    pytest.fail(
+                        "JupyterLab did not start:\n" + (base / "lab.log").read_text()[-3000:]
+                    )
                 time.sleep(0.5)
         yield url, token, root
     finally:
@@ -127,8 +146,15 @@ def page(lab):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             yield browser.new_page(viewport={"width": 1280, "height": 1000})
         finally:
@@ -152,8 +178,7 @@ def _rows(page, index: int) -> list[dict]:
 
 
 def _done(rows: list[dict]) -> list[int]:
-    return [int(re.search(r"([\d,]+) it", r["text"]).group(1).replace(",", ""))
-            for r in rows]
+    return [int(re.search(r"([\d,]+) it", r["text"]).group(1).replace(",", "")) for r in rows]
 
 
 def _watch_live(page, index: int, workers: int) -> tuple[list[dict], list[dict]]:
@@ -161,7 +186,10 @@ def _watch_live(page, index: int, workers: int) -> tuple[list[dict], list[dict]]
     page.wait_for_function(
         f"""() => document.querySelectorAll('.jp-Notebook .jp-Cell')[{index}]
                  .querySelectorAll('.parloop-worker .widget-hprogress .progress-bar')
-                 .length >= {workers}""", timeout=90_000, polling=100)
+                 .length >= {workers}""",
+        timeout=90_000,
+        polling=100,
+    )
     first = _rows(page, index)
     time.sleep(2.0)
     second = _rows(page, index)
@@ -174,14 +202,20 @@ def _report_shown(page, index: int) -> None:
           const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[{index}];
           return !!cell.querySelector('.jp-OutputArea .parloop-report')
                  && !cell.querySelector('.parloop-worker');
-        }}""", timeout=60_000, polling=200)
+        }}""",
+        timeout=60_000,
+        polling=200,
+    )
 
 
 @pytest.mark.timeout(240)
 def test_live_rows_then_report_survives_reopen(lab, page, tmp_path):
     url, token, root = lab
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
-        "name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb = nbformat.v4.new_notebook(
+        metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        }
+    )
     nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
     nbformat.write(nb, root / "live.ipynb")
 

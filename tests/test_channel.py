@@ -2,6 +2,7 @@
 real engine side (EngineLink) in threads of this process -- flow control,
 signatures, runs that follow each other, lost engines, a kernel that vanishes.
 The whole path through engines is tested in test_parallel.py."""
+
 from __future__ import annotations
 
 import threading
@@ -22,8 +23,10 @@ class Engines:
     def __init__(self, chan: ChunkChannel, run: int, ids: list[int], delay: float = 0.0):
         self.got: dict[int, list[int]] = {i: [] for i in ids}
         self.held: dict[int, int] = {i: 0 for i in ids}
-        self.threads = [threading.Thread(target=self._serve, args=(chan, run, i, delay),
-                                         daemon=True) for i in ids]
+        self.threads = [
+            threading.Thread(target=self._serve, args=(chan, run, i, delay), daemon=True)
+            for i in ids
+        ]
         self.ended: dict[int, str] = {}
         for t in self.threads:
             t.start()
@@ -114,8 +117,8 @@ def test_unsigned_messages_are_ignored(chan):
     try:
         seq, _ = link.next_chunk()
         forged = ch.pack(seq, b"forged")
-        link.sock.send_multipart([ch.RESULT, b"x" * 32, forged])          # bad signature
-        ch.send(link.sock, b"k" * 32, ch.RESULT, forged)                   # another key
+        link.sock.send_multipart([ch.RESULT, b"x" * 32, forged])  # bad signature
+        ch.send(link.sock, b"k" * 32, ch.RESULT, forged)  # another key
         time.sleep(0.3)
         assert not fut.done()
         link.result(seq, b"genuine")
@@ -134,7 +137,7 @@ def test_a_late_engine_of_an_earlier_run_is_told_to_stop(chan):
     fut = chan.submit(0, b"7", retries=0)
     late = EngineLink(chan.address, chan.key, chan.ident(old, 0))
     try:
-        assert late.next_chunk() is None      # told to stop, got no chunk of the new run
+        assert late.next_chunk() is None  # told to stop, got no chunk of the new run
     finally:
         late.close()
     assert not fut.done()
@@ -152,11 +155,11 @@ def test_lost_engine_chunks_are_retried_then_fail(chan):
     futs = [chan.submit(i, str(i).encode(), retries=1) for i in range(2)]
     doomed = EngineLink(chan.address, chan.key, chan.ident(run, 0))
     try:
-        got = [doomed.next_chunk(), doomed.next_chunk()]   # engine 0 takes both
+        got = [doomed.next_chunk(), doomed.next_chunk()]  # engine 0 takes both
         assert all(g is not None for g in got)
         chan.engine_gone(run, 0, retry=True, make_error=lambda s: RuntimeError(f"lost {s}"))
         assert sorted(retried) == [0, 1]
-        engines = Engines(chan, run, [1])                     # engine 1 runs them again
+        engines = Engines(chan, run, [1])  # engine 1 runs them again
         assert [f.result(timeout=5) for f in futs] == [b"0", b"1"]
         assert sorted(engines.got[1]) == [0, 1]
         # the last engine lost too: what is queued fails, nothing hangs
@@ -213,7 +216,7 @@ def test_in_the_tail_only_idle_engines_get_a_chunk(chan):
     futs = [chan.submit(i, str(i).encode(), retries=0) for i in range(4)]
     link = EngineLink(chan.address, chan.key, chan.ident(run, 0))
     try:
-        a, b = link.next_chunk(), link.next_chunk()   # in the bulk: two at a time
+        a, b = link.next_chunk(), link.next_chunk()  # in the bulk: two at a time
         chan.tail()
         link.result(a[0], bytes(a[1]))
         link.result(b[0], bytes(b[1]))

@@ -1,4 +1,5 @@
 """The managed and external ipyparallel clusters (parloop.cluster), with real processes."""
+
 from __future__ import annotations
 
 import os
@@ -24,18 +25,21 @@ pytestmark = pytest.mark.timeout(180)
 @ipp.interactive
 def executable():
     import sys
+
     return sys.executable
 
 
 @ipp.interactive
 def cwd():
     import os
+
     return os.getcwd()
 
 
 @ipp.interactive
 def main_file():
     import sys
+
     return getattr(sys.modules["__main__"], "__file__", "")
 
 
@@ -212,7 +216,9 @@ def test_atexit_stops_the_cluster(tmp_path):
         # no stop(): the atexit handler must do it
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
     assert pids
@@ -252,9 +258,17 @@ def external_cluster(tmp_path):
     env = dict(os.environ)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "ipyparallel.controller", f"--profile-dir={profile_dir}",
-             "--ip=127.0.0.1", "--HeartMonitor.period=250"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            [
+                sys.executable,
+                "-m",
+                "ipyparallel.controller",
+                f"--profile-dir={profile_dir}",
+                "--ip=127.0.0.1",
+                "--HeartMonitor.period=250",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
     ]
     url = profile_dir / "security" / "ipcontroller-engine.json"
@@ -263,11 +277,20 @@ def external_cluster(tmp_path):
         assert time.monotonic() < end, "external controller did not start"
         time.sleep(0.05)
     for _ in range(2):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ipyparallel.engine", f"--profile-dir={profile_dir}",
-             "--IPEngine.enable_nanny=False"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ipyparallel.engine",
+                    f"--profile-dir={profile_dir}",
+                    "--IPEngine.enable_nanny=False",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+        )
     yield str(profile_dir), procs
     stop_processes(procs)
 

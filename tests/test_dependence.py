@@ -1,5 +1,6 @@
 """The run-time dependence test (docs/design.md §3): how often iterations run, what
 is recorded, and what ``parloop.last_run`` and ``explain`` say."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,10 @@ import pytest
 import parloop
 from helpers import differential, reset, run_cell
 
-MAGICS = ["%%threaded threads=3 chunksize=2 progress=off",
-          "%%parallel processes=2 chunksize=2 progress=off"]
+MAGICS = [
+    "%%threaded threads=3 chunksize=2 progress=off",
+    "%%parallel processes=2 chunksize=2 progress=off",
+]
 
 COUNTED = """
 import threading
@@ -72,12 +75,16 @@ def test_memo_fill_reruns_only_repeats(ip, magic):
     earlier one of the same run wrote are re-run."""
     reset(ip)
     run_cell(ip, "keys = [k for k in range(20)] + [3, 7]\ncache = {}\nres = {}")
-    _, err = run_cell(ip, magic + """
+    _, err = run_cell(
+        ip,
+        magic
+        + """
 for i, k in enumerate(keys):
     if k not in cache:
         cache[k] = k * k
     res[i] = cache[k]
-""")
+""",
+    )
     assert err is None, err
     rec = parloop.last_run
     assert rec.reads > 0
@@ -86,7 +93,10 @@ for i, k in enumerate(keys):
 
 
 CASES = [
-    ("break_in_nested_if", "items = list(range(50))\nout = {}", """
+    (
+        "break_in_nested_if",
+        "items = list(range(50))\nout = {}",
+        """
 for i in items:
     out[i] = i * 2
     if i * i > 300:
@@ -94,112 +104,214 @@ for i in items:
         break
 else:
     hit = None
-""", ["out", "hit", "i"]),
-    ("break_never", "out = []", """
+""",
+        ["out", "hit", "i"],
+    ),
+    (
+        "break_never",
+        "out = []",
+        """
 for i in range(12):
     if i > 100:
         break
     out.append(i)
 else:
     done = True
-""", ["out", "done", "i"]),
-    ("own_write_then_read", "out = {}", """
+""",
+        ["out", "done", "i"],
+    ),
+    (
+        "own_write_then_read",
+        "out = {}",
+        """
 for k in range(10):
     out[k] = [k]
     out[k].append(len(out[k]))
     print(k, out[k])
-""", ["out", "k"]),
-    ("counter_in_list", "counts = [0] * 5\nlog = []", """
+""",
+        ["out", "k"],
+    ),
+    (
+        "counter_in_list",
+        "counts = [0] * 5\nlog = []",
+        """
 for i in range(30):
     counts[i % 5] = counts[i % 5] + i
     log.append(counts[i % 5])
-""", ["counts", "log"]),
-    ("argmin_ties", "vals = [5, 3, 3, 8, 1, 1, 9]\nbest = 99\nat = None", """
+""",
+        ["counts", "log"],
+    ),
+    (
+        "argmin_ties",
+        "vals = [5, 3, 3, 8, 1, 1, 9]\nbest = 99\nat = None",
+        """
 for j, v in enumerate(vals):
     if v <= best:
         best = v
         at = j
-""", ["best", "at"]),
-    ("str_rebind_right", "s = ''", """
+""",
+        ["best", "at"],
+    ),
+    (
+        "str_rebind_right",
+        "s = ''",
+        """
 for ch in 'abcdef':
     s = ch + s
-""", ["s"]),
-    ("conditional_private_first_unbound", "", """
+""",
+        ["s"],
+    ),
+    (
+        "conditional_private_first_unbound",
+        "",
+        """
 for i in range(8):
     if i % 3 == 1:
         last = i
     if i > 1:
         seen = last
-""", ["last", "seen"]),
-    ("numpy_row_recurrence", "import numpy as np\nA = np.ones((12, 3))", """
+""",
+        ["last", "seen"],
+    ),
+    (
+        "numpy_row_recurrence",
+        "import numpy as np\nA = np.ones((12, 3))",
+        """
 for i in range(1, 12):
     A[i] = A[i - 1] * 2 + i
-""", ["A"]),
-    ("negative_index_reads_the_grown_end", "out = [0, 1]", """
+""",
+        ["A"],
+    ),
+    (
+        "negative_index_reads_the_grown_end",
+        "out = [0, 1]",
+        """
 for i in range(10):
     out[i % 2] = out[-1] + out[-2] + i
-""", ["out"]),
-    ("defaultdict_read_inserts", "from collections import defaultdict\nd = defaultdict(list)\nsizes = {}", """
+""",
+        ["out"],
+    ),
+    (
+        "defaultdict_read_inserts",
+        "from collections import defaultdict\nd = defaultdict(list)\nsizes = {}",
+        """
 for w in 'abcab':
     sizes[w] = len(d[w])
     d[w].append(1)
-""", ["d", "sizes"]),
-    ("get_or_default_chain", "first = {}\nlast = {}", """
+""",
+        ["d", "sizes"],
+    ),
+    (
+        "get_or_default_chain",
+        "first = {}\nlast = {}",
+        """
 for i, w in enumerate('the cat the hat a cat'.split()):
     first[w] = first.get(w, i)
     last[w] = i
-""", ["first", "last"]),
-    ("attribute_counter", "class Box:\n    pass\nb = Box()\nb.n = 0\nb.tag = 'x'\nout = {}", """
+""",
+        ["first", "last"],
+    ),
+    (
+        "attribute_counter",
+        "class Box:\n    pass\nb = Box()\nb.n = 0\nb.tag = 'x'\nout = {}",
+        """
 for i in range(9):
     out[i] = b.tag + str(b.n)
     b.n = b.n + i
-""", ["out", "b.n", "b.tag"]),
-    ("numpy_1d_prange_recurrence", "import numpy as np\na = np.arange(20.0)", """
+""",
+        ["out", "b.n", "b.tag"],
+    ),
+    (
+        "numpy_1d_prange_recurrence",
+        "import numpy as np\na = np.arange(20.0)",
+        """
 for i in range(1, 20):
     a[i] = a[i - 1] + i
-""", ["a"]),
-    ("index_by_first_seen_len", "index = {}", """
+""",
+        ["a"],
+    ),
+    (
+        "index_by_first_seen_len",
+        "index = {}",
+        """
 for w in 'the cat the dog a cat the end'.split():
     if w not in index:
         index[w] = len(index)
-""", ["index"]),
-    ("counter_subscript_aug", "from collections import Counter\nc = Counter()\nseen_at = {}", """
+""",
+        ["index"],
+    ),
+    (
+        "counter_subscript_aug",
+        "from collections import Counter\nc = Counter()\nseen_at = {}",
+        """
 for i, w in enumerate('a b a c b a d'.split()):
     c[w] += 1
     seen_at[i] = c[w]
-""", ["c", "seen_at"]),
-    ("results_until_enough", "results = []", """
+""",
+        ["c", "seen_at"],
+    ),
+    (
+        "results_until_enough",
+        "results = []",
+        """
 for x in range(30):
     results.append(x * x)
     if len(results) > 5:
         break
-""", ["results", "x"]),
-    ("comprehension_reads_shared", "d = {k: k for k in range(5)}", """
+""",
+        ["results", "x"],
+    ),
+    (
+        "comprehension_reads_shared",
+        "d = {k: k for k in range(5)}",
+        """
 for i in range(5, 12):
     d[i] = sum(d[k] for k in range(i - 3, i))
-""", ["d"]),
-    ("lambda_reads_shared", "d = {0: 1}", """
+""",
+        ["d"],
+    ),
+    (
+        "lambda_reads_shared",
+        "d = {0: 1}",
+        """
 for i in range(1, 8):
     get = lambda k: d[k]
     d[i] = get(i - 1) * 2
-""", ["d"]),
-    ("attr_aug_then_read", "class O:\n    pass\no = O()\no.count = 0\nlog = []", """
+""",
+        ["d"],
+    ),
+    (
+        "attr_aug_then_read",
+        "class O:\n    pass\no = O()\no.count = 0\nlog = []",
+        """
 for i in range(6):
     o.count += i
     log.append(o.count)
-""", ["log", "o.count"]),
-    ("del_key_then_membership", "d = {k: k for k in range(10)}\nhits = []", """
+""",
+        ["log", "o.count"],
+    ),
+    (
+        "del_key_then_membership",
+        "d = {k: k for k in range(10)}\nhits = []",
+        """
 for k in [1, 3, 1, 5, 3, 7]:
     if k in d:
         hits.append(k)
         del d[k]
-""", ["d", "hits"]),
-    ("set_membership_and_add", "seen = set()\nkept = []", """
+""",
+        ["d", "hits"],
+    ),
+    (
+        "set_membership_and_add",
+        "seen = set()\nkept = []",
+        """
 for k in [1, 2, 1, 3, 2, 4, 1, 5]:
     if k not in seen:
         seen.add(k)
         kept.append(k)
-""", ["seen", "kept"]),
+""",
+        ["seen", "kept"],
+    ),
 ]
 
 
@@ -215,12 +327,16 @@ def test_collected_errors_with_dependences(ip, magic):
     conflict) is collected; the others commit in order."""
     reset(ip)
     run_cell(ip, "acc = {0: 1}")
-    _, err = run_cell(ip, magic.replace("progress=off", "progress=off on_error=collect") + """
+    _, err = run_cell(
+        ip,
+        magic.replace("progress=off", "progress=off on_error=collect")
+        + """
 for i in range(1, 10):
     if i == 4:
         raise ValueError(i)
     acc[i] = acc[i - 1] * 2 if i != 5 else 7
-""")
+""",
+    )
     assert err is None, err
     assert [e.index for e in parloop.last_run.errors] == [3]  # i == 4
     expected = {0: 1}
@@ -241,7 +357,9 @@ def test_explain_names_shared_objects(ip):
 
 def test_conflict_note_suggests_private(ip):
     reset(ip)
-    run_cell(ip, """
+    run_cell(
+        ip,
+        """
 class M:
     def __init__(self):
         self.w = 0
@@ -251,9 +369,13 @@ class M:
         return self.w * x
 model = M()
 preds = {}
-""")
-    _, err = run_cell(ip, "%%threaded chunksize=1 progress=off\nfor f in range(6):\n"
-                          "    model.fit([f, f])\n    preds[f] = model.predict(2)\n")
+""",
+    )
+    _, err = run_cell(
+        ip,
+        "%%threaded chunksize=1 progress=off\nfor f in range(6):\n"
+        "    model.fit([f, f])\n    preds[f] = model.predict(2)\n",
+    )
     assert err is None, err
     assert ip.user_ns["preds"] == {f: 4 * f for f in range(6)}
     assert any("private=model" in n for n in parloop.last_run.notes), parloop.last_run.notes
@@ -269,6 +391,11 @@ def test_same_key_objects_record_no_reads(ip, magic):
     rec = parloop.last_run
     assert rec.reads == 0
     assert rec.reruns, "repeated keys must conflict"
-    differential(ip, "pairs = [(n, n) for n in range(40)]\nacc = {k: 1 for k in range(40)}",
-                 cell, magic, ["acc"])
+    differential(
+        ip,
+        "pairs = [(n, n) for n in range(40)]\nacc = {k: 1 for k in range(40)}",
+        cell,
+        magic,
+        ["acc"],
+    )
     assert parloop.last_run.reruns == [] and parloop.last_run.reads == 0

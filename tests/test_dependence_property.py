@@ -45,6 +45,7 @@ the cheap checks) and random examples (``--hypothesis-seed=N`` pins them).  A
 failure prints the falsifying cell as source text (a Hypothesis note) together
 with the setup and the magic line.
 """
+
 from __future__ import annotations
 
 import ast
@@ -77,8 +78,11 @@ def _settings(max_examples: int) -> settings:
         database=None,
         derandomize=not _ENV_EXAMPLES,
         print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                               HealthCheck.data_too_large],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.data_too_large,
+        ],
     )
 
 
@@ -95,8 +99,25 @@ INDICES = ("i % 4", "(i * 3) % 5", "i // 2", "(i + 3) % 6", "i", "i + 1")
 I_CONDS = ("i % 2 == 0", "i % 3 == 1", "i > 6", "i < 9", "i % 4 != 3")
 
 #: every name the cells can bind, rebind, mutate or delete; compared after the run
-CHECKS = ("d", "xs", "s", "out", "w", "total", "acc", "m", "lo", "v", "best", "best_k",
-          "tmp", "s_", "i", "finished", "LOGD")
+CHECKS = (
+    "d",
+    "xs",
+    "s",
+    "out",
+    "w",
+    "total",
+    "acc",
+    "m",
+    "lo",
+    "v",
+    "best",
+    "best_k",
+    "tmp",
+    "s_",
+    "i",
+    "finished",
+    "LOGD",
+)
 
 #: forms whose name may appear in one statement only (reductions, argmax, the
 #: conditional private): reading a reduction elsewhere would be a different
@@ -132,9 +153,25 @@ class _Body:
         return self.draw(st.sampled_from(INDICES))
 
     def forms(self, depth: int) -> list[str]:
-        names = ["dict", "continue_set", "continue_i", "set_add", "list", "append", "print",
-                 "break", "del_tmp", "total", "acc", "max", "min", "argmax", "cond_private",
-                 "helper_log", "helper_xs"]
+        names = [
+            "dict",
+            "continue_set",
+            "continue_i",
+            "set_add",
+            "list",
+            "append",
+            "print",
+            "break",
+            "del_tmp",
+            "total",
+            "acc",
+            "max",
+            "min",
+            "argmax",
+            "cond_private",
+            "helper_log",
+            "helper_xs",
+        ]
         if depth < self.max_depth:
             names.append("if")
         return [f for f in names if f not in (ONCE & self.used)]
@@ -172,19 +209,42 @@ class _Body:
             # a notebook function that writes an object the loop reads too
             return [[(0, f"bump_xs({x}, i)")]]
         if form == "print":
-            text = self.draw(st.sampled_from((
-                f"print(i, {k})", f"print('d', i, d.get({k}, 0))",
-                f"print('xs', i, xs[{x}])", f"print('s', i, {k} in s)")))
+            text = self.draw(
+                st.sampled_from(
+                    (
+                        f"print(i, {k})",
+                        f"print('d', i, d.get({k}, 0))",
+                        f"print('xs', i, xs[{x}])",
+                        f"print('s', i, {k} in s)",
+                    )
+                )
+            )
             return [[(0, text)]]
         if form == "break":
-            cond = self.draw(st.sampled_from((
-                "i == 7", "i > 12", "i * i > 60", f"{k} in s", f"d.get({k}, 0) > 6",
-                f"xs[{x}] > 20")))
+            cond = self.draw(
+                st.sampled_from(
+                    (
+                        "i == 7",
+                        "i > 12",
+                        "i * i > 60",
+                        f"{k} in s",
+                        f"d.get({k}, 0) > 6",
+                        f"xs[{x}] > 20",
+                    )
+                )
+            )
             return [[(0, f"if {cond}:"), (1, "break")]]
         if form == "del_tmp":
-            use = self.draw(st.sampled_from((
-                f"d[{k2}] = tmp", "out.append(tmp)", f"xs[{x}] = tmp + xs[{x2}]",
-                "print('tmp', tmp)")))
+            use = self.draw(
+                st.sampled_from(
+                    (
+                        f"d[{k2}] = tmp",
+                        "out.append(tmp)",
+                        f"xs[{x}] = tmp + xs[{x2}]",
+                        "print('tmp', tmp)",
+                    )
+                )
+            )
             return [[(0, f"tmp = i * 2 + {_p(k)}"), (0, use), (0, "del tmp")]]
         if form == "total":
             return [[(0, self.draw(st.sampled_from(("total += i", f"total += {k}"))))]]
@@ -195,10 +255,19 @@ class _Body:
         if form == "min":
             return [[(0, f"lo = min({k}, lo)")]]
         if form == "argmax":
-            expr = self.draw(st.sampled_from((
-                f"(i * 7) % 11 - {_p(k)}", f"xs[{x}] - i", f"d.get({k}, 0) * 2 - i", "(i * 5) % 7")))
-            return [[(0, f"s_ = {expr}"), (0, "if s_ > best:"), (1, "best = s_"),
-                     (1, "best_k = i")]]
+            expr = self.draw(
+                st.sampled_from(
+                    (
+                        f"(i * 7) % 11 - {_p(k)}",
+                        f"xs[{x}] - i",
+                        f"d.get({k}, 0) * 2 - i",
+                        "(i * 5) % 7",
+                    )
+                )
+            )
+            return [
+                [(0, f"s_ = {expr}"), (0, "if s_ > best:"), (1, "best = s_"), (1, "best_k = i")]
+            ]
         if form == "cond_private":
             cond = self.draw(st.sampled_from(("i % 3 == 0", "i % 2 == 1", "i > 4", f"{k} in s")))
             value = self.draw(st.sampled_from(("i", f"i * {_p(k)}", f"d.get({k2}, 0)")))
@@ -252,10 +321,15 @@ def loop_cells(draw: Callable) -> LoopCell:
     body = _Body(draw).block(0, 1, 5)
     source = f"for i in range({n}):\n" + _render(body, 1)
     if draw(st.booleans()):
-        tail = draw(st.sampled_from((
-            [(0, "finished = True")],
-            [(0, "print('else', len(d), sorted(s))")],
-            [(0, "finished = True"), (0, "print('else', xs[:6], len(out))")])))
+        tail = draw(
+            st.sampled_from(
+                (
+                    [(0, "finished = True")],
+                    [(0, "print('else', len(d), sorted(s))")],
+                    [(0, "finished = True"), (0, "print('else', xs[:6], len(out))")],
+                )
+            )
+        )
         source += "\nelse:\n" + _render(tail, 1)
     return LoopCell(setup=setup, source=source + "\n")
 
@@ -310,8 +384,9 @@ def cluster(ip):
     """The managed 2-engine cluster, started by the magic itself (outside the
     examples, so that its start-up is not counted in one), stopped at the end."""
     pytest.importorskip("ipyparallel")
-    _, err = run_cell(ip, "%%parallel processes=2 progress=off\n"
-                          "warm = {}\nfor i in range(4):\n    warm[i] = i\n")
+    _, err = run_cell(
+        ip, "%%parallel processes=2 progress=off\nwarm = {}\nfor i in range(4):\n    warm[i] = i\n"
+    )
     assert err is None, f"{type(err).__name__}: {err}"
     yield
     run_cell(ip, "%parallel_stop")

@@ -1,6 +1,7 @@
 """Serial equivalence (docs/design.md §3): every cell is run serially and under
 ``%%threaded`` with several option sets; the checked expressions, stdout and
 the displayed value must be strictly equal."""
+
 from __future__ import annotations
 
 import textwrap
@@ -25,181 +26,337 @@ CASES: list[tuple] = []
 
 def case(name, setup, cell, checks, magics=ALL, marks=()):
     checks = checks.split() if isinstance(checks, str) else list(checks)
-    CASES.append((name, textwrap.dedent(setup).strip("\n"), textwrap.dedent(cell).strip("\n"),
-                  checks, magics, marks))
+    CASES.append(
+        (
+            name,
+            textwrap.dedent(setup).strip("\n"),
+            textwrap.dedent(cell).strip("\n"),
+            checks,
+            magics,
+            marks,
+        )
+    )
 
 
 # ---------------------------------------------------------------- containers
-case("dict_index", "results = {}", """
+case(
+    "dict_index",
+    "results = {}",
+    """
 for i in range(30):
     results[i] = i * i
-""", "results i")
+""",
+    "results i",
+)
 
-case("list_prealloc_index", "def f(x):\n    return x * 3 + 1\nout = [None] * 20", """
+case(
+    "list_prealloc_index",
+    "def f(x):\n    return x * 3 + 1\nout = [None] * 20",
+    """
 for i in range(20):
     out[i] = f(i)
-""", "out i")
+""",
+    "out i",
+)
 
-case("set_add", "seen = set()", """
+case(
+    "set_add",
+    "seen = set()",
+    """
 for i in range(40):
     seen.add(i % 7)
-""", "seen")
+""",
+    "seen",
+)
 
-case("nested_index_out_a_b", "grid = [[0] * 6 for _ in range(5)]", """
+case(
+    "nested_index_out_a_b",
+    "grid = [[0] * 6 for _ in range(5)]",
+    """
 for a in range(5):
     for b in range(6):
         grid[a][b] = a * 10 + b
-""", "grid a b")
+""",
+    "grid a b",
+)
 
-case("tuple_key_index", "cells = {}", """
+case(
+    "tuple_key_index",
+    "cells = {}",
+    """
 for a in range(4):
     for b in range(3):
         cells[(a, b)] = a - b
-""", "cells")
+""",
+    "cells",
+)
 
-case("numpy_row_assign", "import numpy as np\narr = np.zeros((12, 3))", """
+case(
+    "numpy_row_assign",
+    "import numpy as np\narr = np.zeros((12, 3))",
+    """
 for i in range(12):
     arr[i, :] = i * np.arange(3) + 0.5
-""", "arr i")
+""",
+    "arr i",
+)
 
-case("numpy_item_assign_int", "import numpy as np\nsq = np.zeros(25, dtype=np.int64)", """
+case(
+    "numpy_item_assign_int",
+    "import numpy as np\nsq = np.zeros(25, dtype=np.int64)",
+    """
 for i in range(25):
     sq[i] = i ** 2
-""", "sq")
+""",
+    "sq",
+)
 
-case("del_dict_key", "d = {k: str(k) for k in range(20)}", """
+case(
+    "del_dict_key",
+    "d = {k: str(k) for k in range(20)}",
+    """
 for k in range(0, 20, 3):
     del d[k]
-""", "d k")
+""",
+    "d k",
+)
 
-case("obj_attr_set", "class Box:\n    pass\nbox = Box()\nbox.total = 0", """
+case(
+    "obj_attr_set",
+    "class Box:\n    pass\nbox = Box()\nbox.total = 0",
+    """
 for i in range(15):
     box.last = i
     setattr_name = "a%d" % (i % 3)
-""", ["vars(box)", "setattr_name"])
+""",
+    ["vars(box)", "setattr_name"],
+)
 
-case("obj_attr_augassign", "class Box:\n    pass\nbox = Box()\nbox.total = 0\nbox.text = ''", """
+case(
+    "obj_attr_augassign",
+    "class Box:\n    pass\nbox = Box()\nbox.total = 0\nbox.text = ''",
+    """
 for i in range(15):
     box.total += i
     box.text += str(i)
-""", ["vars(box)"])
+""",
+    ["vars(box)"],
+)
 
-case("attr_chain_index", """
+case(
+    "attr_chain_index",
+    """
 class Cfg:
     def __init__(self):
         self.stats = {}
 cfg = Cfg()
-""", """
+""",
+    """
 for i in range(10):
     cfg.stats[i] = i * 0.5
-""", ["cfg.stats", "vars(cfg)"])
+""",
+    ["cfg.stats", "vars(cfg)"],
+)
 
-case("index_augassign", "counts = [0, 0, 0]\nmass = {'a': 0.0, 'b': 0.0}", """
+case(
+    "index_augassign",
+    "counts = [0, 0, 0]\nmass = {'a': 0.0, 'b': 0.0}",
+    """
 for i in range(31):
     counts[i % 3] += i
     mass['a' if i % 2 else 'b'] += 0.1 * i
-""", "counts mass")
+""",
+    "counts mass",
+)
 
-case("defaultdict_augassign", "from collections import defaultdict\ncounts = defaultdict(int)", """
+case(
+    "defaultdict_augassign",
+    "from collections import defaultdict\ncounts = defaultdict(int)",
+    """
 for w in "the cat and the hat and the bat".split():
     counts[w] += 1
-""", "counts w")
+""",
+    "counts w",
+)
 
-case("nested_defaultdict_index", "from collections import defaultdict\nt = defaultdict(dict)", """
+case(
+    "nested_defaultdict_index",
+    "from collections import defaultdict\nt = defaultdict(dict)",
+    """
 for i in range(12):
     t[i % 3][i] = i * i
-""", "t")
+""",
+    "t",
+)
 
-case("list_append", "out = []", """
+case(
+    "list_append",
+    "out = []",
+    """
 for i in range(30):
     out.append(i * 2)
-""", "out")
+""",
+    "out",
+)
 
-case("list_extend", "out = []", """
+case(
+    "list_extend",
+    "out = []",
+    """
 for i in range(10):
     out.extend([i, -i])
-""", "out")
+""",
+    "out",
+)
 
-case("list_insert", "out = ['end']", """
+case(
+    "list_insert",
+    "out = ['end']",
+    """
 for i in range(10):
     out.insert(0, i)
-""", "out")
+""",
+    "out",
+)
 
-case("dict_update", "d = {}", """
+case(
+    "dict_update",
+    "d = {}",
+    """
 for i in range(10):
     d.update({i: str(i), 'last': i})
-""", "d")
+""",
+    "d",
+)
 
-case("setdefault_append", "groups = {}", """
+case(
+    "setdefault_append",
+    "groups = {}",
+    """
 for i in range(25):
     groups.setdefault(i % 4, []).append(i)
-""", "groups")
+""",
+    "groups",
+)
 
-case("conditional_append_if_else", "evens = []\nodds = []", """
+case(
+    "conditional_append_if_else",
+    "evens = []\nodds = []",
+    """
 for i in range(20):
     if i % 2:
         odds.append(i)
     else:
         evens.append(i)
-""", "evens odds")
+""",
+    "evens odds",
+)
 
-case("dict_in_list_mutation_via_target", "rows = [{'n': k, 'tags': []} for k in range(12)]", """
+case(
+    "dict_in_list_mutation_via_target",
+    "rows = [{'n': k, 'tags': []} for k in range(12)]",
+    """
 for r in rows:
     r['n'] += 1
     r['tags'].append(str(r['n']))
-""", ["rows", "r is rows[-1]", "r"])
+""",
+    ["rows", "r is rows[-1]", "r"],
+)
 
 # ---------------------------------------------------------------- reductions
-case("reduce_int_ops", "total = 0\nprod = 1\ndiff = 100\nbits = 0\nx = 0", """
+case(
+    "reduce_int_ops",
+    "total = 0\nprod = 1\ndiff = 100\nbits = 0\nx = 0",
+    """
 for i in range(20):
     total += i
     prod *= (i % 3) + 1
     diff -= i
     bits |= 1 << (i % 10)
     x ^= i * 7
-""", "total prod diff bits x")
+""",
+    "total prod diff bits x",
+)
 
-case("reduce_float_order", "acc = 0.0", """
+case(
+    "reduce_float_order",
+    "acc = 0.0",
+    """
 for i in range(200):
     acc += 0.1 * i + 1e-17 * (i % 7)
-""", "acc")
+""",
+    "acc",
+)
 
-case("reduce_list_inplace_alias", "acc = []\nacc_alias = acc", """
+case(
+    "reduce_list_inplace_alias",
+    "acc = []\nacc_alias = acc",
+    """
 for i in range(15):
     acc += [i, str(i)]
-""", ["acc", "acc_alias is acc", "acc_alias"])
+""",
+    ["acc", "acc_alias is acc", "acc_alias"],
+)
 
-case("reduce_str_concat", "s = ''", """
+case(
+    "reduce_str_concat",
+    "s = ''",
+    """
 for i in range(25):
     s += str(i) + ','
-""", "s")
+""",
+    "s",
+)
 
-case("reduce_bytes_concat", "buf = b''", """
+case(
+    "reduce_bytes_concat",
+    "buf = b''",
+    """
 for i in range(40):
     buf += bytes([i])
-""", "buf")
+""",
+    "buf",
+)
 
-case("reduce_set_or_xor", "seen = set()\nflip = set()", """
+case(
+    "reduce_set_or_xor",
+    "seen = set()\nflip = set()",
+    """
 for i in range(30):
     seen |= {i % 7}
     flip ^= {i % 5}
-""", "seen flip")
+""",
+    "seen flip",
+)
 
-case("reduce_numpy_inplace", "import numpy as np\nacc = np.zeros(4)\nalias = acc", """
+case(
+    "reduce_numpy_inplace",
+    "import numpy as np\nacc = np.zeros(4)\nalias = acc",
+    """
 for i in range(10):
     acc += np.arange(4) * i * 0.1
-""", ["acc", "alias is acc"])
+""",
+    ["acc", "alias is acc"],
+)
 
 # ---------------------------------------------------------------- body forms
-case("nested_loop_private_accumulator", "results = {}", """
+case(
+    "nested_loop_private_accumulator",
+    "results = {}",
+    """
 for i in range(12):
     row_sum = 0
     for j in range(i):
         row_sum += j
     results[i] = row_sum
-""", "results row_sum j")
+""",
+    "results row_sum j",
+)
 
-case("nested_while_in_body", "steps = {}", """
+case(
+    "nested_while_in_body",
+    "steps = {}",
+    """
 for i in range(1, 20):
     n = i
     c = 0
@@ -207,34 +364,59 @@ for i in range(1, 20):
         n = n // 2
         c += 1
     steps[i] = c
-""", "steps n c")
+""",
+    "steps n c",
+)
 
-case("comprehensions_shadowing", "x = 100\nk = 'outer'\nres = {}", """
+case(
+    "comprehensions_shadowing",
+    "x = 100\nk = 'outer'\nres = {}",
+    """
 for i in range(8):
     sq = [x * x for x in range(i)]
     dct = {k: k + 1 for k in range(3)}
     st = {x % 3 for x in range(i)}
     res[i] = (sum(sq), sum(x for x in range(i)), len(dct), len(st))
-""", "x k res sq dct st")
+""",
+    "x k res sq dct st",
+)
 
-case("walrus_if", "def f(v):\n    return v * v % 11\nbig = {}", """
+case(
+    "walrus_if",
+    "def f(v):\n    return v * v % 11\nbig = {}",
+    """
 for i in range(20):
     if (m := f(i)) > 3:
         big[i] = m
-""", "big m")
+""",
+    "big m",
+)
 
-case("walrus_same_expression", "def f(v):\n    return v * v % 11\nres = {}", """
+case(
+    "walrus_same_expression",
+    "def f(v):\n    return v * v % 11\nres = {}",
+    """
 for i in range(20):
     res[i] = [m := f(i), m + 1] if f(i) > 2 else None
-""", "res m")
+""",
+    "res m",
+)
 
-case("walrus_in_comprehension_last_assigning_iteration", "res = {}", """
+case(
+    "walrus_in_comprehension_last_assigning_iteration",
+    "res = {}",
+    """
 for i in [5, 6, 0]:
     ys = [y for x in range(i) if (y := x * 2) > 3]
     res[i] = ys
-""", "res ys y")
+""",
+    "res ys y",
+)
 
-case("try_except_finally", "vals = {}\nlog = []", """
+case(
+    "try_except_finally",
+    "vals = {}\nlog = []",
+    """
 for i in range(12):
     try:
         v = 10 // (i % 3)
@@ -243,162 +425,278 @@ for i in range(12):
     finally:
         log.append(i)
     vals[i] = v
-""", "vals log v")
+""",
+    "vals log v",
+)
 
-case("except_as_name_unbound", "errs = {}", """
+case(
+    "except_as_name_unbound",
+    "errs = {}",
+    """
 for i, s in enumerate(['1', 'x', '3', 'y']):
     try:
         n = int(s)
     except ValueError as e:
         errs[i] = str(e)
         n = None
-""", "errs n e")
+""",
+    "errs n e",
+)
 
-case("with_contextmanager", """
+case(
+    "with_contextmanager",
+    """
 import contextlib
 @contextlib.contextmanager
 def tag(name):
     yield name.upper()
 out = {}
-""", """
+""",
+    """
 for i in range(10):
     with tag("x%d" % i) as t:
         out[i] = t
-""", "out t")
+""",
+    "out t",
+)
 
-case("with_open_tempfile", """
+case(
+    "with_open_tempfile",
+    """
 import os, tempfile
 tmpd = tempfile.mkdtemp()
 out = {}
-""", """
+""",
+    """
 for i in range(8):
     p = os.path.join(tmpd, "f%d.txt" % i)
     with open(p, "w", encoding="utf-8") as fh:
         fh.write("line %d ✓" % i)
     with open(p, encoding="utf-8") as fh:
         out[i] = fh.read()
-""", "out")
+""",
+    "out",
+)
 
-case("unicode_output", "", """
+case(
+    "unicode_output",
+    "",
+    """
 for i in range(6):
     print("héllo ✓ 漢字", i)
-""", "i")
+""",
+    "i",
+)
 
-case("stderr_print_not_compared", "import sys\nres = []", """
+case(
+    "stderr_print_not_compared",
+    "import sys\nres = []",
+    """
 for i in range(6):
     print("err", i, file=sys.stderr)
     print("out", i)
     res.append(i)
-""", "res")
+""",
+    "res",
+)
 
-case("print_order_multiple_and_from_functions", "def show(v):\n    print('  show', v)\n    return v", """
+case(
+    "print_order_multiple_and_from_functions",
+    "def show(v):\n    print('  show', v)\n    return v",
+    """
 for i in range(10):
     print('start', i, end=' ')
     print('|', sep='')
     show(i * 2)
-""", "i")
+""",
+    "i",
+)
 
-case("long_loop_100k", "out = {}", """
+case(
+    "long_loop_100k",
+    "out = {}",
+    """
 for i in range(100000):
     out[i] = i * i
-""", "out i", magics=("t4", "auto", "serial"))
+""",
+    "out i",
+    magics=("t4", "auto", "serial"),
+)
 
-case("pandas_iterrows", """
+case(
+    "pandas_iterrows",
+    """
 import pandas as pd
 df = pd.DataFrame({"a": range(15), "b": [x * 0.5 for x in range(15)]})
 results = {}
-""", """
+""",
+    """
 for idx, row in df.iterrows():
     results[idx] = row["a"] * 2
-""", "results idx row")
+""",
+    "results idx row",
+)
 
-case("pandas_at_set", """
+case(
+    "pandas_at_set",
+    """
 import pandas as pd
 df = pd.DataFrame({"a": range(10), "b": [0] * 10})
-""", """
+""",
+    """
 for i in range(10):
     df.at[i, "b"] = i * 10
-""", "df")
+""",
+    "df",
+)
 
 # ---------------------------------------------------------------- iterables
-case("enumerate_strings", "names = ['ann', 'bob', 'cy', 'dee']\nres = {}", """
+case(
+    "enumerate_strings",
+    "names = ['ann', 'bob', 'cy', 'dee']\nres = {}",
+    """
 for i, n in enumerate(names, start=1):
     res[n] = i * len(n)
-""", "res i n")
+""",
+    "res i n",
+)
 
-case("zip_iterable", "xs = list(range(10))\nys = [c for c in 'abcdefghij']\nres = []", """
+case(
+    "zip_iterable",
+    "xs = list(range(10))\nys = [c for c in 'abcdefghij']\nres = []",
+    """
 for x, y in zip(xs, ys):
     res.append(y * x)
-""", "res x y")
+""",
+    "res x y",
+)
 
-case("dict_items_nested_tuple_target", "d = {'a': (1, 2), 'b': (3, 4), 'c': (5, 6)}\nres = {}", """
+case(
+    "dict_items_nested_tuple_target",
+    "d = {'a': (1, 2), 'b': (3, 4), 'c': (5, 6)}\nres = {}",
+    """
 for k, (p, q) in d.items():
     res[k] = p * q
-""", "res k p q")
+""",
+    "res k p q",
+)
 
-case("generator_expression_iterable", "res = []", """
+case(
+    "generator_expression_iterable",
+    "res = []",
+    """
 for v in (x * x for x in range(12) if x % 2):
     res.append(v)
-""", "res v")
+""",
+    "res v",
+)
 
-case("range_step", "res = {}", """
+case(
+    "range_step",
+    "res = {}",
+    """
 for i in range(3, 50, 7):
     res[i] = i // 2
-""", "res i")
+""",
+    "res i",
+)
 
-case("range_negative_step", "res = []", """
+case(
+    "range_negative_step",
+    "res = []",
+    """
 for i in range(20, 0, -3):
     res.append(i)
-""", "res i")
+""",
+    "res i",
+)
 
-case("string_iterable_reversed", "res = []", """
+case(
+    "string_iterable_reversed",
+    "res = []",
+    """
 for c in reversed("parloop"):
     res.append(c.upper())
-""", "res c")
+""",
+    "res c",
+)
 
-case("starred_target", "rows = [(1, 2, 3), (4, 5), (6,)]\nres = {}", """
+case(
+    "starred_target",
+    "rows = [(1, 2, 3), (4, 5), (6,)]\nres = {}",
+    """
 for a, *rest in rows:
     res[a] = rest
-""", "res a rest")
+""",
+    "res a rest",
+)
 
-case("list_target", "pairs = [[1, 2], [3, 4]]\nres = []", """
+case(
+    "list_target",
+    "pairs = [[1, 2], [3, 4]]\nres = []",
+    """
 for [a, b] in pairs:
     res.append(a + b)
-""", "res a b")
+""",
+    "res a b",
+)
 
 # ---------------------------------------------------------------- control flow
-case("continue_statement", "res = {}", """
+case(
+    "continue_statement",
+    "res = {}",
+    """
 for i in range(20):
     if i % 3 == 0:
         continue
     res[i] = -i
-""", "res i")
+""",
+    "res i",
+)
 
-case("continue_then_else_branch_read", "res = {}", """
+case(
+    "continue_then_else_branch_read",
+    "res = {}",
+    """
 for i in range(15):
     if i < 4:
         continue
     else:
         z = i * 3
     res[i] = z
-""", "res z")
+""",
+    "res z",
+)
 
-case("for_else", "res = []", """
+case(
+    "for_else",
+    "res = []",
+    """
 for i in range(5):
     res.append(i)
 else:
     done = True
     print("finished at", i)
-""", "res done i")
+""",
+    "res done i",
+)
 
-case("for_else_empty", "res = []", """
+case(
+    "for_else_empty",
+    "res = []",
+    """
 for i in []:
     res.append(i)
 else:
     done = 'yes'
-""", "res done i")
+""",
+    "res done i",
+)
 
-case("prologue_epilogue_trailing_expression", "base = 10", """
+case(
+    "prologue_epilogue_trailing_expression",
+    "base = 10",
+    """
 factor = 3
 def scale(v):
     return v * factor + base
@@ -408,17 +706,26 @@ for i in range(25):
 total = sum(results.values())
 print("total", total)
 (len(results), total, i)
-""", "results factor total")
+""",
+    "results factor total",
+)
 
-case("epilogue_expr_dict", "", """
+case(
+    "epilogue_expr_dict",
+    "",
+    """
 out = {}
 for i in range(5):
     out[i] = str(i)
 out
-""", "out")
+""",
+    "out",
+)
 
 # ---------------------------------------------------------------- code from cells
-case("functions_classes_closures_lambdas_from_earlier_cells", """
+case(
+    "functions_classes_closures_lambdas_from_earlier_cells",
+    """
 def make_adder(n):
     def add(x):
         return x + n
@@ -431,13 +738,19 @@ class Point:
     def norm1(self):
         return abs(self.x) + abs(self.y)
 results = {}
-""", """
+""",
+    """
 for i in range(10):
     p = Point(add3(i), sq(i))
     results[i] = (p.norm1(), p)
-""", ["results", "isinstance(results[0][1], Point)", "p"])
+""",
+    ["results", "isinstance(results[0][1], Point)", "p"],
+)
 
-case("functions_classes_in_prologue", "", """
+case(
+    "functions_classes_in_prologue",
+    "",
+    """
 import functools
 class Acc:
     def __init__(self, v):
@@ -450,142 +763,241 @@ part = functools.partial(pow, 2)
 res = {}
 for i in range(15):
     res[i] = Acc(fib(i) + half(i) + part(i))
-""", ["[r.v for r in res.values()]", "list(res)"])
+""",
+    ["[r.v for r in res.values()]", "list(res)"],
+)
 
-case("body_defines_function_and_calls", "res = {}", """
+case(
+    "body_defines_function_and_calls",
+    "res = {}",
+    """
 for i in range(10):
     def g(y):
         return y * 3 + 1
     res[i] = g(i)
-""", ["res", "g(10)"])
+""",
+    ["res", "g(10)"],
+)
 
-case("body_defines_closure_over_loop_var", "fns = []", """
+case(
+    "body_defines_closure_over_loop_var",
+    "fns = []",
+    """
 for i in range(6):
     fns.append(lambda i=i: i * 10)
 vals = [f() for f in fns]
-""", "vals")
+""",
+    "vals",
+)
 
-case("body_lambda_key", "vals = [5, 3, 9, 1]\nres = {}", """
+case(
+    "body_lambda_key",
+    "vals = [5, 3, 9, 1]\nres = {}",
+    """
 for i in range(4):
     key = lambda r: (r - i) ** 2
     res[i] = sorted(vals, key=key)
-""", "res")
+""",
+    "res",
+)
 
-case("body_imports_module", "res = {}", """
+case(
+    "body_imports_module",
+    "res = {}",
+    """
 for i in range(10):
     import math
     from os import path as osp
     res[i] = (math.sqrt(i), osp.join('a', str(i)))
-""", ["res", "math.__name__", "osp.__name__"])
+""",
+    ["res", "math.__name__", "osp.__name__"],
+)
 
-case("body_defines_class", "res = {}", """
+case(
+    "body_defines_class",
+    "res = {}",
+    """
 for i in range(5):
     class Tmp:
         v = 7
     res[i] = Tmp.v + i
-""", ["res", "Tmp.v", "Tmp.__name__"])
+""",
+    ["res", "Tmp.v", "Tmp.__name__"],
+)
 
-case("dataclass_results", """
+case(
+    "dataclass_results",
+    """
 from dataclasses import dataclass
 @dataclass
 class Rec:
     i: int
     label: str
 recs = {}
-""", """
+""",
+    """
 for i in range(12):
     recs[i] = Rec(i, "r%d" % i)
-""", ["recs", "type(recs[3]).__name__"])
+""",
+    ["recs", "type(recs[3]).__name__"],
+)
 
 # ---------------------------------------------------------------- last values
-case("last_value_conditional_after_unconditional", "res = {}", """
+case(
+    "last_value_conditional_after_unconditional",
+    "res = {}",
+    """
 for i in range(10):
     v = i
     if i % 3 == 0:
         v = -i
     w = v * 2
     res[i] = w
-""", "res v w i")
+""",
+    "res v w i",
+)
 
-case("private_assigned_in_some_iterations_only", "", """
+case(
+    "private_assigned_in_some_iterations_only",
+    "",
+    """
 for i in range(10):
     if i % 4 == 0:
         last_mult = i
-""", "last_mult i")
+""",
+    "last_mult i",
+)
 
-case("private_never_assigned_stays_unbound", "", """
+case(
+    "private_never_assigned_stays_unbound",
+    "",
+    """
 for i in range(10):
     if i > 100:
         never = i
-""", "never i")
+""",
+    "never i",
+)
 
-case("private_existing_value_kept_when_not_assigned", "keep = 'before'", """
+case(
+    "private_existing_value_kept_when_not_assigned",
+    "keep = 'before'",
+    """
 for i in range(10):
     if i > 100:
         keep = i
-""", "keep i")
+""",
+    "keep i",
+)
 
-case("loop_target_identity_after_loop", "rows = [{'a': k} for k in range(10)]\nrows_alias = rows", """
+case(
+    "loop_target_identity_after_loop",
+    "rows = [{'a': k} for k in range(10)]\nrows_alias = rows",
+    """
 for row in rows:
     row['b'] = row['a'] * 2
-""", ["rows", "row is rows[-1]", "rows_alias is rows"])
+""",
+    ["rows", "row is rows[-1]", "rows_alias is rows"],
+)
 
-case("loop_target_shadows_outer_name", "i = 'outer'\nres = {}", """
+case(
+    "loop_target_shadows_outer_name",
+    "i = 'outer'\nres = {}",
+    """
 for i in range(3):
     res[i] = i
-""", "i res")
+""",
+    "i res",
+)
 
-case("empty_iterable_names_unbound", "res = {}", """
+case(
+    "empty_iterable_names_unbound",
+    "res = {}",
+    """
 for i in range(0):
     x = i
     res[i] = x
-""", "res i x")
+""",
+    "res i x",
+)
 
-case("empty_iterable_names_keep_values", "i = -1\nx = 'x0'\nres = {}", """
+case(
+    "empty_iterable_names_keep_values",
+    "i = -1\nx = 'x0'\nres = {}",
+    """
 for i in []:
     x = i
     res[i] = x
-""", "res i x")
+""",
+    "res i x",
+)
 
-case("cell_class_mutation_through_target", """
+case(
+    "cell_class_mutation_through_target",
+    """
 class Node:
     def __init__(self, value):
         self.value = value
         self.children = []
 nodes = [Node(k) for k in range(10)]
-""", """
+""",
+    """
 for node in nodes:
     node.value = node.value * 2 + 1
     node.children.append(node.value)
     node.value += 1
-""", ["[(n.value, n.children) for n in nodes]", "node is nodes[-1]",
-      "isinstance(node, Node)"])
+""",
+    ["[(n.value, n.children) for n in nodes]", "node is nodes[-1]", "isinstance(node, Node)"],
+)
 
-case("target_enumerate_mutation", "rows = [{'a': k, 'tags': []} for k in range(25)]", """
+case(
+    "target_enumerate_mutation",
+    "rows = [{'a': k, 'tags': []} for k in range(25)]",
+    """
 for i, row in enumerate(rows):
     row['score'] = row['a'] * 3 - i
     row['tags'].append('odd' if i % 2 else 'even')
-""", ["rows", "i", "row is rows[-1]"])
+""",
+    ["rows", "i", "row is rows[-1]"],
+)
 
 # ---------------------------------------------------------------- inputs
-case("input_changed_in_prologue", "factor = 1\nres = {}", """
+case(
+    "input_changed_in_prologue",
+    "factor = 1\nres = {}",
+    """
 factor = 5
 for i in range(10):
     res[i] = i * factor
-""", "res factor")
+""",
+    "res factor",
+)
 
-case("large_numpy_input", "import numpy as np\nbig = np.arange(100000, dtype=np.float64)\nres = {}", """
+case(
+    "large_numpy_input",
+    "import numpy as np\nbig = np.arange(100000, dtype=np.float64)\nres = {}",
+    """
 for i in range(20):
     res[i] = float(big[i::1000].sum())
-""", "res")
+""",
+    "res",
+)
 
-case("fstring_float_format", "import math\nres = []", """
+case(
+    "fstring_float_format",
+    "import math\nres = []",
+    """
 for i in range(10):
     res.append(f"{math.pi * i:.6f}|{i:03d}")
     print(f"{i / 7:.3e}")
-""", "res")
+""",
+    "res",
+)
 
-case("match_statement_in_body", "out = {}", """
+case(
+    "match_statement_in_body",
+    "out = {}",
+    """
 for i in range(9):
     match i % 3:
         case 0:
@@ -594,12 +1006,19 @@ for i in range(9):
             out[i] = 'one'
         case _:
             out[i] = 'other'
-""", "out")
+""",
+    "out",
+)
 
-case("set_iterable_and_sorted_output", "src = {3, 1, 2, 10, 7}\nres = []", """
+case(
+    "set_iterable_and_sorted_output",
+    "src = {3, 1, 2, 10, 7}\nres = []",
+    """
 for v in sorted(src):
     res.append(v * v)
-""", "res v")
+""",
+    "res v",
+)
 
 
 # ---------------------------------------------------------------- known bugs
@@ -617,48 +1036,80 @@ class W:
 panel = []
 ws = [W(k) for k in range(5)]
 """
-case("target_method_call_side_effect_once", W_SETUP, """
+case(
+    "target_method_call_side_effect_once",
+    W_SETUP,
+    """
 for w in ws:
     w.attach(panel)
-""", ["panel", "[x.n for x in ws]"], magics=("t4", "cs1", "serial"))
+""",
+    ["panel", "[x.n for x in ws]"],
+    magics=("t4", "cs1", "serial"),
+)
 
-case("target_method_call_prints_once", W_SETUP, """
+case(
+    "target_method_call_prints_once",
+    W_SETUP,
+    """
 for w in ws:
     w.show()
-""", ["[x.n for x in ws]"], magics=("t4", "cs1", "serial"))
+""",
+    ["[x.n for x in ws]"],
+    magics=("t4", "cs1", "serial"),
+)
 
-case("target_item_with_lock_attribute", """
+case(
+    "target_item_with_lock_attribute",
+    """
 import threading
 class C:
     def __init__(self):
         self.lock = threading.Lock()
         self.v = 0
 cs = [C() for _ in range(4)]
-""", """
+""",
+    """
 for c in cs:
     c.v = 5
-""", ["[x.v for x in cs]"], magics=("t4", "serial"))
+""",
+    ["[x.v for x in cs]"],
+    magics=("t4", "serial"),
+)
 
-case("target_item_stored_in_root_keeps_identity", """
+case(
+    "target_item_stored_in_root_keeps_identity",
+    """
 rows = [{'a': k} for k in range(6)]
 sel = []
-""", """
+""",
+    """
 for r in rows:
     r['b'] = 1
     sel.append(r)
-""", ["rows", "sel", "all(s is r for s, r in zip(sel, rows))"], magics=("t4", "serial"))
+""",
+    ["rows", "sel", "all(s is r for s, r in zip(sel, rows))"],
+    magics=("t4", "serial"),
+)
 
-case("target_item_stored_in_root_no_mutation", """
+case(
+    "target_item_stored_in_root_no_mutation",
+    """
 rows = [{'a': k} for k in range(6)]
 sel = []
-""", """
+""",
+    """
 for r in rows:
     sel.append(r)
-""", ["sel", "all(s is r for s, r in zip(sel, rows))"])
+""",
+    ["sel", "all(s is r for s, r in zip(sel, rows))"],
+)
 
 
-PARAMS = [pytest.param(c[0], c[1], c[2], c[3], m, id=f"{c[0]}-{m}", marks=c[5])
-          for c in CASES for m in c[4]]
+PARAMS = [
+    pytest.param(c[0], c[1], c[2], c[3], m, id=f"{c[0]}-{m}", marks=c[5])
+    for c in CASES
+    for m in c[4]
+]
 
 
 @pytest.mark.parametrize("name,setup,cell,checks,magic", PARAMS)
@@ -667,13 +1118,15 @@ def test_differential(ip, name, setup, cell, checks, magic):
 
 
 def test_deep_diff_is_strict():
-    import numpy as np
     from collections import defaultdict
 
+    import numpy as np
+
     from helpers import deep_diff
-    assert deep_diff({1: 1, 2: 2}, {2: 2, 1: 1})            # insertion order
-    assert deep_diff(1, 1.0)                                 # type
-    assert deep_diff(0.1 + 0.2, 0.3)                         # bit-identical floats
+
+    assert deep_diff({1: 1, 2: 2}, {2: 2, 1: 1})  # insertion order
+    assert deep_diff(1, 1.0)  # type
+    assert deep_diff(0.1 + 0.2, 0.3)  # bit-identical floats
     assert deep_diff(np.zeros(3), np.zeros(3, dtype=np.float32))
     assert deep_diff(np.zeros(3), np.zeros((3, 1)))
     assert deep_diff(defaultdict(int), defaultdict(list))
@@ -689,6 +1142,7 @@ def test_case_count():
 
 def test_trailing_expression_result_equals_serial(ip):
     from helpers import reset, run_cell_result
+
     cell = "out = {}\nfor i in range(7):\n    out[i] = i * 3\n(sum(out.values()), i)\n"
     reset(ip)
     s_out, s_res = run_cell_result(ip, cell)

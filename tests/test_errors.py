@@ -1,6 +1,7 @@
 """Failures (docs/design.md §1, §3): iteration exceptions keep their type and the
 serial state at the raise; on_error=skip/collect; usage errors; static
 rejections run nothing; syntax errors point at the user's line."""
+
 from __future__ import annotations
 
 import traceback
@@ -9,7 +10,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import parloop
-from helpers import reset, run_cell, snapshot, materialize, deep_diff
+from helpers import deep_diff, materialize, reset, run_cell, snapshot
 
 M4 = "%%threaded threads=4 progress=off"
 
@@ -50,10 +51,16 @@ def _assert_same(checks, a, b):
             assert d is None, d
 
 
-@pytest.mark.parametrize("magic", [M4, "%%threaded threads=1 progress=off",
-                                   "%%threaded threads=3 chunksize=1 progress=off",
-                                   "%%threaded threads=2 chunksize=7 progress=off",
-                                   "%%threaded serial progress=off"])
+@pytest.mark.parametrize(
+    "magic",
+    [
+        M4,
+        "%%threaded threads=1 progress=off",
+        "%%threaded threads=3 chunksize=1 progress=off",
+        "%%threaded threads=2 chunksize=7 progress=off",
+        "%%threaded serial progress=off",
+    ],
+)
 def test_exception_type_notes_and_serial_state(ip, magic):
     s_err, s_state = _serial_state(ip, SETUP, CELL, CHECKS)
     assert type(s_err).__name__ == "MyError"
@@ -71,12 +78,15 @@ def test_exception_type_notes_and_serial_state(ip, magic):
 def test_except_myerror_catches_it_in_a_later_cell(ip):
     reset(ip)
     run_cell(ip, SETUP)
-    out, err = run_cell(ip, f"""
+    out, err = run_cell(
+        ip,
+        f"""
 try:
     get_ipython().run_cell_magic('threaded', 'threads=4 progress=off', '''{CELL}''')
 except MyError as e:
     caught = (type(e).__name__, str(e))
-""")
+""",
+    )
     assert err is None, err
     assert ip.user_ns["caught"] == ("MyError", "bad item 13")
 
@@ -101,8 +111,9 @@ def test_exception_in_first_iteration_with_tuple_target(ip):
     assert type(err) is ZeroDivisionError
     notes = "\n".join(err.__notes__)
     assert "iteration 1" in notes and "label='b'" in notes and "k=0" in notes, notes
-    _assert_same(["out", "n", "k", "label"], s_state,
-                 materialize(snapshot(ip, ["out", "n", "k", "label"])))
+    _assert_same(
+        ["out", "n", "k", "label"], s_state, materialize(snapshot(ip, ["out", "n", "k", "label"]))
+    )
 
 
 def test_replay_error_like_serial(ip):
@@ -169,8 +180,10 @@ def test_on_error_collect(ip):
 def test_on_error_collect_then_epilogue_runs(ip):
     reset(ip)
     run_cell(ip, ERR_SETUP)
-    _, err = run_cell(ip, "%%threaded threads=2 progress=off on_error=collect\n" + ERR_CELL
-                      + "n_ok = len(results)\n")
+    _, err = run_cell(
+        ip,
+        "%%threaded threads=2 progress=off on_error=collect\n" + ERR_CELL + "n_ok = len(results)\n",
+    )
     assert err is None
     assert ip.user_ns["n_ok"] == 10
 
@@ -179,25 +192,28 @@ def test_on_error_collect_then_epilogue_runs(ip):
 LOOP = "\nfor i in range(3):\n    ran[i] = i\n"
 
 
-@pytest.mark.parametrize("line,words", [
-    ("bogus=1", ["bogus", "chunksize"]),
-    ("frobnicate", ["frobnicate", "chunksize"]),
-    ("threads=0", ["threads"]),
-    ("threads=abc", ["threads", "abc"]),
-    ("threads=-2", ["threads"]),
-    ("chunksize=0", ["chunksize"]),
-    ("chunksize=x", ["chunksize"]),
-    ("progress=loud", ["progress"]),
-    ("on_error=ignore", ["on_error"]),
-    ("seed=abc", ["seed"]),
-    ("explain=1", ["explain"]),
-    ("serial=yes", ["serial"]),
-    ("threads=2 threads=3", ["threads"]),
-    ("threads=", ["threads"]),
-    ("processes=2", ["processes", "chunksize"]),
-    ("profile=default", ["profile"]),
-    ("retries=2", ["retries"]),
-])
+@pytest.mark.parametrize(
+    "line,words",
+    [
+        ("bogus=1", ["bogus", "chunksize"]),
+        ("frobnicate", ["frobnicate", "chunksize"]),
+        ("threads=0", ["threads"]),
+        ("threads=abc", ["threads", "abc"]),
+        ("threads=-2", ["threads"]),
+        ("chunksize=0", ["chunksize"]),
+        ("chunksize=x", ["chunksize"]),
+        ("progress=loud", ["progress"]),
+        ("on_error=ignore", ["on_error"]),
+        ("seed=abc", ["seed"]),
+        ("explain=1", ["explain"]),
+        ("serial=yes", ["serial"]),
+        ("threads=2 threads=3", ["threads"]),
+        ("threads=", ["threads"]),
+        ("processes=2", ["processes", "chunksize"]),
+        ("profile=default", ["profile"]),
+        ("retries=2", ["retries"]),
+    ],
+)
 def test_usage_errors(ip, line, words):
     reset(ip)
     run_cell(ip, "ran = {}")
@@ -216,15 +232,24 @@ def test_empty_cell_is_usage_error(ip):
 
 
 # ---------------------------------------------------------------- static rejection
-@pytest.mark.parametrize("cell,words", [
-    ("pre = 'ran'\nfor i in range(5):\n    if i == 3:\n        global g\n    out[i] = i\n",
-     ["global", "line 5"]),
-    ("pre = 'ran'\nprev = 0\nfor i in range(5):\n    out[i] = prev\n    prev = i\n",
-     ["prev", "line 5"]),
-    ("pre = 'ran'\nwhile len(out) < 3:\n    out[len(out)] = 1\n", ["for"]),
-    ("pre = 'ran'\nfor i in range(5):\n    total += i\n    out[i] = total\n",
-     ["total", "line 5"]),
-])
+@pytest.mark.parametrize(
+    "cell,words",
+    [
+        (
+            "pre = 'ran'\nfor i in range(5):\n    if i == 3:\n        global g\n    out[i] = i\n",
+            ["global", "line 5"],
+        ),
+        (
+            "pre = 'ran'\nprev = 0\nfor i in range(5):\n    out[i] = prev\n    prev = i\n",
+            ["prev", "line 5"],
+        ),
+        ("pre = 'ran'\nwhile len(out) < 3:\n    out[len(out)] = 1\n", ["for"]),
+        (
+            "pre = 'ran'\nfor i in range(5):\n    total += i\n    out[i] = total\n",
+            ["total", "line 5"],
+        ),
+    ],
+)
 def test_analysis_error_runs_nothing(ip, cell, words):
     """The magic line is line 1 of what the user sees, so the cell's lines
     start at 2."""
@@ -235,7 +260,7 @@ def test_analysis_error_runs_nothing(ip, cell, words):
     assert isinstance(err, ValueError)
     for w in words:
         assert w in str(err), (w, str(err))
-    assert "pre" not in ip.user_ns        # prologue not run
+    assert "pre" not in ip.user_ns  # prologue not run
     assert ip.user_ns["out"] == {"keep": 1}
     assert ip.user_ns["total"] == 0
     assert "i" not in ip.user_ns
@@ -258,8 +283,7 @@ def test_syntax_error_unclosed_bracket(ip):
 
 
 def test_iterable_raising_midway_keeps_earlier_iterations(ip):
-    setup = ("def gen():\n    yield 1\n    yield 2\n    raise RuntimeError('iter fails')\n"
-             "res = {}")
+    setup = "def gen():\n    yield 1\n    yield 2\n    raise RuntimeError('iter fails')\nres = {}"
     cell = "for i in gen():\n    res[i] = i * 10\n"
     s_err, s_state = _serial_state(ip, setup, cell, ["res", "i"])
     assert type(s_err) is RuntimeError
@@ -272,9 +296,11 @@ def test_iterable_raising_midway_keeps_earlier_iterations(ip):
 
 def test_output_before_the_raise_is_shown_like_serial(ip):
     setup = "import time\nres = {}"
-    cell = ("for i in range(40):\n    print('a', i)\n    time.sleep((40 - i) / 4000)\n"
-            "    if i in (13, 27):\n        raise ValueError(i)\n    print('b', i)\n"
-            "    res[i] = i\n")
+    cell = (
+        "for i in range(40):\n    print('a', i)\n    time.sleep((40 - i) / 4000)\n"
+        "    if i in (13, 27):\n        raise ValueError(i)\n    print('b', i)\n"
+        "    res[i] = i\n"
+    )
     reset(ip)
     run_cell(ip, setup)
     s_out, s_err = run_cell(ip, cell)
@@ -296,19 +322,29 @@ def test_worker_traceback_shows_notebook_function_lines(ip, monkeypatch, channel
     while ``except CellError`` still catches it; over parloop's channel and
     with one ipyparallel task per chunk (``PARLOOP_CHANNEL=0``)."""
     from parloop.backends.engines import EngineBackend
+
     monkeypatch.setattr(EngineBackend, "use_channel", channel)
     reset(ip)
-    run_cell(ip, "class CellError(Exception):\n    pass\n"
-                 "def boom(x):\n    if x == 5:\n        raise CellError(f'bad {x}')\n"
-                 "    return x\nout = {}")
-    _, err = run_cell(ip, "%%parallel processes=2 progress=off chunksize=2\n"
-                          "for i in range(8):\n    out[i] = boom(i)\n")
+    run_cell(
+        ip,
+        "class CellError(Exception):\n    pass\n"
+        "def boom(x):\n    if x == 5:\n        raise CellError(f'bad {x}')\n"
+        "    return x\nout = {}",
+    )
+    _, err = run_cell(
+        ip,
+        "%%parallel processes=2 progress=off chunksize=2\n"
+        "for i in range(8):\n    out[i] = boom(i)\n",
+    )
     assert isinstance(err, ip.user_ns["CellError"]), repr(err)
     text = "".join(traceback.format_exception(err))
     assert "boom" in text and "raise CellError(f'bad {x}')" in text, text
     assert parloop.last_run.dispatch == ("channel" if channel else "tasks")
-    _, err2 = run_cell(ip, "try:\n    get_ipython().run_cell_magic('parallel', "
-                           "'processes=2 progress=off chunksize=2', "
-                           "'for i in range(8):\\n    out[i] = boom(i)\\n')\n"
-                           "except CellError as e:\n    caught = str(e)\n")
+    _, err2 = run_cell(
+        ip,
+        "try:\n    get_ipython().run_cell_magic('parallel', "
+        "'processes=2 progress=off chunksize=2', "
+        "'for i in range(8):\\n    out[i] = boom(i)\\n')\n"
+        "except CellError as e:\n    caught = str(e)\n",
+    )
     assert err2 is None and ip.user_ns["caught"] == "bad 5"

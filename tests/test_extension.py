@@ -1,5 +1,6 @@
 """The extension as a whole: load/unload, the manual, configuration,
 ``explain``, ``seed``, ``parloop.last_run`` and the decorator API."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,16 @@ def test_load_twice_is_harmless(ip):
 def test_threaded_docstring(ip):
     doc = ip.magics_manager.magics["cell"]["threaded"].__doc__
     assert "Usage" in doc and "Examples" in doc
-    for opt in ("threads", "chunksize", "progress", "on_error", "seed", "tasks",
-                "explain", "serial"):
+    for opt in (
+        "threads",
+        "chunksize",
+        "progress",
+        "on_error",
+        "seed",
+        "tasks",
+        "explain",
+        "serial",
+    ):
         assert opt in doc, opt
     assert "processes" not in doc
 
@@ -119,7 +128,9 @@ def test_explain_prints_roles_and_runs_nothing(ip):
     reset(ip)
     run_cell(ip, "results = {}\ntotal = 0\nlog = []\nrows = [{'a': 1}]")
     parloop.last_run = None
-    out, err = run_cell(ip, """%%threaded explain
+    out, err = run_cell(
+        ip,
+        """%%threaded explain
 pre = 'prologue ran'
 for i, row in enumerate(rows):
     row['x'] = i
@@ -128,10 +139,17 @@ for i, row in enumerate(rows):
     total += y
     log.append(y)
 post = 'epilogue ran'
-""")
+""",
+    )
     assert err is None, err
-    for name, role in [("i", "target"), ("row", "target-mutation"), ("y", "private"),
-                       ("results", "root"), ("total", "reduction"), ("log", "call-root")]:
+    for name, role in [
+        ("i", "target"),
+        ("row", "target-mutation"),
+        ("y", "private"),
+        ("results", "root"),
+        ("total", "reduction"),
+        ("log", "call-root"),
+    ]:
         line = next((ln for ln in out.splitlines() if ln.split()[:1] == [name]), None)
         assert line is not None, (name, out)
         assert role in line.split(), (name, role, line)
@@ -174,6 +192,7 @@ def test_seed_restores_global_generators(ip):
     import random
 
     import numpy as np
+
     _draws(ip, "threads=2 seed=1")
     assert random.random.__self__ is random._inst
     assert getattr(np.random.rand, "__self__", None) is np.random.mtrand._rand
@@ -186,9 +205,12 @@ def test_unseeded_threads_do_not_repeat(ip):
 
 def test_last_run_record(ip):
     reset(ip)
-    _, err = run_cell(ip, "%%threaded threads=3 chunksize=4 progress=off\nimport time\n"
-                          "out = {}\nfor i in range(30):\n    time.sleep(0.001)\n"
-                          "    out[i] = i\n")
+    _, err = run_cell(
+        ip,
+        "%%threaded threads=3 chunksize=4 progress=off\nimport time\n"
+        "out = {}\nfor i in range(30):\n    time.sleep(0.001)\n"
+        "    out[i] = i\n",
+    )
     assert err is None
     lr = parloop.last_run
     assert lr.options == {"threads": 3, "chunksize": 4, "progress": "off"}
@@ -206,10 +228,16 @@ def test_last_run_record(ip):
 
 def test_last_run_per_worker_matches_threads(ip):
     reset(ip)
-    run_cell(ip, "%%threaded threads=8 progress=off\nimport time\n"
-                 "for i in range(16):\n    time.sleep(0.01)\n")
-    _, err = run_cell(ip, "%%threaded threads=3 chunksize=1 progress=off\nimport time\n"
-                          "for i in range(60):\n    time.sleep(0.002)\n")
+    run_cell(
+        ip,
+        "%%threaded threads=8 progress=off\nimport time\n"
+        "for i in range(16):\n    time.sleep(0.01)\n",
+    )
+    _, err = run_cell(
+        ip,
+        "%%threaded threads=3 chunksize=1 progress=off\nimport time\n"
+        "for i in range(60):\n    time.sleep(0.002)\n",
+    )
     assert err is None
     assert parloop.last_run.workers == 3
     assert len(parloop.last_run.per_worker) <= 3, list(parloop.last_run.per_worker)
@@ -217,8 +245,11 @@ def test_last_run_per_worker_matches_threads(ip):
 
 def test_last_run_threads_auto(ip):
     reset(ip)
-    _, err = run_cell(ip, "%%threaded threads=auto progress=off\nimport time\nout = {}\n"
-                          "for i in range(40):\n    time.sleep(0.005)\n    out[i] = i\n")
+    _, err = run_cell(
+        ip,
+        "%%threaded threads=auto progress=off\nimport time\nout = {}\n"
+        "for i in range(40):\n    time.sleep(0.005)\n    out[i] = i\n",
+    )
     assert err is None
     th = parloop.last_run.threads
     for key in ("threads", "t1", "t2", "cores"):
@@ -230,7 +261,7 @@ def test_last_run_threads_auto(ip):
     assert ip.user_ns["out"] == {i: i for i in range(40)}
 
 
-MODULE = '''
+MODULE = """
 import parloop
 
 def slow_square(x):
@@ -251,7 +282,7 @@ def with_epilogue(items):
     if not out:
         return "empty"
     return "-".join(out)
-'''
+"""
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ the code they are handed to, aliases, loop-target DataFrames, stored inputs,
 submodules, pyplot.  Each case: the serial answer under both magics (run
 serially in the kernel where parloop cannot do better), never a silent
 difference; ``explain`` says what it found."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,15 @@ import pytest
 import parloop
 from helpers import differential, reset, run_cell
 
-MAGICS = ["%%threaded threads=3 chunksize=2 progress=off",
-          "%%parallel processes=2 chunksize=2 progress=off"]
+MAGICS = [
+    "%%threaded threads=3 chunksize=2 progress=off",
+    "%%parallel processes=2 chunksize=2 progress=off",
+]
 
 CASES = [
-    ("helpers_two_calls_deep", """
+    (
+        "helpers_two_calls_deep",
+        """
 SEEN = {}
 def deeper(x):
     SEEN[x] = x * x
@@ -23,11 +28,16 @@ def record(x):
     deeper(x)
     return x + 1
 out = {}
-""", """
+""",
+        """
 for i in range(10):
     out[i] = record(i)
-""", ["out", "SEEN"]),
-    ("class_attribute_memo", """
+""",
+        ["out", "SEEN"],
+    ),
+    (
+        "class_attribute_memo",
+        """
 class Memo:
     cache = {}
     def get(self, k):
@@ -36,11 +46,16 @@ class Memo:
         return Memo.cache[k]
 m = Memo()
 res = {}
-""", """
+""",
+        """
 for i in range(12):
     res[i] = m.get(i % 5)
-""", ["res", "Memo.cache"]),
-    ("torch_shaped_trainer", """
+""",
+        ["res", "Memo.cache"],
+    ),
+    (
+        "torch_shaped_trainer",
+        """
 class Param:
     def __init__(self, v):
         self.v = v
@@ -65,76 +80,114 @@ class SGD:
 model = Model()
 opt = SGD(model.w, 0.05)
 losses = {}
-""", """
+""",
+        """
 for epoch in range(10):
     loss = model(1.5)
     loss.backward()
     opt.step()
     losses[epoch] = loss.item()
-""", ["losses", "model.w.v"]),
-    ("pandas_inplace_on_input", """
+""",
+        ["losses", "model.w.v"],
+    ),
+    (
+        "pandas_inplace_on_input",
+        """
 import numpy as np
 import pandas as pd
 frames = [pd.DataFrame({"a": [1.0, np.nan, 3.0]}) for _ in range(4)]
 sums = {}
-""", """
+""",
+        """
 for i, f in enumerate(frames):
     f.fillna(i, inplace=True)
     sums[i] = float(f["a"].sum())
-""", ["sums", "frames"]),
-    ("rng_object_without_seed", """
+""",
+        ["sums", "frames"],
+    ),
+    (
+        "rng_object_without_seed",
+        """
 import numpy as np
 rng = np.random.default_rng(3)
 draws = {}
-""", """
+""",
+        """
 for i in range(10):
     draws[i] = float(rng.normal())
-""", ["draws"]),
-    ("setattr_then_read", """
+""",
+        ["draws"],
+    ),
+    (
+        "setattr_then_read",
+        """
 class O:
     pass
 o = O()
 o.x = 0
 seen = {}
-""", """
+""",
+        """
 for i in range(6):
     seen[i] = o.x
     setattr(o, "x", i * 2)
-""", ["seen", "o.x"]),
-    ("heapq_push", """
+""",
+        ["seen", "o.x"],
+    ),
+    (
+        "heapq_push",
+        """
 import heapq
 h = []
 tops = {}
-""", """
+""",
+        """
 for i in [5, 3, 8, 1, 9, 2]:
     heapq.heappush(h, i)
     tops[i] = h[0]
-""", ["h", "tops"]),
-    ("shared_list_iterator", """
+""",
+        ["h", "tops"],
+    ),
+    (
+        "shared_list_iterator",
+        """
 it = iter([10, 20, 30, 40, 50, 60, 70])
 out = {}
-""", """
+""",
+        """
 for i in range(6):
     out[i] = next(it) + i
-""", ["out"]),
-    ("numpy_copyto_argument", """
+""",
+        ["out"],
+    ),
+    (
+        "numpy_copyto_argument",
+        """
 import numpy as np
 buf = np.zeros(4)
 snap = {}
-""", """
+""",
+        """
 for i in range(5):
     np.copyto(buf, buf + i)
     snap[i] = float(buf.sum())
-""", ["buf", "snap"]),
-    ("argument_changed_by_library", """
+""",
+        ["buf", "snap"],
+    ),
+    (
+        "argument_changed_by_library",
+        """
 import numpy as np
 arrs = [np.zeros(3) for _ in range(6)]
 def bump(a, v):
     a += v
-""", """
+""",
+        """
 for i in range(6):
     bump(arrs[i], i)
-""", ["arrs"]),
+""",
+        ["arrs"],
+    ),
 ]
 
 
@@ -147,9 +200,12 @@ def test_hidden_state_equals_serial(ip, magic, name, setup, cell, checks):
 @pytest.mark.parametrize("magic", MAGICS)
 def test_hidden_state_note_names_object(ip, magic):
     reset(ip)
-    run_cell(ip, "class C:\n    def __init__(self):\n        self.n = 0\n"
-                 "    def bump(self):\n        self.n += 1\n        return self.n\n"
-                 "c = C()\nout = {}")
+    run_cell(
+        ip,
+        "class C:\n    def __init__(self):\n        self.n = 0\n"
+        "    def bump(self):\n        self.n += 1\n        return self.n\n"
+        "c = C()\nout = {}",
+    )
     _, err = run_cell(ip, magic + "\nfor i in range(6):\n    out[i] = c.bump()\n")
     assert err is None, err
     assert ip.user_ns["out"] == {i: i + 1 for i in range(6)}
@@ -162,9 +218,11 @@ def test_notebook_function_writes_are_replayed_in_parallel(ip, magic):
     """A notebook function that writes notebook globals runs as a copy whose
     writes are logged: the loop stays parallel, nothing re-runs, the globals
     end as serially (insertion order included)."""
-    setup = ("SEEN = {}\nLOG = []\nTOTAL = 0\ndef note(x):\n    LOG.append(x)\n"
-             "def record(x):\n    global TOTAL\n    SEEN[x] = x * x\n    note(f'saw {x}')\n"
-             "    TOTAL += x\n    return x + 1\nout = {}")
+    setup = (
+        "SEEN = {}\nLOG = []\nTOTAL = 0\ndef note(x):\n    LOG.append(x)\n"
+        "def record(x):\n    global TOTAL\n    SEEN[x] = x * x\n    note(f'saw {x}')\n"
+        "    TOTAL += x\n    return x + 1\nout = {}"
+    )
     cell = "for i in range(16):\n    out[i] = record(i)\n"
     differential(ip, setup, cell, magic, ["out", "SEEN", "LOG", "TOTAL"])
     rec = parloop.last_run
@@ -176,16 +234,23 @@ def test_notebook_function_writes_are_replayed_in_parallel(ip, magic):
 def test_notebook_function_reads_what_the_loop_writes(ip, magic):
     """A helper's read of a global the loop (through the helper) writes takes
     part in the dependence test."""
-    setup = ("cache = {}\ndef memo(k):\n    if k not in cache:\n        cache[k] = k * 10\n"
-             "    return cache[k]\nres = {}")
+    setup = (
+        "cache = {}\ndef memo(k):\n    if k not in cache:\n        cache[k] = k * 10\n"
+        "    return cache[k]\nres = {}"
+    )
     cell = "for i in range(20):\n    res[i] = memo(i % 6)\n"
     differential(ip, setup, cell, magic, ["res", "cache"])
 
 
 @pytest.mark.parametrize("magic", MAGICS)
 def test_notebook_function_rebinding_a_global(ip, magic):
-    differential(ip, "last = None\ndef keep(x):\n    global last\n    if x % 3:\n"
-                     "        last = x\n", "for i in range(8):\n    keep(i)\n", magic, ["last"])
+    differential(
+        ip,
+        "last = None\ndef keep(x):\n    global last\n    if x % 3:\n        last = x\n",
+        "for i in range(8):\n    keep(i)\n",
+        magic,
+        ["last"],
+    )
 
 
 def test_notebook_function_reading_its_global_is_rejected(ip):
@@ -198,10 +263,14 @@ def test_notebook_function_reading_its_global_is_rejected(ip):
 
 def test_explain_states_hidden_state(ip):
     reset(ip)
-    run_cell(ip, "SEEN = {}\ndef record(x):\n    SEEN[x] = 1\n    return x\n"
-                 "out = {}\nclass Net:\n    def step(self):\n        return 1\nnet = Net()")
-    out, err = run_cell(ip, "%%parallel explain\nfor i in range(6):\n"
-                            "    out[i] = record(i) + net.step()\n")
+    run_cell(
+        ip,
+        "SEEN = {}\ndef record(x):\n    SEEN[x] = 1\n    return x\n"
+        "out = {}\nclass Net:\n    def step(self):\n        return 1\nnet = Net()",
+    )
+    out, err = run_cell(
+        ip, "%%parallel explain\nfor i in range(6):\n    out[i] = record(i) + net.step()\n"
+    )
     assert err is None, err
     assert "hidden state" in out and "`SEEN`" in out and "`net`" in out, out
     assert "serially in the kernel" in out
@@ -239,7 +308,10 @@ def test_pyplot_figures_as_serial(ip, magic):
     """pyplot's calls in the body are replayed in the kernel in order: the
     same figures, the same artists, prints in their places."""
     pytest.importorskip("matplotlib")
-    differential(ip, PYPLOT_SETUP, """
+    differential(
+        ip,
+        PYPLOT_SETUP,
+        """
 for i, c in enumerate(cols):
     print("drawing", c)
     plt.figure()
@@ -247,15 +319,19 @@ for i, c in enumerate(cols):
     plt.title(c)
     print("drawn", c)
 figs = figures()
-""", magic, ["figs"])
+""",
+        magic,
+        ["figs"],
+    )
 
 
 def test_pyplot_result_needed_is_rejected(ip):
     pytest.importorskip("matplotlib")
     reset(ip)
     run_cell(ip, PYPLOT_SETUP)
-    _, err = run_cell(ip, MAGICS[0] + "\nfor c in cols:\n    ax = plt.subplot(1, 1, 1)\n"
-                                      "    ax.set_title(c)\n")
+    _, err = run_cell(
+        ip, MAGICS[0] + "\nfor c in cols:\n    ax = plt.subplot(1, 1, 1)\n    ax.set_title(c)\n"
+    )
     assert isinstance(err, parloop.LoopAnalysisError)
     assert "plt.subplots" in str(err) and "line 3" in str(err)
 
@@ -287,8 +363,9 @@ coef = clf.coef_.tolist()
         differential(ip, setup, cell, magic + opt, ["scores", "coef"])
 
 
-@pytest.mark.parametrize("kind", ["np.random.default_rng(5)", "np.random.RandomState(5)",
-                                  "random.Random(5)"])
+@pytest.mark.parametrize(
+    "kind", ["np.random.default_rng(5)", "np.random.RandomState(5)", "random.Random(5)"]
+)
 def test_seeded_generator_objects_draw_per_iteration(ip, kind):
     """``seed=`` with a generator object from outside: every iteration draws
     from its own stream derived from (seed, index): the same numbers under
@@ -297,9 +374,11 @@ def test_seeded_generator_objects_draw_per_iteration(ip, kind):
     setup = f"import random\nimport numpy as np\nrng = {kind}\ndraws = {{}}"
     cell = f"for i in range(24):\n    draws[i] = {draw}\n"
     got = []
-    for magic in ("%%threaded threads=3 chunksize=2 progress=off seed=11",
-                  "%%parallel processes=2 chunksize=5 progress=off seed=11",
-                  "%%threaded threads=1 progress=off seed=11"):
+    for magic in (
+        "%%threaded threads=3 chunksize=2 progress=off seed=11",
+        "%%parallel processes=2 chunksize=5 progress=off seed=11",
+        "%%threaded threads=1 progress=off seed=11",
+    ):
         reset(ip)
         run_cell(ip, setup)
         _, err = run_cell(ip, magic + "\n" + cell)
@@ -315,8 +394,10 @@ def test_axes_as_loop_items(ip, magic):
     extra pyplot figure comes back from the engines."""
     pytest.importorskip("matplotlib")
     setup = PYPLOT_SETUP + "fig, axes = plt.subplots(1, 3)\n"
-    cell = ("for i, ax in enumerate(axes):\n    ax.plot([0, 1], [i, i + 1])\n"
-            "    ax.set_title(f'p{i}')\nfigs = figures()\nn = len(plt.get_fignums())\n")
+    cell = (
+        "for i, ax in enumerate(axes):\n    ax.plot([0, 1], [i, i + 1])\n"
+        "    ax.set_title(f'p{i}')\nfigs = figures()\nn = len(plt.get_fignums())\n"
+    )
     differential(ip, setup, cell, magic, ["figs", "n"])
 
 
@@ -324,11 +405,15 @@ def test_axes_as_loop_items(ip, magic):
 def test_replayed_call_output_in_place(ip, magic):
     """A call replayed in the kernel prints at its place among the
     iteration's own prints."""
-    setup = ("class Grid:\n    def __init__(self):\n        self.cells = []\n"
-             "    def add(self, v):\n        self.cells.append(v)\n"
-             "    def show(self):\n        print('grid', len(self.cells))\ngrid = Grid()")
-    cell = ("for i in range(6):\n    print('before', i)\n    grid.add(i)\n    grid.show()\n"
-            "    print('after', i)\ncells = grid.cells\n")
+    setup = (
+        "class Grid:\n    def __init__(self):\n        self.cells = []\n"
+        "    def add(self, v):\n        self.cells.append(v)\n"
+        "    def show(self):\n        print('grid', len(self.cells))\ngrid = Grid()"
+    )
+    cell = (
+        "for i in range(6):\n    print('before', i)\n    grid.add(i)\n    grid.show()\n"
+        "    print('after', i)\ncells = grid.cells\n"
+    )
     differential(ip, setup, cell, magic, ["cells"])
 
 
@@ -336,8 +421,10 @@ def test_replayed_call_output_in_place(ip, magic):
 def test_class_method_changing_class_state(ip, magic):
     """``Registry.add(x)`` on a notebook class (a call through a class runs in
     the worker) changes class attributes: detected, the serial answer."""
-    setup = ("class Registry:\n    items = []\n    @classmethod\n    def add(cls, x):\n"
-             "        cls.items.append(x)\n")
+    setup = (
+        "class Registry:\n    items = []\n    @classmethod\n    def add(cls, x):\n"
+        "        cls.items.append(x)\n"
+    )
     cell = "for i in range(8):\n    Registry.add(i * i)\nitems = list(Registry.items)\n"
     differential(ip, setup, cell, magic, ["items"])
 
@@ -347,10 +434,12 @@ def test_method_writing_notebook_globals(ip, magic):
     """A method of a notebook class that writes notebook globals runs as a
     copy whose writes are logged: parallel, nothing re-run, the serial
     globals."""
-    setup = ("AUDIT = []\nSEEN = {}\nclass Scorer:\n    def __init__(self, w):\n"
-             "        self.w = w\n    def score(self, x):\n        AUDIT.append(x)\n"
-             "        SEEN[x] = x * self.w\n        return x * self.w + 1\n"
-             "sc = Scorer(3)\nout = {}")
+    setup = (
+        "AUDIT = []\nSEEN = {}\nclass Scorer:\n    def __init__(self, w):\n"
+        "        self.w = w\n    def score(self, x):\n        AUDIT.append(x)\n"
+        "        SEEN[x] = x * self.w\n        return x * self.w + 1\n"
+        "sc = Scorer(3)\nout = {}"
+    )
     cell = "for i in range(12):\n    out[i] = sc.score(i)\n"
     differential(ip, setup, cell, magic, ["out", "AUDIT", "SEEN", "sc.w"])
     rec = parloop.last_run

@@ -2,6 +2,7 @@
 tests, the wheel that carries it, and a real JupyterLab in Debian's Chromium
 driven by Playwright: the report timeline (live run, saved notebook, 64
 workers), the commands and their settings."""
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 LABEXT = ROOT / "labextension"
 MIME = "application/vnd.parloop.report+json"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 # ------------------------------------------------------------ unit tests (npm)
+
 
 def test_typescript_unit_tests() -> None:
     """`npm test` (vitest) over src/format.ts: layout, hit testing, formatting, the magic line."""
@@ -40,10 +48,15 @@ def test_typescript_unit_tests() -> None:
 
 # ------------------------------------------------------------ the wheel
 
+
 def _working_tree_files() -> list[str]:
     """Tracked and untracked-but-not-ignored files: what a commit would hold."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     return [p for p in out.split("\0") if p and (ROOT / p).is_file()]
 
 
@@ -69,9 +82,13 @@ def test_wheel_from_a_clean_clone_carries_the_extension_once(tmp_path: Path) -> 
     assert not (clone / "labextension" / "node_modules").exists()
 
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q",
-                           "-w", str(wheels)], cwd=clone, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(wheels)],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(f"pip wheel from a clean clone: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (wheel,) = wheels.glob("parloop-*.whl")
@@ -84,8 +101,12 @@ def test_wheel_from_a_clean_clone_carries_the_extension_once(tmp_path: Path) -> 
     assert len(entries) == 1 and entries[0].startswith(ext + "static/"), entries
     assert (ext + "schemas/parloop/plugin.json") in names
     # Nothing of the build anywhere else: not in the package, no sources, no node_modules.
-    stray = [n for n in names if not n.startswith(ext) and
-             ("labextension" in n or "node_modules" in n or n.endswith((".ts", ".js")))]
+    stray = [
+        n
+        for n in names
+        if not n.startswith(ext)
+        and ("labextension" in n or "node_modules" in n or n.endswith((".ts", ".js")))
+    ]
     assert stray == []
     built = json.loads(zipfile.ZipFile(wheel).read(ext + "package.json"))
     assert ext + built["jupyterlab"]["_build"]["load"] == entries[0]
@@ -93,6 +114,7 @@ def test_wheel_from_a_clean_clone_carries_the_extension_once(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------ the browser
+
 
 def _synthetic_report(workers: int = 8, per_worker: int = 12) -> dict[str, Any]:
     """A report as report.py writes it: uneven chunks, two failed iterations,
@@ -109,13 +131,28 @@ def _synthetic_report(workers: int = 8, per_worker: int = 12) -> dict[str, Any]:
             count = 5 + (w * 7 + k * 3) % 11
             dur = count * (0.01 + 0.002 * ((w + k) % 5))
             t0 = clock[name] + 0.002
-            chunks.append({"worker": name, "start": start, "count": count, "t_start": round(t0, 6),
-                           "t_end": round(t0 + dur, 6), "failed": [], "retried": False})
+            chunks.append(
+                {
+                    "worker": name,
+                    "start": start,
+                    "count": count,
+                    "t_start": round(t0, 6),
+                    "t_end": round(t0 + dur, 6),
+                    "failed": [],
+                    "retried": False,
+                }
+            )
             clock[name] = t0 + dur
             start += count
     # the chunk the dead engine had in hand, re-run on engine 2
-    lost = {"worker": names[2 % workers], "start": start, "count": 10,
-            "t_start": round(clock[names[2 % workers]] + 0.002, 6), "failed": [], "retried": True}
+    lost = {
+        "worker": names[2 % workers],
+        "start": start,
+        "count": 10,
+        "t_start": round(clock[names[2 % workers]] + 0.002, 6),
+        "failed": [],
+        "retried": True,
+    }
     lost["t_end"] = round(lost["t_start"] + 0.12, 6)
     chunks.append(lost)
     start += 10
@@ -126,28 +163,55 @@ def _synthetic_report(workers: int = 8, per_worker: int = 12) -> dict[str, Any]:
     rows = []
     for name in names:
         mine = [c for c in chunks if c["worker"] == name]
-        rows.append({"name": name, "iterations": sum(c["count"] for c in mine),
-                     "busy": round(sum(c["t_end"] - c["t_start"] for c in mine), 6),
-                     "chunks": len(mine), "failed": sum(len(c["failed"]) for c in mine)})
+        rows.append(
+            {
+                "name": name,
+                "iterations": sum(c["count"] for c in mine),
+                "busy": round(sum(c["t_end"] - c["t_start"] for c in mine), 6),
+                "chunks": len(mine),
+                "failed": sum(len(c["failed"]) for c in mine),
+            }
+        )
     busy = sum(r["busy"] for r in rows)
-    errors = [{"index": i, "values": f"x={i}", "type": "ValueError", "message": f"bad input {i}"}
-              for c in chunks for i in c["failed"]]
-    return {"version": 1, "magic": "parallel", "backend": "engines", "total": start,
-            "done": start, "wall": round(wall, 6), "busy": round(busy, 6),
-            "speedup": round(busy / wall, 6), "imbalance": 0.18, "interrupted": False,
-            "notes": [f"{dead} died; its chunk {lost['start']}-{lost['start'] + 9} was re-run "
-                      f"on {lost['worker']}"],
-            "workers": rows, "chunks": chunks, "errors": errors}
+    errors = [
+        {"index": i, "values": f"x={i}", "type": "ValueError", "message": f"bad input {i}"}
+        for c in chunks
+        for i in c["failed"]
+    ]
+    return {
+        "version": 1,
+        "magic": "parallel",
+        "backend": "engines",
+        "total": start,
+        "done": start,
+        "wall": round(wall, 6),
+        "busy": round(busy, 6),
+        "speedup": round(busy / wall, 6),
+        "imbalance": 0.18,
+        "interrupted": False,
+        "notes": [
+            f"{dead} died; its chunk {lost['start']}-{lost['start'] + 9} was re-run "
+            f"on {lost['worker']}"
+        ],
+        "workers": rows,
+        "chunks": chunks,
+        "errors": errors,
+    }
 
 
 def _bundle(report: dict[str, Any]) -> dict[str, Any]:
-    return {MIME: report, "text/plain": f"parloop report: {len(report['chunks'])} chunks",
-            "text/html": f"<b>parloop report</b>: {len(report['chunks'])} chunks"}
+    return {
+        MIME: report,
+        "text/plain": f"parloop report: {len(report['chunks'])} chunks",
+        "text/html": f"<b>parloop report</b>: {len(report['chunks'])} chunks",
+    }
 
 
 def _display_cell(report: dict[str, Any]) -> str:
-    return ("import json\nfrom IPython.display import display\n"
-            f"display(json.loads({json.dumps(json.dumps(_bundle(report)))}), raw=True)")
+    return (
+        "import json\nfrom IPython.display import display\n"
+        f"display(json.loads({json.dumps(json.dumps(_bundle(report)))}), raw=True)"
+    )
 
 
 BIG_CELL = """\
@@ -189,9 +253,13 @@ display(bundle, raw=True)
 
 def _notebook(cells: list[str], outputs: dict[int, list[dict[str, Any]]] | None = None) -> str:
     import nbformat
+
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     for i, src in enumerate(cells):
         cell = nbformat.v4.new_code_cell(src)
         for out in (outputs or {}).get(i, []):
@@ -214,33 +282,64 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("nbformat")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
-    listed = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"],
-                            capture_output=True, text=True, timeout=120)
-    line = next((ln for ln in (listed.stdout + listed.stderr).splitlines()
-                 if ln.strip().startswith("parloop ")), "")
+    listed = subprocess.run(
+        [sys.executable, "-m", "jupyter", "labextension", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = next(
+        (
+            ln
+            for ln in (listed.stdout + listed.stderr).splitlines()
+            if ln.strip().startswith("parloop ")
+        ),
+        "",
+    )
     assert "enabled" in line and "OK" in line, (
         "parloop's lab extension is not installed: `pip install -e .` builds it with npm\n"
-        + listed.stdout + listed.stderr)
+        + listed.stdout
+        + listed.stderr
+    )
 
     base = tmp_path_factory.mktemp("lab")
     root, cfg = base / "root", base / "config"
     (cfg / "labconfig").mkdir(parents=True)
     root.mkdir()
     # No news toast over the notebook.
-    (cfg / "labconfig" / "page_config.json").write_text(json.dumps(
-        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(cfg), JUPYTER_RUNTIME_DIR=str(base / "rt"),
-               IPYTHONDIR=str(base / "ipython"), JUPYTERLAB_SETTINGS_DIR=str(base / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"))
+    (cfg / "labconfig" / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+    )
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(cfg),
+        JUPYTER_RUNTIME_DIR=str(base / "rt"),
+        IPYTHONDIR=str(base / "ipython"),
+        JUPYTERLAB_SETTINGS_DIR=str(base / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"),
+    )
     env.pop("PARLOOP_PROGRESS", None)
     port, token = _free_port(), secrets.token_hex(16)
     log = open(base / "lab.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-         f"--IdentityProvider.token={token}", "--expose-app-in-browser",
-         f"--ServerApp.root_dir={root}", "--LabApp.news_url=None"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--allow-root",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            "--expose-app-in-browser",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=None",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -250,8 +349,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("JupyterLab did not start:\n"
-                                       + (base / "lab.log").read_text()[-4000:]) from None
+                    raise RuntimeError(
+                        "JupyterLab did not start:\n" + (base / "lab.log").read_text()[-4000:]
+                    ) from None
                 time.sleep(0.5)
         yield {"url": url, "token": token, "root": root, "log": base / "lab.log"}
     finally:
@@ -267,6 +367,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def browser(lab):
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
@@ -284,12 +385,15 @@ class Lab:
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
         # reset: only this notebook, not the ones earlier tests left in the workspace
         self.page.goto(f"{lab['url']}/lab/tree/{name}?reset&token={lab['token']}")
-        self.page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell",
-                                    timeout=60_000)
+        self.page.wait_for_function(
+            "() => window.jupyterapp && window.jupyterapp.shell", timeout=60_000
+        )
         self.page.wait_for_function(
             f"""() => {{ const w = window.jupyterapp.shell.currentWidget;
                 return w && w.context && w.context.path === {json.dumps(name)}
-                    && w.context.isReady && w.content.widgets.length > 0; }}""", timeout=60_000)
+                    && w.context.isReady && w.content.widgets.length > 0; }}""",
+            timeout=60_000,
+        )
         self.panel = self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
 
     def wait_kernel(self) -> None:
@@ -298,11 +402,14 @@ class Lab:
                 await w.sessionContext.ready;
                 const k = w.sessionContext.session && w.sessionContext.session.kernel;
                 return !!k && k.connectionStatus === 'connected' && k.status === 'idle'; }""",
-            timeout=90_000, polling=250)
+            timeout=90_000,
+            polling=250,
+        )
 
     def command(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        return self.page.evaluate("([c, a]) => window.jupyterapp.commands.execute(c, a)",
-                                  [cmd, args or {}])
+        return self.page.evaluate(
+            "([c, a]) => window.jupyterapp.commands.execute(c, a)", [cmd, args or {}]
+        )
 
     def run_all(self) -> None:
         self.command("notebook:run-all-cells")
@@ -310,17 +417,22 @@ class Lab:
             """() => { const nb = window.jupyterapp.shell.currentWidget.content;
                 return nb.widgets.every(c => c.model.type !== 'code' ||
                     (c.model.executionCount !== null && !c.node.querySelector('.jp-InputPrompt')
-                        .textContent.includes('*'))); }""", timeout=120_000, polling=250)
+                        .textContent.includes('*'))); }""",
+            timeout=120_000,
+            polling=250,
+        )
 
     def activate(self, index: int) -> None:
         self.page.evaluate(
-            "i => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = i; }", index)
+            "i => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = i; }", index
+        )
 
     def source(self, index: int) -> str:
         return self.page.evaluate(
             "i => window.jupyterapp.shell.currentWidget.content.widgets[i]"
             ".model.sharedModel.getSource()",
-            index)
+            index,
+        )
 
     def timelines(self) -> list[dict[str, int]]:
         return self.page.evaluate(
@@ -329,7 +441,8 @@ class Lab:
                 .map(t => { const c = t.querySelector('canvas');
                   return {lanes: +t.dataset.lanes, blocks: +t.dataset.blocks,
                           failed: +t.dataset.failed, retried: +t.dataset.retried,
-                          width: c.width, height: c.height}; })""")
+                          width: c.width, height: c.height}; })"""
+        )
 
     def parloop_errors(self) -> list[str]:
         return [e for e in self.errors if "parloop" in e]
@@ -343,7 +456,10 @@ def _wait_drawn(page, count: int) -> None:
         """n => { const c = [...document.querySelectorAll(
                 '.jp-NotebookPanel:not(.lm-mod-hidden) .parloop-timeline canvas')];
             return c.length >= n && c.every(x => x.width > 0 && x.height > 0); }""",
-        arg=count, timeout=60_000, polling=200)
+        arg=count,
+        timeout=60_000,
+        polling=200,
+    )
 
 
 def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path: Path) -> None:
@@ -363,8 +479,13 @@ def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path
         print(f"ran and drew {len(cells)} cells in {time.monotonic() - t0:.1f} s")
         shown = ui.timelines()
         lanes = len(synthetic["workers"])
-        assert shown[0] == {**shown[0], "lanes": lanes, "blocks": len(synthetic["chunks"]),
-                            "failed": 3, "retried": 1}
+        assert shown[0] == {
+            **shown[0],
+            "lanes": lanes,
+            "blocks": len(synthetic["chunks"]),
+            "failed": 3,
+            "retried": 1,
+        }
         assert shown[1]["lanes"] == 64 and shown[1]["blocks"] == 64 * 320
         if have_report:
             text = ui.panel.locator(".jp-OutputArea-output", has_text="real run:").inner_text()
@@ -389,7 +510,8 @@ def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path
         tip = report.locator(".parloop-timeline-tooltip")
         tip.wait_for(state="visible", timeout=5000)
         assert tip.inner_text().startswith(
-            f"engine 0: iterations {first['start']}–{first['start'] + first['count'] - 1}")
+            f"engine 0: iterations {first['start']}–{first['start'] + first['count'] - 1}"
+        )
         shot = tmp_path / "timeline.png"
         report.screenshot(path=str(shot))
         print(f"timeline screenshot: {shot}")
@@ -402,7 +524,8 @@ def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path
             print(f"real-run screenshot: {real}")
         ui.command("docmanager:save")
         ui.page.wait_for_function(
-            "() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=30_000)
+            "() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=30_000
+        )
         assert ui.parloop_errors() == []
     finally:
         ui.close()
@@ -411,8 +534,9 @@ def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path
     again = Lab(browser, lab, "live.ipynb")
     try:
         _wait_drawn(again.page, len(shown))
-        assert [(s["lanes"], s["blocks"]) for s in again.timelines()] == \
-            [(s["lanes"], s["blocks"]) for s in shown]
+        assert [(s["lanes"], s["blocks"]) for s in again.timelines()] == [
+            (s["lanes"], s["blocks"]) for s in shown
+        ]
         assert again.parloop_errors() == []
     finally:
         again.close()
@@ -431,7 +555,8 @@ def test_untrusted_saved_notebook_renders_the_timeline(lab, browser) -> None:
     safe, so JupyterLab picks it over the sanitized HTML; no kernel work needed."""
     synthetic = _synthetic_report(workers=3, per_worker=4)
     (lab["root"] / "saved.ipynb").write_text(
-        _notebook(["# the report of an earlier run"], {0: [_bundle(synthetic)]}))
+        _notebook(["# the report of an earlier run"], {0: [_bundle(synthetic)]})
+    )
     ui = Lab(browser, lab, "saved.ipynb")
     try:
         _wait_drawn(ui.page, 1)
@@ -444,19 +569,28 @@ def test_untrusted_saved_notebook_renders_the_timeline(lab, browser) -> None:
 
 def _put_settings(lab, settings: dict[str, Any]) -> None:
     req = urllib.request.Request(
-        f"{lab['url']}/lab/api/settings/parloop:plugin", method="PUT",
+        f"{lab['url']}/lab/api/settings/parloop:plugin",
+        method="PUT",
         data=json.dumps({"raw": json.dumps(settings)}).encode(),
-        headers={"Authorization": f"token {lab['token']}", "Content-Type": "application/json"})
+        headers={"Authorization": f"token {lab['token']}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status in (200, 204)
 
 
 def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
-    _put_settings(lab, {"defaultMagic": "threaded", "threadedOptions": "threads=4",
-                        "parallelOptions": "processes=2"})
+    _put_settings(
+        lab,
+        {
+            "defaultMagic": "threaded",
+            "threadedOptions": "threads=4",
+            "parallelOptions": "processes=2",
+        },
+    )
     loop = "out = {}\nfor i in range(3):\n    out[i] = i * 2"
     (lab["root"] / "commands.ipynb").write_text(
-        _notebook([loop, "%%threaded threads=8 seed=3\n" + loop, "# markdown-ish"]))
+        _notebook([loop, "%%threaded threads=8 seed=3\n" + loop, "# markdown-ish"])
+    )
     ui = Lab(browser, lab, "commands.ipynb")
     try:
         page = ui.page
@@ -484,16 +618,24 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
             except Exception:
                 page.keyboard.press("Escape")
         assert search.is_visible()
-        assert page.evaluate(
-            "() => window.jupyterapp.shell.currentWidget.content.activeCellIndex") == 0
+        assert (
+            page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex")
+            == 0
+        )
         search.fill("parallel loop")
-        wanted = ["Parallelize loop (processes)", "Parallelize loop (threads)",
-                  "Explain parallel loop"]
+        wanted = [
+            "Parallelize loop (processes)",
+            "Parallelize loop (threads)",
+            "Explain parallel loop",
+        ]
         page.wait_for_function(
             """want => { const got = [...document.querySelectorAll(
                     '.lm-CommandPalette-item .lm-CommandPalette-itemLabel')]
                     .map(e => e.textContent);
-                return want.every(w => got.includes(w)); }""", arg=wanted, timeout=10_000)
+                return want.every(w => got.includes(w)); }""",
+            arg=wanted,
+            timeout=10_000,
+        )
         page.locator(".lm-CommandPalette-item", has_text="Parallelize loop (threads)").click()
         assert ui.source(0) == "%%threaded threads=4\n" + loop
 
@@ -509,9 +651,11 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
         # Explain: the analysis in the output, the cell's text untouched.
         ui.wait_kernel()
         ui.activate(2)
-        page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets[2]"
-                      ".model.sharedModel.setSource('out = {}\\nfor i in range(3):\\n"
-                      "    out[i] = i * 2')")
+        page.evaluate(
+            "() => window.jupyterapp.shell.currentWidget.content.widgets[2]"
+            ".model.sharedModel.setSource('out = {}\\nfor i in range(3):\\n"
+            "    out[i] = i * 2')"
+        )
         ui.command("parloop:explain")
         out = ui.panel.locator(".jp-Cell").nth(2).locator(".jp-OutputArea-output")
         out.first.wait_for(timeout=60_000)
@@ -527,7 +671,8 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
 def test_a_bad_report_is_reported_and_lab_keeps_working(lab, browser) -> None:
     bad = {MIME: {"version": 99}, "text/plain": "bad report"}
     (lab["root"] / "bad.ipynb").write_text(
-        _notebook(["# a report from the future", "1 + 1"], {0: [bad]}))
+        _notebook(["# a report from the future", "1 + 1"], {0: [bad]})
+    )
     ui = Lab(browser, lab, "bad.ipynb")
     try:
         ui.panel.locator(".parloop-report-error").wait_for(timeout=30_000)
@@ -537,7 +682,8 @@ def test_a_bad_report_is_reported_and_lab_keeps_working(lab, browser) -> None:
         ui.wait_kernel()
         ui.activate(1)
         ui.command("notebook:run-cell")
-        ui.panel.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output",
-                                                    has_text="2").wait_for(timeout=60_000)
+        ui.panel.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output", has_text="2").wait_for(
+            timeout=60_000
+        )
     finally:
         ui.close()

@@ -1,6 +1,7 @@
 """The notebooks in ``notebooks/`` run headless in a real kernel (nbclient), say
 what they claim, and leave no ipyparallel process behind once the kernel is
 shut down."""
+
 from __future__ import annotations
 
 import time
@@ -114,8 +115,13 @@ def execute(nb) -> Run:
             seen[child.pid] = (child, cmd, up)
 
     client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", allow_errors=True,
-        resources={"metadata": {"path": str(NB_DIR)}}, on_cell_executed=record)
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(NB_DIR)}},
+        on_cell_executed=record,
+    )
     client.execute()  # owns its kernel manager: shuts the kernel down at the end
     return Run(nb, holder.get("kernel"), seen)
 
@@ -130,8 +136,7 @@ def assert_errors_only_where_tagged(run: Run) -> None:
         if RAISES in c.metadata.get("tags", []):
             assert errs, f"code cell {i} is tagged {RAISES} but raised nothing:\n{c.source}"
         else:
-            assert not errs, (f"code cell {i} raised {errs[0].ename}: {errs[0].evalue}\n"
-                              f"{c.source}")
+            assert not errs, f"code cell {i} raised {errs[0].ename}: {errs[0].evalue}\n{c.source}"
 
 
 def assert_nothing_survives(run: Run, timeout: float = 10.0) -> None:
@@ -143,8 +148,9 @@ def assert_nothing_survives(run: Run, timeout: float = 10.0) -> None:
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert not left, ("still running after the kernel was shut down:\n"
-                      + "\n".join(_describe(p) for p in left))
+    assert not left, "still running after the kernel was shut down:\n" + "\n".join(
+        _describe(p) for p in left
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -159,8 +165,7 @@ def test_quickstart_notebook():
     assert "threads chosen:" in run.text("assert results == serial")
     assert "threaded:" in run.text("%%threaded\nt0 = time.perf_counter()")
     # prints in iteration order
-    pages = [ln.split()[1] for ln in run.lines("%%threaded threads=8")
-             if ln.startswith("page ")]
+    pages = [ln.split()[1] for ln in run.lines("%%threaded threads=8") if ln.startswith("page ")]
     assert pages == [str(p) for p in range(10)]
     # the failing iteration keeps its type, and iterations 0-6 were applied
     err = run.tagged_error()
@@ -216,15 +221,19 @@ def test_kernel_shutdown_stops_a_running_cluster():
     the controller with it."""
     from nbformat.v4 import new_code_cell, new_notebook
 
-    nb = new_notebook(cells=[
-        new_code_cell("%load_ext parloop"),
-        new_code_cell("%%parallel processes=2 progress=off\n"
-                      "squares = []\n"
-                      "for i in range(8):\n"
-                      "    squares.append(i * i)\n"),
-        new_code_cell("print(squares == [i * i for i in range(8)])"),
-        new_code_cell("%parallel_status"),
-    ])
+    nb = new_notebook(
+        cells=[
+            new_code_cell("%load_ext parloop"),
+            new_code_cell(
+                "%%parallel processes=2 progress=off\n"
+                "squares = []\n"
+                "for i in range(8):\n"
+                "    squares.append(i * i)\n"
+            ),
+            new_code_cell("print(squares == [i * i for i in range(8)])"),
+            new_code_cell("%parallel_status"),
+        ]
+    )
     run = execute(nb)
     assert_errors_only_where_tagged(run)
     assert run.lines("print(squares ==") == ["True"]

@@ -1,6 +1,7 @@
 """``%%parallel`` on real ipyparallel engines (docs/design.md §3, §4, §7; issue 4):
 serial equivalence, faults (killed engines, interrupt, timeout), never-stale
 inputs, no orphan processes, external clusters, the decorator, the status."""
+
 from __future__ import annotations
 
 import _thread
@@ -16,16 +17,20 @@ import pytest
 pytest.importorskip("ipyparallel")
 
 import parloop  # noqa: E402
+from helpers import (  # noqa: E402
+    alive,
+    differential,
+    reset,
+    run_cell,
+    run_cell_result,
+    run_live,
+    stop_processes,
+    wait_gone,
+)
 from parloop.cluster import MANAGER  # noqa: E402
-
 from test_differential import CASES as THREAD_CASES  # noqa: E402
 
-from helpers import (alive, differential, reset, run_cell, run_cell_result, run_live,  # noqa: E402
-                     stop_processes, wait_gone)
-
 P2 = "%%parallel processes=2 progress=off"
-
-
 
 
 def ok(ip, code):
@@ -113,59 +118,104 @@ CASES: list[tuple] = []
 
 def case(name, setup, cell, checks):
     checks = checks.split() if isinstance(checks, str) else list(checks)
-    CASES.append(pytest.param(textwrap.dedent(setup).strip("\n"),
-                              textwrap.dedent(cell).strip("\n"), checks, id=name))
+    CASES.append(
+        pytest.param(
+            textwrap.dedent(setup).strip("\n"), textwrap.dedent(cell).strip("\n"), checks, id=name
+        )
+    )
 
 
-case("dict_index", "results = {}", """
+case(
+    "dict_index",
+    "results = {}",
+    """
 for i in range(30):
     results[i] = i * i
-""", "results i")
+""",
+    "results i",
+)
 
-case("list_prealloc_index", "out = [None] * 20", """
+case(
+    "list_prealloc_index",
+    "out = [None] * 20",
+    """
 for i in range(20):
     out[i] = i * 3 + 1
-""", "out i")
+""",
+    "out i",
+)
 
-case("append_and_reductions", "out = []\ntotal = 0\nfl = 0.0\ns = ''", """
+case(
+    "append_and_reductions",
+    "out = []\ntotal = 0\nfl = 0.0\ns = ''",
+    """
 for i in range(25):
     out.append(i * 2)
     total += i
     fl += 0.1 * i
     s += str(i)
-""", "out total fl s i")
+""",
+    "out total fl s i",
+)
 
-case("prints_in_order", "def show(v):\n    print('  show', v)\n    return v", """
+case(
+    "prints_in_order",
+    "def show(v):\n    print('  show', v)\n    return v",
+    """
 for i in range(12):
     print('start', i, end=' ')
     print('|')
     show(i * 2)
-""", "i")
+""",
+    "i",
+)
 
-case("nested_writes", "grid = [[0] * 4 for _ in range(5)]\nt = {}", """
+case(
+    "nested_writes",
+    "grid = [[0] * 4 for _ in range(5)]\nt = {}",
+    """
 for a in range(5):
     for b in range(4):
         grid[a][b] = a * 10 + b
     t.setdefault(a % 2, []).append(a)
-""", "grid t a b")
+""",
+    "grid t a b",
+)
 
-case("numpy_row_writes", "import numpy as np\narr = np.zeros((12, 3))", """
+case(
+    "numpy_row_writes",
+    "import numpy as np\narr = np.zeros((12, 3))",
+    """
 for i in range(12):
     arr[i, :] = i * np.arange(3) + 0.5
-""", "arr i")
+""",
+    "arr i",
+)
 
-case("loop_target_dict_mutation", "rows = [{'a': k} for k in range(10)]\nrows_alias = rows", """
+case(
+    "loop_target_dict_mutation",
+    "rows = [{'a': k} for k in range(10)]\nrows_alias = rows",
+    """
 for row in rows:
     row['b'] = row['a'] * 2
-""", ["rows", "row is rows[-1]", "rows_alias is rows"])
+""",
+    ["rows", "row is rows[-1]", "rows_alias is rows"],
+)
 
-case("sel_append_row_identity", "rows = [{'a': k} for k in range(8)]\nsel = []", """
+case(
+    "sel_append_row_identity",
+    "rows = [{'a': k} for k in range(8)]\nsel = []",
+    """
 for row in rows:
     if row['a'] % 2:
         sel.append(row)
-""", ["sel", "all(s is rows[s['a']] for s in sel)", "row is rows[-1]"])
+""",
+    ["sel", "all(s is rows[s['a']] for s in sel)", "row is rows[-1]"],
+)
 
-case("cell_classes_and_dataclasses", """
+case(
+    "cell_classes_and_dataclasses",
+    """
 from dataclasses import dataclass
 class Point:
     def __init__(self, x, y):
@@ -176,14 +226,23 @@ class Rec:
     label: str
 pts = {}
 recs = []
-""", """
+""",
+    """
 for i in range(10):
     pts[i] = Point(i, -i)
     recs.append(Rec(i, "r%d" % i))
-""", ["[(p.x, p.y) for p in pts.values()]", "all(type(p) is Point for p in pts.values())",
-      "recs", "all(type(r) is Rec for r in recs)"])
+""",
+    [
+        "[(p.x, p.y) for p in pts.values()]",
+        "all(type(p) is Point for p in pts.values())",
+        "recs",
+        "all(type(r) is Rec for r in recs)",
+    ],
+)
 
-case("cell_exception_caught", """
+case(
+    "cell_exception_caught",
+    """
 class BadValue(Exception):
     pass
 def check(v):
@@ -192,16 +251,21 @@ def check(v):
     return v
 res = {}
 errs = {}
-""", """
+""",
+    """
 for i in range(12):
     try:
         res[i] = check(i)
     except BadValue as e:
         res[i] = 'bad'
         errs[i] = e
-""", ["res", "[e.args for e in errs.values()]", "all(type(e) is BadValue for e in errs.values())"])
+""",
+    ["res", "[e.args for e in errs.values()]", "all(type(e) is BadValue for e in errs.values())"],
+)
 
-case("closures_lambdas_from_earlier_cells", """
+case(
+    "closures_lambdas_from_earlier_cells",
+    """
 def make_adder(n):
     def add(x):
         return x + n
@@ -209,32 +273,50 @@ def make_adder(n):
 add3 = make_adder(3)
 sq = lambda v: v * v
 res = {}
-""", """
+""",
+    """
 for i in range(15):
     res[i] = (add3(i), sq(i))
-""", "res")
+""",
+    "res",
+)
 
-case("functools_partial", """
+case(
+    "functools_partial",
+    """
 import functools
 def power(base, e):
     return base ** e
 p2 = functools.partial(power, 2)
 res = {}
-""", """
+""",
+    """
 for i in range(15):
     res[i] = p2(i)
-""", "res")
+""",
+    "res",
+)
 
-case("generator_iterable", "res = []", """
+case(
+    "generator_iterable",
+    "res = []",
+    """
 for v in (x * x for x in range(12) if x % 2):
     res.append(v)
-""", "res v")
+""",
+    "res v",
+)
 
-case("range_0", "res = {}", """
+case(
+    "range_0",
+    "res = {}",
+    """
 for i in range(0):
     x = i
     res[i] = x
-""", "res i x")
+""",
+    "res i x",
+)
 
 # the same cell as the threads' differential suite, not a copy of it
 case(*next(c[:4] for c in THREAD_CASES if c[0] == "prologue_epilogue_trailing_expression"))
@@ -248,20 +330,31 @@ def test_differential_parallel(ip, cluster, setup, cell, checks):
 
 @pytest.mark.timeout(120)
 def test_differential_append_in_except_handler(ip, cluster):
-    differential(ip, "class BadValue(Exception):\n    pass\nerrs = []", textwrap.dedent("""
+    differential(
+        ip,
+        "class BadValue(Exception):\n    pass\nerrs = []",
+        textwrap.dedent("""
         for i in range(6):
             try:
                 raise BadValue(i)
             except BadValue as e:
                 errs.append(e)
-    """).strip("\n"), P2, ["[e.args for e in errs]", "all(type(e) is BadValue for e in errs)"])
+    """).strip("\n"),
+        P2,
+        ["[e.args for e in errs]", "all(type(e) is BadValue for e in errs)"],
+    )
 
 
 @pytest.mark.timeout(120)
 def test_differential_lru_cache_cell_function(ip, cluster):
-    differential(ip, "import functools\n@functools.lru_cache(maxsize=None)\ndef fib(n):\n"
-                     "    return n if n < 2 else fib(n - 1) + fib(n - 2)\nres = {}",
-                 "for i in range(15):\n    res[i] = fib(i)", P2, ["res", "i"])
+    differential(
+        ip,
+        "import functools\n@functools.lru_cache(maxsize=None)\ndef fib(n):\n"
+        "    return n if n < 2 else fib(n - 1) + fib(n - 2)\nres = {}",
+        "for i in range(15):\n    res[i] = fib(i)",
+        P2,
+        ["res", "i"],
+    )
 
 
 def test_case_count():
@@ -270,8 +363,9 @@ def test_case_count():
 
 @pytest.mark.timeout(120)
 def test_seed_same_numbers_as_threaded(ip, cluster):
-    cell = ("vals = {}\nfor i in range(20):\n"
-            "    vals[i] = (random.random(), float(np.random.rand()))\n")
+    cell = (
+        "vals = {}\nfor i in range(20):\n    vals[i] = (random.random(), float(np.random.rand()))\n"
+    )
     got = {}
     for magic in ("%%threaded threads=2 seed=3 progress=off", P2 + " seed=3"):
         reset(ip)
@@ -287,14 +381,20 @@ def dispatch(request, monkeypatch):
     """Both ways chunks reach engines: the channel (engines on the kernel's
     host) and one ipyparallel task per chunk (engines elsewhere)."""
     from parloop.backends.engines import EngineBackend
+
     monkeypatch.setattr(EngineBackend, "use_channel", request.param == "channel")
     return request.param
 
 
 @pytest.mark.timeout(120)
 def test_dispatch_paths_same_results(ip, cluster, dispatch):
-    differential(ip, "results = {}\nacc = []", "for i in range(50):\n    results[i] = i * i\n"
-                 "    acc.append(-i)\n    print(i)", P2 + " chunksize=3", ["results", "acc", "i"])
+    differential(
+        ip,
+        "results = {}\nacc = []",
+        "for i in range(50):\n    results[i] = i * i\n    acc.append(-i)\n    print(i)",
+        P2 + " chunksize=3",
+        ["results", "acc", "i"],
+    )
     assert parloop.last_run.dispatch == dispatch
     assert len(parloop.last_run.chunks) == 17
 
@@ -306,8 +406,11 @@ def _killing_run(ip, options: str, victims: list[int], **kw):
     reset(ip)
     ok(ip, "import time\nout = {}")
     return _timed_run(
-        ip, P2 + options + "\nfor i in range(40):\n    time.sleep(0.1)\n    out[i] = i * i\n",
-        [(1.0, MANAGER.kill_engine, [e]) for e in victims], **kw)
+        ip,
+        P2 + options + "\nfor i in range(40):\n    time.sleep(0.1)\n    out[i] = i * i\n",
+        [(1.0, MANAGER.kill_engine, [e]) for e in victims],
+        **kw,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -354,11 +457,13 @@ def test_interrupt(ip, cluster, dispatch):
     ok(ip, "import time\nresults = {}")
     MANAGER.client(processes=2)  # warm: the interrupt must hit the running loop
     out, err, elapsed, fired, errs = _timed_run(
-        ip, P2 + "\nfor i in range(200):\n    time.sleep(0.05)\n    results[i] = i * 2\n",
-        [(1.0, _thread.interrupt_main, [])])
+        ip,
+        P2 + "\nfor i in range(200):\n    time.sleep(0.05)\n    results[i] = i * 2\n",
+        [(1.0, _thread.interrupt_main, [])],
+    )
     assert not fired
     assert isinstance(err, KeyboardInterrupt), repr(err)
-    assert elapsed < 1.0 + 2.5, elapsed          # 200 * 0.05 / 2 = 5 s uninterrupted
+    assert elapsed < 1.0 + 2.5, elapsed  # 200 * 0.05 / 2 = 5 s uninterrupted
     k = _contiguous_prefix(ip.user_ns["results"], lambda i: i * 2, 200)
     assert k > 0
     assert ip.user_ns["i"] == k - 1
@@ -437,8 +542,11 @@ def test_timeout_names_iteration(ip, cluster):
     reset(ip)
     ok(ip, "import time\nres = {}")
     t0 = time.monotonic()
-    _, err = run_cell(ip, P2 + " timeout=0.5\nfor i in range(6):\n"
-                          "    if i == 3:\n        time.sleep(3)\n    res[i] = i * 10\n")
+    _, err = run_cell(
+        ip,
+        P2 + " timeout=0.5\nfor i in range(6):\n"
+        "    if i == 3:\n        time.sleep(3)\n    res[i] = i * 10\n",
+    )
     assert err is not None
     notes = " ".join(getattr(err, "__notes__", []))
     assert "iteration 3" in notes and "i=3" in notes, (repr(err), notes)
@@ -452,7 +560,7 @@ def test_timeout_names_iteration(ip, cluster):
 def test_unserialisable_input_reported_before_anything_runs(ip, cluster):
     reset(ip)
     ok(ip, "import threading\nlock = threading.Lock()\nres = {}")
-    cell = ("started = True\nfor i in range(6):\n    with lock:\n        res[i] = i\n")
+    cell = "started = True\nfor i in range(6):\n    with lock:\n        res[i] = i\n"
     _, err = run_cell(ip, P2 + "\n" + cell)
     assert isinstance(err, parloop.LoopAnalysisError), repr(err)
     assert "'lock'" in str(err) and "%%threaded" in str(err), str(err)
@@ -465,8 +573,11 @@ def test_unserialisable_input_reported_before_anything_runs(ip, cluster):
 def test_unserialisable_input_runs_under_threaded(ip):
     reset(ip)
     ok(ip, "import threading\nlock = threading.Lock()\nres = {}")
-    ok(ip, "%%threaded threads=2 progress=off\nstarted = True\nfor i in range(6):\n"
-           "    with lock:\n        res[i] = i\n")
+    ok(
+        ip,
+        "%%threaded threads=2 progress=off\nstarted = True\nfor i in range(6):\n"
+        "    with lock:\n        res[i] = i\n",
+    )
     assert ip.user_ns["res"] == {i: i for i in range(6)}
     assert ip.user_ns["started"] is True
 
@@ -476,12 +587,17 @@ def _import_temp_module(tmp_path, monkeypatch, name, source):
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
+
     return importlib.import_module(name)
 
 
 @pytest.mark.timeout(120)
 def test_parallel_decorator(cluster, tmp_path, monkeypatch):
-    mod = _import_temp_module(tmp_path, monkeypatch, "ploop_mod_a", """
+    mod = _import_temp_module(
+        tmp_path,
+        monkeypatch,
+        "ploop_mod_a",
+        """
         import parloop
 
         def plain(n, k):
@@ -500,7 +616,8 @@ def test_parallel_decorator(cluster, tmp_path, monkeypatch):
                 out[i] = i * i - k * i
                 total += i
             return out, total
-    """)
+    """,
+    )
     try:
         assert mod.par(30, 3) == mod.plain(30, 3)
         assert parloop.last_run.backend == "engines" and parloop.last_run.done == 30
@@ -512,7 +629,11 @@ def test_parallel_decorator(cluster, tmp_path, monkeypatch):
 def test_parallel_decorator_module_helper(cluster, tmp_path, monkeypatch):
     """The helpers of a module that engines cannot import (it is only on the
     kernel's sys.path) travel by value."""
-    mod = _import_temp_module(tmp_path, monkeypatch, "ploop_mod_b", """
+    mod = _import_temp_module(
+        tmp_path,
+        monkeypatch,
+        "ploop_mod_b",
+        """
         import parloop
 
         def score(x):
@@ -530,7 +651,8 @@ def test_parallel_decorator_module_helper(cluster, tmp_path, monkeypatch):
             for i in range(n):
                 out[i] = score(i)
             return out
-    """)
+    """,
+    )
     try:
         assert mod.par(30) == mod.plain(30)
     finally:
@@ -562,10 +684,20 @@ class External:
         self.procs: list[subprocess.Popen] = []
 
     def start_controller(self):
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ipyparallel.controller", f"--profile-dir={self.profile_dir}",
-             "--ip=127.0.0.1", "--HeartMonitor.period=250"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ipyparallel.controller",
+                    f"--profile-dir={self.profile_dir}",
+                    "--ip=127.0.0.1",
+                    "--HeartMonitor.period=250",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         url = os.path.join(self.profile_dir, "security", "ipcontroller-engine.json")
         end = time.monotonic() + 60
         while not os.path.exists(url):
@@ -573,10 +705,19 @@ class External:
             time.sleep(0.05)
 
     def start_engine(self):
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ipyparallel.engine", f"--profile-dir={self.profile_dir}",
-             "--IPEngine.enable_nanny=False"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ipyparallel.engine",
+                    f"--profile-dir={self.profile_dir}",
+                    "--IPEngine.enable_nanny=False",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     def start(self, engines: int) -> None:
         """A controller and ``engines`` engines, all registered (waited for
@@ -584,8 +725,10 @@ class External:
         self.start_controller()
         for _ in range(engines):
             self.start_engine()
-        assert len(MANAGER.client(processes=engines, profile=self.profile_dir,
-                                  timeout=60).ids) == engines
+        assert (
+            len(MANAGER.client(processes=engines, profile=self.profile_dir, timeout=60).ids)
+            == engines
+        )
 
     @property
     def engine_pids(self):
@@ -610,9 +753,11 @@ def test_profile_external_cluster_not_stopped(ip, external):
     external.start(engines=2)
     reset(ip)
     ok(ip, "import os\nres = {}\ntotal = 0\nwhere = {}")
-    cell = (f"%%parallel profile={external.profile_dir} progress=off\n"
-            "for i in range(30):\n    res[i] = i * 3\n    total += i\n"
-            "    where[i] = os.getpid()\n")
+    cell = (
+        f"%%parallel profile={external.profile_dir} progress=off\n"
+        "for i in range(30):\n    res[i] = i * 3\n    total += i\n"
+        "    where[i] = os.getpid()\n"
+    )
     ok(ip, cell)
     assert ip.user_ns["res"] == {i: i * 3 for i in range(30)}
     assert ip.user_ns["total"] == sum(range(30))
@@ -635,9 +780,11 @@ def test_profile_engine_joining_mid_run(ip, external):
     reset(ip)
     ok(ip, "import time\nres = {}")
     out, err, elapsed, fired, errs = _timed_run(
-        ip, f"%%parallel profile={external.profile_dir} progress=off\n"
-            "for i in range(80):\n    time.sleep(0.05)\n    res[i] = i * 3\n",
-        [(0.1, external.start_engine, [])])
+        ip,
+        f"%%parallel profile={external.profile_dir} progress=off\n"
+        "for i in range(80):\n    time.sleep(0.05)\n    res[i] = i * 3\n",
+        [(0.1, external.start_engine, [])],
+    )
     assert errs == [] and not fired
     assert err is None, f"{type(err).__name__}: {str(err)[:300]}"
     assert ip.user_ns["res"] == {i: i * 3 for i in range(80)}
@@ -649,19 +796,24 @@ def test_profile_run_has_no_stall_and_names_engines(ip, external):
     reset(ip)
     ok(ip, "res = {}")
     t0 = time.monotonic()
-    ok(ip, f"%%parallel profile={external.profile_dir} progress=off\n"
-           "for i in range(30):\n    res[i] = i\n")
+    ok(
+        ip,
+        f"%%parallel profile={external.profile_dir} progress=off\n"
+        "for i in range(30):\n    res[i] = i\n",
+    )
     elapsed = time.monotonic() - t0
     assert ip.user_ns["res"] == {i: i for i in range(30)}
     labels = {c.worker for c in parloop.last_run.chunks}
     assert elapsed < 3.0 and all(
-        any(f":{pid})" in w for pid in external.engine_pids) for w in labels), (elapsed, labels)
+        any(f":{pid})" in w for pid in external.engine_pids) for w in labels
+    ), (elapsed, labels)
 
 
 # ----------------------------------------------------------------- 7. orphans
 @pytest.mark.timeout(120)
 def test_no_orphans_after_stop_and_unload(ip, cluster):
     from parloop import shm
+
     reset(ip)
     ok(ip, "import numpy as np\nbig = np.arange(1_000_000)")  # 8 MB: through shared memory
     ok(ip, P2 + "\nres = {}\nfor i in range(4):\n    res[i] = int(big[i])\n")
@@ -671,7 +823,7 @@ def test_no_orphans_after_stop_and_unload(ip, cluster):
     out = ok(ip, "%parallel_stop")
     assert "stopped" in out
     assert wait_gone(pids) == []
-    assert shm.segments_of(os.getpid()) == []   # no shared memory left behind either
+    assert shm.segments_of(os.getpid()) == []  # no shared memory left behind either
     assert MANAGER.owned_pids() == []
     out = ok(ip, "%parallel_status")
     assert "no ipyparallel cluster" in out, out
@@ -696,12 +848,20 @@ def test_live_rows_per_engine_mid_chunk(ip, cluster, dispatch):
     a reading in the middle of one long chunk sees iterations done in it."""
     reset(ip)
     ok(ip, "import time\nout = {}")
-    spy = run_live(ip, "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
-                   "parallel", "processes=2 chunksize=20")
+    spy = run_live(
+        ip,
+        "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
+        "parallel",
+        "processes=2 chunksize=20",
+    )
     assert ip.user_ns["out"] == {i: i for i in range(40)}
     assert parloop.last_run.dispatch == dispatch
-    mid = [(name, partial, current) for row in spy.rows
-           for name, (_, partial, current) in row.items() if 0 < partial < 20]
+    mid = [
+        (name, partial, current)
+        for row in spy.rows
+        for name, (_, partial, current) in row.items()
+        if 0 < partial < 20
+    ]
     assert mid, f"no reading caught an engine mid-chunk: {spy.rows[-5:]}"
     assert all(name.startswith("engine ") for name, _, _ in mid)
     assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen

@@ -1,5 +1,6 @@
 """Big inputs through POSIX shared memory to the engines on the kernel's host
 (parloop.shm, parloop.transport): one copy, read-only maps, never stale, no leaks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,12 @@ def inspect_input(keys, name):
             if lo <= addr < hi:
                 where = (parts[1], parts[-1] if len(parts) > 5 else "")
                 break
-    return (hashlib.sha1(memoryview(v).cast("B")).hexdigest(), bool(v.flags.writeable),
-            writes, where)
+    return (
+        hashlib.sha1(memoryview(v).cast("B")).hexdigest(),
+        bool(v.flags.writeable),
+        writes,
+        where,
+    )
 
 
 @ipp.interactive
@@ -105,8 +110,10 @@ def check_on_engines(client, keys, name, arr, *, mapped=True):
         digest, writeable, writes, where = client[eid].apply_sync(inspect_input, keys, name)
         assert digest == sha1(arr)
         assert writeable is False
-        assert writes == ["assignment destination is read-only",
-                          "cannot set WRITEABLE flag to True of this array"]
+        assert writes == [
+            "assignment destination is read-only",
+            "cannot set WRITEABLE flag to True of this array",
+        ]
         if mapped:  # a zero-copy view of the kernel's segment, mapped read-only and shared
             perms, path = where
             assert perms == "r--s" and path.startswith("/dev/shm/" + shm.PREFIX), where
@@ -136,8 +143,10 @@ def test_big_array_arrives_through_one_segment_read_only(client, tr):
     s = tr.last
     assert (s.messages, s.bytes, s.shm_bytes, s.buffers_sent, s.values_cached) == (0, 0, 0, 0, 2)
     assert len(mine(tr)) == 1
-    print(f"\n50 MB to 2 engines through shared memory: first broadcast {first:.3f} s, "
-          f"unchanged again {second:.3f} s")
+    print(
+        f"\n50 MB to 2 engines through shared memory: first broadcast {first:.3f} s, "
+        f"unchanged again {second:.3f} s"
+    )
     check_on_engines(client, keys, "big", big)
 
 
@@ -181,8 +190,11 @@ def test_big_array_shuffled_in_place_is_seen(client, tr):
 @pytest.mark.timeout(180)
 def test_function_over_a_big_array_resends_only_the_pickle(client, tr):
     nb = types.ModuleType("__main__")
-    exec("import numpy as np\ntable = np.arange(1_000_000, dtype=np.int64)\nOFFSET = 1\n"
-         "def lookup(i):\n    return int(table[i]) + OFFSET\n", nb.__dict__)
+    exec(
+        "import numpy as np\ntable = np.arange(1_000_000, dtype=np.int64)\nOFFSET = 1\n"
+        "def lookup(i):\n    return int(table[i]) + OFFSET\n",
+        nb.__dict__,
+    )
     keys = tr.broadcast({"lookup": nb.lookup, "table": nb.table}, client.ids)
     assert tr.last.shm_bytes == 8 * MB and tr.last.shm_buffers == 2  # one segment, two values
     assert loads(client[client.ids[0]].apply_sync(call, keys, "lookup", 10)) == 11
@@ -362,7 +374,7 @@ def test_segments_of_a_killed_kernel_are_unlinked_by_the_resource_tracker():
     assert not os.path.exists(os.path.join(shm.SHM_DIR, name))
 
 
-_NO_PROCESS_LEFT = r'''
+_NO_PROCESS_LEFT = r"""
 import os, time, psutil
 from IPython.core.interactiveshell import InteractiveShell
 ip = InteractiveShell.instance()
@@ -377,7 +389,7 @@ ip.run_cell("%unload_ext parloop")
 time.sleep(0.5)
 print("left:", [" ".join(c.cmdline())[:80] for c in psutil.Process().children(recursive=True)])
 print("segments:", [n for n in os.listdir("/dev/shm") if n.startswith(f"parloop_{os.getpid()}_")])
-'''
+"""
 
 
 @pytest.mark.timeout(120)
@@ -385,8 +397,9 @@ def test_unload_leaves_no_process_and_no_segment():
     """The resource tracker that guards the segments against a kernel crash is
     a process of its own: started for them, it goes with %unload_ext (as the
     cluster does), and the probe alone never starts it."""
-    out = subprocess.run([sys.executable, "-c", _NO_PROCESS_LEFT], capture_output=True,
-                         text=True, timeout=110)
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_PROCESS_LEFT], capture_output=True, text=True, timeout=110
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "during: True" in out.stdout, out.stdout
     assert "left: []" in out.stdout, out.stdout
@@ -398,12 +411,12 @@ def test_small_inputs_do_not_probe(client):
     t = Transport(client)
     try:
         t.broadcast({"x": list(range(1000))}, client.ids)
-        assert t._shm_ok == {}   # nothing big: no probe, no segment, no tracker
+        assert t._shm_ok == {}  # nothing big: no probe, no segment, no tracker
     finally:
         t.close()
 
 
-_TWO_POOLS = r'''
+_TWO_POOLS = r"""
 import os, time
 from parloop import shm
 a, b = shm.SegmentPool("a"), shm.SegmentPool("b")
@@ -414,14 +427,15 @@ time.sleep(1.0)
 print("b kept:", os.path.exists("/dev/shm/" + kb[1:]))
 b.close()
 print("b gone:", not os.path.exists("/dev/shm/" + kb[1:]))
-'''
+"""
 
 
 @pytest.mark.timeout(60)
 def test_closing_one_pool_keeps_anothers_segments():
     """The resource tracker parloop started stops only when no pool holds a
     segment: stopping it unlinks every segment still registered with it."""
-    out = subprocess.run([sys.executable, "-c", _TWO_POOLS], capture_output=True, text=True,
-                         timeout=50)
+    out = subprocess.run(
+        [sys.executable, "-c", _TWO_POOLS], capture_output=True, text=True, timeout=50
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "b kept: True" in out.stdout and "b gone: True" in out.stdout, out.stdout

@@ -1,4 +1,5 @@
 """Inputs by value: broadcast once per engine, cached, never stale (parloop.transport)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,13 @@ def describe(keys, name):
     from parloop import transport
 
     v = transport.engine_resolve(keys)[name]
-    return (type(v).__name__, v.shape, str(v.dtype), bool(v.flags.writeable),
-            hashlib.sha1(memoryview(v).cast("B")).hexdigest())
+    return (
+        type(v).__name__,
+        v.shape,
+        str(v.dtype),
+        bool(v.flags.writeable),
+        hashlib.sha1(memoryview(v).cast("B")).hexdigest(),
+    )
 
 
 @ipp.interactive
@@ -97,9 +103,7 @@ def test_broadcast_sends_once(client, tr):
 @pytest.mark.timeout(180)
 def test_changed_global_is_seen(client, tr):
     nb = notebook(
-        "THRESHOLD = 10\n"
-        "def classify(x):\n"
-        "    return 'big' if x > THRESHOLD else 'small'\n"
+        "THRESHOLD = 10\ndef classify(x):\n    return 'big' if x > THRESHOLD else 'small'\n"
     )
     keys = tr.broadcast({"classify": nb.classify}, client.ids)
     assert loads(client[client.ids[0]].apply_sync(call, keys, "classify", 15)) == "big"
@@ -143,8 +147,10 @@ def test_large_array_arrives_intact_zero_copy_and_cached(client):
     big[12345] = -1.0
     keys = tr.broadcast({"big": big}, client.ids)
     assert tr.last.buffers_sent == 2
-    assert client[client.ids[0]].apply_sync(describe, keys, "big")[4] == \
-        hashlib.sha1(memoryview(big).cast("B")).hexdigest()
+    assert (
+        client[client.ids[0]].apply_sync(describe, keys, "big")[4]
+        == hashlib.sha1(memoryview(big).cast("B")).hexdigest()
+    )
 
 
 @pytest.mark.timeout(180)
@@ -207,8 +213,9 @@ def test_cell_classes_round_trip_as_the_kernel_classes(client, tr):
 
 
 def test_loads_leaves_kernel_classes_alone_where_pickle_loads_does_not():
-    import cloudpickle
     import pickle
+
+    import cloudpickle
 
     nb = notebook("SCALE = 2\nclass C:\n    def f(self):\n        return SCALE\n")
     stream = cloudpickle.dumps(nb.C())  # e.g. what an engine sends back

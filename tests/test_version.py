@@ -1,5 +1,6 @@
 """One version: the package's ``__version__`` is the source (pyproject reads it
 through hatch), and the lab extension's package.json must say the same."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """The live view (docs/design.md §6, issue 5): the widget in a real kernel (nbclient,
 ``store_widget_state=True``), the report it leaves, the text fallback, and the
 widget's rendering rules on synthetic runs (grouping, interrupt, throttle)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,22 +23,25 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 # cell sources: each a bit over a second, so that the widget appears (DELAY)
 SETUP = "%load_ext parloop\nimport os, time\nout = {}"
 THREADED = "%%threaded threads=2\nfor i in range(60):\n    time.sleep(0.05)\n    out[i] = i"
-FAILING = ("%%threaded threads=2 on_error=collect\nfor i in range(60):\n"
-           "    time.sleep(0.05)\n    if i == 7:\n        raise ValueError('seven')\n"
-           "    out[i] = i")
-RAISING = ("%%threaded threads=2\nfor i in range(60):\n    time.sleep(0.05)\n"
-           "    if i == 50:\n        raise KeyError(i)\n    out[i] = i")
-MANY = ("%%threaded threads=2\nfor i in range(20_000):\n    time.sleep(0.0001)\n"
-        "    out[i] = i")
+FAILING = (
+    "%%threaded threads=2 on_error=collect\nfor i in range(60):\n"
+    "    time.sleep(0.05)\n    if i == 7:\n        raise ValueError('seven')\n"
+    "    out[i] = i"
+)
+RAISING = (
+    "%%threaded threads=2\nfor i in range(60):\n    time.sleep(0.05)\n"
+    "    if i == 50:\n        raise KeyError(i)\n    out[i] = i"
+)
+MANY = "%%threaded threads=2\nfor i in range(20_000):\n    time.sleep(0.0001)\n    out[i] = i"
 QUICK = "%%threaded threads=2\nfor i in range(10):\n    out[i] = i"
-PARALLEL = ("%%parallel processes=2\nfor i in range(40):\n    time.sleep(0.05)\n"
-            "    out[i] = i")
-TEXT = ("os.environ['PARLOOP_PROGRESS'] = 'text'\n"
-        "get_ipython().run_cell_magic('threaded', 'threads=2', "
-        "'for i in range(60):\\n    time.sleep(0.05)\\n    out[i] = i')")
+PARALLEL = "%%parallel processes=2\nfor i in range(40):\n    time.sleep(0.05)\n    out[i] = i"
+TEXT = (
+    "os.environ['PARLOOP_PROGRESS'] = 'text'\n"
+    "get_ipython().run_cell_magic('threaded', 'threads=2', "
+    "'for i in range(60):\\n    time.sleep(0.05)\\n    out[i] = i')"
+)
 OFF = "%%threaded threads=2 progress=off\nfor i in range(60):\n    time.sleep(0.05)\n    out[i] = i"
-CELLS = [SETUP, THREADED, FAILING, RAISING, MANY, QUICK, PARALLEL, TEXT, OFF,
-         "%parallel_stop"]
+CELLS = [SETUP, THREADED, FAILING, RAISING, MANY, QUICK, PARALLEL, TEXT, OFF, "%parallel_stop"]
 
 
 class CountingClient(nbclient.NotebookClient):
@@ -59,9 +63,14 @@ class CountingClient(nbclient.NotebookClient):
 def executed(tmp_path_factory):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
-    client = CountingClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
-                            store_widget_state=True,
-                            resources={"metadata": {"path": str(tmp_path_factory.mktemp("nb"))}})
+    client = CountingClient(
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        allow_errors=True,
+        store_widget_state=True,
+        resources={"metadata": {"path": str(tmp_path_factory.mktemp("nb"))}},
+    )
     client.execute()
     path = tmp_path_factory.mktemp("saved") / "live.ipynb"
     nbformat.write(nb, path)
@@ -85,15 +94,19 @@ def _views(nb, client, cell: int) -> tuple[dict, list[dict]]:
     header = [b for b in boxes if "parloop-header" in b.get("_dom_classes", ())]
     rows = [b for b in boxes if "parloop-worker" in b.get("_dom_classes", ())]
     assert len(header) == 1, f"cell {cell}: {len(header)} widget headers"
-    bar = lambda box: next(state[_ref(c)] for c in box["children"]  # noqa: E731
-                           if state[_ref(c)]["_model_name"] == "IntProgressModel")
+    bar = lambda box: next(
+        state[_ref(c)]
+        for c in box["children"]  # noqa: E731
+        if state[_ref(c)]["_model_name"] == "IntProgressModel"
+    )
     return bar(header[0]), [bar(r) for r in rows]
 
 
 def _report(cell) -> dict:
     """The report output of a cell (the widget's place, once the run ended)."""
-    found = [o for o in cell.outputs if o.output_type == "display_data"
-             and MIME in o.get("data", {})]
+    found = [
+        o for o in cell.outputs if o.output_type == "display_data" and MIME in o.get("data", {})
+    ]
     assert len(found) == 1, [o.get("data", {}).keys() for o in cell.outputs]
     assert not any(WIDGET_VIEW in o.get("data", {}) for o in cell.outputs)
     data = found[0].data
@@ -124,8 +137,9 @@ def test_widget_error_state(executed):
     assert header["bar_style"] == "danger"
     assert sorted(bar["bar_style"] for bar in rows) == ["danger", "success"]
     data = _report(nb.cells[2])
-    assert data[MIME]["errors"] == [{"index": 7, "values": "i=7", "type": "ValueError",
-                                     "message": "seven"}]
+    assert data[MIME]["errors"] == [
+        {"index": 7, "values": "i=7", "type": "ValueError", "message": "seven"}
+    ]
     assert "iteration 7 (i=7): ValueError: seven" in data["text/plain"]
 
 
@@ -171,8 +185,7 @@ def test_engines_widget(executed):
     assert header["value"] == 40 and len(rows) == 2
     assert all(0 < bar["value"] == bar["max"] for bar in rows)
     report = _report(nb.cells[6])[MIME]
-    assert sorted(w["name"].split(" (")[0] for w in report["workers"]) == ["engine 0",
-                                                                           "engine 1"]
+    assert sorted(w["name"].split(" (")[0] for w in report["workers"]) == ["engine 0", "engine 1"]
     assert sum(c["count"] for c in report["chunks"]) == 40
 
 
@@ -191,15 +204,29 @@ def test_text_fallback_and_off(executed):
 # the report's schema, and the widget's rules, on synthetic runs
 # ---------------------------------------------------------------------------
 def _record(workers: int, per_worker: int = 10, **kw) -> LastRun:
-    rec = LastRun(magic="parallel", backend="engines", options={}, workers=workers,
-                  total=workers * per_worker, **kw)
+    rec = LastRun(
+        magic="parallel",
+        backend="engines",
+        options={},
+        workers=workers,
+        total=workers * per_worker,
+        **kw,
+    )
     t = 0.0
     for w in range(workers):
         name = f"engine {w} (host:{100 + w})"
-        rec.chunks.append(ChunkRecord(w * per_worker, per_worker, name, t, t + 1.0 + w / 10,
-                                      1.0, failed=[w * per_worker] if w == 1 else []))
-        rec.live[name] = WorkerState(name, done=per_worker, busy=1.0, chunks=1,
-                                     failed=int(w == 1))
+        rec.chunks.append(
+            ChunkRecord(
+                w * per_worker,
+                per_worker,
+                name,
+                t,
+                t + 1.0 + w / 10,
+                1.0,
+                failed=[w * per_worker] if w == 1 else [],
+            )
+        )
+        rec.live[name] = WorkerState(name, done=per_worker, busy=1.0, chunks=1, failed=int(w == 1))
     rec.done = workers * per_worker
     rec.wall = 2.0
     rec.errors.append(ErrorRecord(per_worker, "i=10", ZeroDivisionError("division by zero")))
@@ -209,18 +236,44 @@ def _record(workers: int, per_worker: int = 10, **kw) -> LastRun:
 def test_report_schema():
     bundle = report_bundle(_record(3))
     d = json.loads(json.dumps(bundle[MIME]))  # plain JSON
-    assert list(d) == ["version", "magic", "backend", "total", "done", "wall", "busy",
-                       "speedup", "imbalance", "interrupted", "notes", "workers", "chunks",
-                       "errors"]
+    assert list(d) == [
+        "version",
+        "magic",
+        "backend",
+        "total",
+        "done",
+        "wall",
+        "busy",
+        "speedup",
+        "imbalance",
+        "interrupted",
+        "notes",
+        "workers",
+        "chunks",
+        "errors",
+    ]
     assert d["version"] == 1 and d["total"] == 30 and d["done"] == 30
     assert d["busy"] == pytest.approx(3.3) and d["speedup"] == pytest.approx(1.65)
     assert d["imbalance"] == pytest.approx(1.2 / 1.1 - 1)
-    assert d["workers"][1] == {"name": "engine 1 (host:101)", "iterations": 10,
-                               "busy": 1.1, "chunks": 1, "failed": 1}
-    assert d["chunks"][1] == {"worker": "engine 1 (host:101)", "start": 10, "count": 10,
-                              "t_start": 0.0, "t_end": 1.1, "failed": [10], "retried": False}
-    assert d["errors"] == [{"index": 10, "values": "i=10", "type": "ZeroDivisionError",
-                            "message": "division by zero"}]
+    assert d["workers"][1] == {
+        "name": "engine 1 (host:101)",
+        "iterations": 10,
+        "busy": 1.1,
+        "chunks": 1,
+        "failed": 1,
+    }
+    assert d["chunks"][1] == {
+        "worker": "engine 1 (host:101)",
+        "start": 10,
+        "count": 10,
+        "t_start": 0.0,
+        "t_end": 1.1,
+        "failed": [10],
+        "retried": False,
+    }
+    assert d["errors"] == [
+        {"index": 10, "values": "i=10", "type": "ZeroDivisionError", "message": "division by zero"}
+    ]
     assert "speedup 1.65×" in bundle["text/plain"]
     assert 'class="parloop-report"' in bundle["text/html"]
 

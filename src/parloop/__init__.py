@@ -4,6 +4,7 @@
 ``%load_ext parloop`` registers the magics; ``%unload_ext parloop`` removes
 them and shuts down what parloop started.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,8 +18,17 @@ __version__ = "0.1.0"
 #: the record of the last run (docs/design.md §1); replaced by every run
 last_run: LastRun | None = None
 
-__all__ = ["LoopAnalysisError", "WorkerLostError", "LastRun", "last_run", "parallel",
-           "threaded", "load_ipython_extension", "unload_ipython_extension", "__version__"]
+__all__ = [
+    "LoopAnalysisError",
+    "WorkerLostError",
+    "LastRun",
+    "last_run",
+    "parallel",
+    "threaded",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    "__version__",
+]
 
 _loaded: dict[int, Any] = {}
 
@@ -41,8 +51,10 @@ def unload_ipython_extension(ipython: Any) -> None:
     cluster parloop started (never one it did not start)."""
     magics = _loaded.pop(id(ipython), None)
     registry = ipython.magics_manager.magics
-    for kind, names in (("cell", ("threaded", "parallel")),
-                        ("line", ("parallel_status", "parallel_stop"))):
+    for kind, names in (
+        ("cell", ("threaded", "parallel")),
+        ("line", ("parallel_status", "parallel_stop")),
+    ):
         for name in names:
             registry[kind].pop(name, None)
     if magics is not None:
@@ -55,8 +67,10 @@ def unload_ipython_extension(ipython: Any) -> None:
 def shutdown() -> None:
     """Stop everything parloop started in this process."""
     from .backends.threads import shutdown_pool
+
     shutdown_pool()
     import sys
+
     engines = sys.modules.get("parloop.backends.engines")
     if engines is not None:
         engines.stop_managed()

@@ -26,6 +26,7 @@ ipyparallel task, so nothing else on the host can feed the kernel a pickle.
 The engine pings when it hears nothing for a second and gives up when the
 kernel stops answering: an engine is never left blocked by a kernel that died.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,9 @@ def sign(key: bytes, kind: bytes, body: bytes | memoryview) -> bytes:
     return mac.digest()
 
 
-def send(sock: zmq.Socket, key: bytes, kind: bytes, body: bytes = b"",
-         prefix: list | None = None) -> None:
+def send(
+    sock: zmq.Socket, key: bytes, kind: bytes, body: bytes = b"", prefix: list | None = None
+) -> None:
     sock.send_multipart([*(prefix or []), kind, sign(key, kind, body), body], copy=False)
 
 
@@ -77,7 +79,7 @@ def pack(seq: int, payload: bytes) -> bytes:
 
 
 def unpack(body: memoryview) -> tuple[int, memoryview]:
-    return _SEQ.unpack_from(body)[0], body[_SEQ.size:]
+    return _SEQ.unpack_from(body)[0], body[_SEQ.size :]
 
 
 @dataclass
@@ -120,12 +122,12 @@ class ChunkChannel:
         self._on_result: Callable[[Future, int, int, memoryview], None] | None = None
         self._on_retry: Callable[[int], None] | None = None
         self._queue: deque[_Entry] = deque()
-        self._assigned: dict[int, _Entry] = {}     # seq -> entry on an engine
-        self._credits: dict[int, int] = {}         # engine -> chunks it can take now
-        self._cap: dict[int, int] = {}             # engine -> credits it said hello with
-        self._engines: set[int] = set()            # engines of the run
-        self._gone: set[int] = set()               # ... that left it
-        self._to_stop: list[bytes] = []            # engines of ended runs, to be told
+        self._assigned: dict[int, _Entry] = {}  # seq -> entry on an engine
+        self._credits: dict[int, int] = {}  # engine -> chunks it can take now
+        self._cap: dict[int, int] = {}  # engine -> credits it said hello with
+        self._engines: set[int] = set()  # engines of the run
+        self._gone: set[int] = set()  # ... that left it
+        self._to_stop: list[bytes] = []  # engines of ended runs, to be told
         self._seq = 0
         self._tail = False
         self._closing = False
@@ -135,8 +137,12 @@ class ChunkChannel:
         self._thread.start()
 
     # -- called from the kernel's threads --------------------------------------
-    def begin(self, engines: list[int], on_result: Callable[[Future, int, int, memoryview], None],
-              on_retry: Callable[[int], None]) -> int:
+    def begin(
+        self,
+        engines: list[int],
+        on_result: Callable[[Future, int, int, memoryview], None],
+        on_retry: Callable[[int], None],
+    ) -> int:
         """A new run on ``engines``; returns its number (for :meth:`ident`)."""
         with self._lock:
             self._run += 1
@@ -201,8 +207,9 @@ class ChunkChannel:
         for e in doomed:
             e.fut.set_exception(make_error(e.start))
 
-    def engine_gone(self, run: int, engine: int, retry: bool,
-                    make_error: Callable[[int], BaseException]) -> None:
+    def engine_gone(
+        self, run: int, engine: int, retry: bool, make_error: Callable[[int], BaseException]
+    ) -> None:
         """The engine left run ``run``: its serve task ended, or its process died.
 
         With ``retry`` (a lost engine) its chunks go back to the front of the
@@ -213,8 +220,11 @@ class ChunkChannel:
                 return
             self._gone.add(engine)
             self._credits.pop(engine, None)
-            mine = sorted((e for e in self._assigned.values() if e.engine == engine),
-                          key=lambda e: e.start, reverse=True)
+            mine = sorted(
+                (e for e in self._assigned.values() if e.engine == engine),
+                key=lambda e: e.start,
+                reverse=True,
+            )
             requeue, fail = [], []
             for e in mine:
                 del self._assigned[e.seq]
@@ -280,8 +290,12 @@ class ChunkChannel:
         kind, body = msg
         run, engine = _run_and_engine(ident)
         with self._lock:
-            current = (run == self._run and self._active and engine in self._engines
-                       and engine not in self._gone)
+            current = (
+                run == self._run
+                and self._active
+                and engine in self._engines
+                and engine not in self._gone
+            )
             on_result = self._on_result
         if not current:
             if kind in (HELLO, PING):
@@ -308,11 +322,12 @@ class ChunkChannel:
                 if not self._queue or not self._active:
                     return
                 depth = 1 if self._tail else CREDITS
-                ready = [(c, -e) for e, c in self._credits.items()
-                         if c > 0 and self._cap[e] - c < depth]
+                ready = [
+                    (c, -e) for e, c in self._credits.items() if c > 0 and self._cap[e] - c < depth
+                ]
                 if not ready:
                     return
-                engine = -max(ready)[1]   # the idlest engine (most credits), lowest id first
+                engine = -max(ready)[1]  # the idlest engine (most credits), lowest id first
                 entry = self._queue.popleft()
                 entry.engine = engine
                 self._credits[engine] -= 1

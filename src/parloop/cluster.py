@@ -50,6 +50,7 @@ Start-up cost (2-core machine, 2 engines; see ``tests/test_cluster.py``):
 * :meth:`ClusterManager.prestart` starts the cluster in the background (e.g. at
   ``%load_ext``), so that the first cell only waits for what is left.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -268,10 +269,20 @@ class ClusterManager:
                     host, pid, place = ar.get(timeout=max(0.0, deadline - time.monotonic()))
                 except Exception:  # noqa: BLE001 - an engine that does not answer
                     continue  # not cached: asked again next time
-                self._info[(id(client), i)] = {"id": i, "host": host, "pid": pid,
-                                               "local": place == _HERE}
-        return [dict(self._info.get((id(client), i), {"id": i, "host": None, "pid": None,
-                                                      "local": False})) for i in ids]
+                self._info[(id(client), i)] = {
+                    "id": i,
+                    "host": host,
+                    "pid": pid,
+                    "local": place == _HERE,
+                }
+        return [
+            dict(
+                self._info.get(
+                    (id(client), i), {"id": i, "host": None, "pid": None, "local": False}
+                )
+            )
+            for i in ids
+        ]
 
     def status(self) -> dict[str, Any]:
         """What ``%parallel_status`` shows, for the cluster that :meth:`client` returned last.
@@ -285,10 +296,18 @@ class ClusterManager:
             controller_dead = (
                 client is not None
                 and client is self._client
-                and not _alive(self._cluster.controller.pid, self._procs.get(self._cluster.controller.pid))
+                and not _alive(
+                    self._cluster.controller.pid, self._procs.get(self._cluster.controller.pid)
+                )
             )
         if client is None or getattr(client, "_closed", False):
-            return {"managed": False, "profile": None, "cluster_id": None, "engines": [], "processes": 0}
+            return {
+                "managed": False,
+                "profile": None,
+                "cluster_id": None,
+                "engines": [],
+                "processes": 0,
+            }
         if controller_dead:
             desc.update(engines=[], processes=0)
             return desc
@@ -365,12 +384,18 @@ class ClusterManager:
             out = []
             for i in client.ids:
                 info = self._info.get((id(client), i))
-                if info and info["pid"] is not None and not _alive(info["pid"], self._procs.get(info["pid"])):
+                if (
+                    info
+                    and info["pid"] is not None
+                    and not _alive(info["pid"], self._procs.get(info["pid"]))
+                ):
                     out.append(i)
             self._unregister(client, out)
             return out
 
-    def signal_engines(self, client, sig: int = signal.SIGINT, targets: list[int] | None = None) -> None:
+    def signal_engines(
+        self, client, sig: int = signal.SIGINT, targets: list[int] | None = None
+    ) -> None:
         """Send ``sig`` (default SIGINT: interrupt the running task) to engines.
 
         Managed engines get it directly by pid; an external cluster's engines
@@ -421,7 +446,9 @@ class ClusterManager:
                 self._cluster = pending.result(timeout=timeout)
             except concurrent.futures.TimeoutError:
                 pending.cancel()
-                raise RuntimeError(f"parloop's local cluster did not start within {timeout} s") from None
+                raise RuntimeError(
+                    f"parloop's local cluster did not start within {timeout} s"
+                ) from None
             except Exception as e:
                 self._kill_leftovers()
                 raise RuntimeError(f"parloop could not start a local cluster: {e}") from e
@@ -480,7 +507,9 @@ class ClusterManager:
         except concurrent.futures.TimeoutError:
             fut.cancel()
             self._kill_leftovers()
-            raise RuntimeError(f"parloop's local cluster did not start within {timeout:.0f} s") from None
+            raise RuntimeError(
+                f"parloop's local cluster did not start within {timeout:.0f} s"
+            ) from None
         except Exception as e:
             self._kill_leftovers()
             raise RuntimeError(f"parloop could not start a local cluster: {e}") from e
@@ -536,7 +565,9 @@ class ClusterManager:
         if cluster.controller is not None and cluster.controller.pid > 0:
             pids.append(cluster.controller.pid)
         for es in list(cluster.engines.values()):
-            pids.extend(launcher.pid for launcher in list(es.launchers.values()) if launcher.pid > 0)
+            pids.extend(
+                launcher.pid for launcher in list(es.launchers.values()) if launcher.pid > 0
+            )
         return pids
 
     def _record(self, pid: int) -> None:
@@ -560,7 +591,9 @@ class ClusterManager:
         import ipyparallel as ipp
 
         cluster = self._cluster
-        info = self._run(cluster.controller.get_connection_info(), timeout=max(1.0, deadline - time.monotonic()))
+        info = self._run(
+            cluster.controller.get_connection_info(), timeout=max(1.0, deadline - time.monotonic())
+        )
         client = ipp.Client(
             info["client"],
             cluster=cluster,
@@ -605,13 +638,17 @@ class ClusterManager:
         self.engine_info(client)
         info = {i: self._info.get((id(client), i)) for i in client.ids}
         launchers = self._launchers()
-        gone = {i for i, e in info.items() if e and e["pid"] is not None and e["pid"] not in launchers}
+        gone = {
+            i for i, e in info.items() if e and e["pid"] is not None and e["pid"] not in launchers
+        }
         extra = len(launchers) - n
         stop = []
         if extra > 0:
             by_pid = {e["pid"]: i for i, e in info.items() if e and i not in gone}
             # the newest engines go first
-            for pid in sorted(launchers, key=lambda p: by_pid.get(p, 1 << 30), reverse=True)[:extra]:
+            for pid in sorted(launchers, key=lambda p: by_pid.get(p, 1 << 30), reverse=True)[
+                :extra
+            ]:
                 stop.append(launchers[pid])
                 if pid in by_pid:
                     gone.add(by_pid[pid])
@@ -626,7 +663,9 @@ class ClusterManager:
             self._run(stop_some(), timeout=max(1.0, deadline - time.monotonic()))
         self._unregister(client, gone)
         if extra < 0:
-            self._run(self._cluster.start_engines(-extra), timeout=max(1.0, deadline - time.monotonic()))
+            self._run(
+                self._cluster.start_engines(-extra), timeout=max(1.0, deadline - time.monotonic())
+            )
             for pid in self._launcher_pids(self._cluster):
                 self._record(pid)
         self._processes = n
@@ -636,7 +675,9 @@ class ClusterManager:
             if len(ids) == n and not ids & gone:
                 break
             if time.monotonic() > limit:
-                raise RuntimeError(f"engines {sorted(ids)} registered, expected {n} without {sorted(gone)}")
+                raise RuntimeError(
+                    f"engines {sorted(ids)} registered, expected {n} without {sorted(gone)}"
+                )
             time.sleep(0.01)
         self._drop_info(client, gone)
         self._snapshot_descendants()
@@ -709,8 +750,12 @@ class ClusterManager:
             profile_dir = os.path.abspath(os.path.expanduser(profile))
         else:
             profile_dir = os.path.join(get_ipython_dir(), f"profile_{profile or 'default'}")
-        name = f"profile={profile or 'default'!r}" + (f", cluster_id={cluster_id!r}" if cluster_id else "")
-        client_json = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
+        name = f"profile={profile or 'default'!r}" + (
+            f", cluster_id={cluster_id!r}" if cluster_id else ""
+        )
+        client_json = (
+            f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
+        )
         url_file = os.path.join(profile_dir, "security", client_json)
         key = (profile_dir, cluster_id or "")
         deadline = time.monotonic() + timeout
@@ -720,10 +765,17 @@ class ClusterManager:
                 client, old_file, mtime = cached
                 if not getattr(client, "_closed", False) and _mtime(url_file) == mtime:
                     try:
-                        client.wait_for_engines(processes or 1, timeout=max(0.5, timeout), interactive=False)
+                        client.wait_for_engines(
+                            processes or 1, timeout=max(0.5, timeout), interactive=False
+                        )
                     except Exception as e:
-                        raise RuntimeError(f"the ipyparallel cluster ({name}) has {len(client.ids)} engines: {e}") from e
-                    self._current, self._current_desc = client, {"managed": False, "profile": profile, "cluster_id": cluster_id}
+                        raise RuntimeError(
+                            f"the ipyparallel cluster ({name}) has {len(client.ids)} engines: {e}"
+                        ) from e
+                    self._current, self._current_desc = (
+                        client,
+                        {"managed": False, "profile": profile, "cluster_id": cluster_id},
+                    )
                     return client
                 self._drop_info(client)
                 try:
@@ -744,13 +796,19 @@ class ClusterManager:
             time.sleep(0.1)
         mtime = _mtime(url_file)
         try:
-            client = ipp.Client(url_file, profile_dir=profile_dir, cluster_id=cluster_id or None,
-                                timeout=max(1.0, deadline - time.monotonic()))
+            client = ipp.Client(
+                url_file,
+                profile_dir=profile_dir,
+                cluster_id=cluster_id or None,
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
         except Exception as e:
             raise RuntimeError(f"cannot connect to the ipyparallel cluster ({name}): {e}") from e
         want = processes or 1
         try:
-            client.wait_for_engines(want, timeout=max(0.5, deadline - time.monotonic()), interactive=False)
+            client.wait_for_engines(
+                want, timeout=max(0.5, deadline - time.monotonic()), interactive=False
+            )
         except Exception as e:
             n = len(client.ids)
             client.close(linger=0)
@@ -760,7 +818,10 @@ class ClusterManager:
             ) from e
         with self._lock:
             self._external[key] = (client, url_file, mtime)
-            self._current, self._current_desc = client, {"managed": False, "profile": profile, "cluster_id": cluster_id}
+            self._current, self._current_desc = (
+                client,
+                {"managed": False, "profile": profile, "cluster_id": cluster_id},
+            )
         return client
 
     @staticmethod
@@ -784,7 +845,9 @@ class ClusterManager:
                     loop.call_soon(ready.set)
                     loop.run_forever()
 
-                self._thread = threading.Thread(target=main, name="parloop-cluster-loop", daemon=True)
+                self._thread = threading.Thread(
+                    target=main, name="parloop-cluster-loop", daemon=True
+                )
                 self._thread.start()
                 ready.wait(5)
                 self._loop = loop

@@ -12,6 +12,7 @@ function's parameters and local names play the notebook namespace's part.
             pages[u] = fetch(u)
         return pages
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,11 @@ class _Returns(ast.NodeTransformer):
     visit_ClassDef = visit_FunctionDef
 
     def visit_Return(self, node: ast.Return) -> ast.AST:
-        call = ast.Call(func=ast.Name("___Return", ast.Load()),
-                        args=[node.value or ast.Constant(None)], keywords=[])
+        call = ast.Call(
+            func=ast.Name("___Return", ast.Load()),
+            args=[node.value or ast.Constant(None)],
+            keywords=[],
+        )
         return ast.copy_location(ast.Raise(exc=call, cause=None), node)
 
 
@@ -57,7 +61,7 @@ def _function_tree(fn: Callable) -> tuple[ast.Module, str]:
         if isinstance(st, (ast.For, ast.AsyncFor)):
             module.body[:i] = [_Returns().visit(s) for s in module.body[:i]]
             st.orelse = [_Returns().visit(s) for s in st.orelse]
-            module.body[i + 1:] = [_Returns().visit(s) for s in module.body[i + 1:]]
+            module.body[i + 1 :] = [_Returns().visit(s) for s in module.body[i + 1 :]]
             break
     ast.fix_missing_locations(module)
     return module, fn.__code__.co_filename
@@ -84,8 +88,9 @@ def _decorator(magic: str, fn: Callable | None, options: dict[str, Any]) -> Any:
 
             ns: dict[str, Any] = dict(func.__globals__)
             if func.__closure__:
-                ns.update(zip(func.__code__.co_freevars,
-                              (c.cell_contents for c in func.__closure__)))
+                ns.update(
+                    zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__))
+                )
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             ns.update(bound.arguments)
@@ -93,8 +98,9 @@ def _decorator(magic: str, fn: Callable | None, options: dict[str, Any]) -> Any:
             cell = Cell(source="", filename=filename, tree=tree)
             mode = opts.resolved_progress(False)
             try:
-                run_cell(cell, ns, opts, make_backend,
-                         TextProgress() if mode != "off" else Progress())  # type: ignore
+                run_cell(
+                    cell, ns, opts, make_backend, TextProgress() if mode != "off" else Progress()
+                )  # type: ignore
             except _Return as r:
                 return r.value
             return None

@@ -7,6 +7,7 @@ inputs arrive by value through :mod:`parloop.transport`, and payloads travel
 as cloudpickle bytes so instances of notebook classes survive the round trip
 (cloudpickle's class tracking gives the kernel back its own classes).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -62,8 +63,12 @@ def _function(key: str, program: Program, inputs: dict[str, Any]) -> Callable:
                 importlib.import_module(name)
             except ImportError:
                 pass
-        linecache.cache[program.filename] = (sum(map(len, program.cell_lines)), None,
-                                             program.cell_lines, program.filename)
+        linecache.cache[program.filename] = (
+            sum(map(len, program.cell_lines)),
+            None,
+            program.cell_lines,
+            program.filename,
+        )
         for filename, lines in program.sources.get("files", {}).items():
             # the cells that define the notebook functions the loop calls: a
             # traceback from inside one shows its lines, as in the kernel
@@ -99,14 +104,20 @@ def _input_ids(fn: Callable, names: tuple[str, ...]) -> dict[int, tuple]:
     if ids is not None:
         return ids
     from .log.entries import SCALARS
+
     ids = {}
     for name in names:
         obj = fn.__globals__.get(name)
         if obj is None or isinstance(obj, SCALARS):
             continue
         ids[id(obj)] = ("parloop-input", name, ())
-        items = (enumerate(obj) if isinstance(obj, (list, tuple))
-                 else obj.items() if isinstance(obj, dict) else ())
+        items = (
+            enumerate(obj)
+            if isinstance(obj, (list, tuple))
+            else obj.items()
+            if isinstance(obj, dict)
+            else ()
+        )
         for k, v in items:
             if not isinstance(v, SCALARS):
                 ids.setdefault(id(v), ("parloop-input", name, (k,)))
@@ -132,13 +143,15 @@ def _traceback_text(exc: BaseException, functions: dict[str, str]) -> str:
             if f.filename == "<dynamic-code>" and f.name in functions and f.lineno:
                 real = functions[f.name]
                 t.stack[k] = traceback.FrameSummary(
-                    real, f.lineno, f.name, line=linecache.getline(real, f.lineno).strip())
+                    real, f.lineno, f.name, line=linecache.getline(real, f.lineno).strip()
+                )
         todo += [x for x in (t.__cause__, t.__context__) if x is not None]
     return "".join(te.format())
 
 
-def _portable(res: ChunkResult, ids: dict[int, tuple] | None = None,
-              functions: dict[str, str] | None = None) -> bytes:
+def _portable(
+    res: ChunkResult, ids: dict[int, tuple] | None = None, functions: dict[str, str] | None = None
+) -> bytes:
     """cloudpickle the result; values that cannot travel (an open file left in
     a private name, an exception holding a socket) are replaced by a
     description rather than losing the whole chunk."""
@@ -171,8 +184,9 @@ def _portable(res: ChunkResult, ids: dict[int, tuple] | None = None,
         try:
             cloudpickle.dumps(err.exc)
         except Exception:  # noqa: BLE001
-            err.exc = RuntimeError(f"{type(err.exc).__name__}: {err.exc} "
-                                   "(the exception itself could not be sent back)")
+            err.exc = RuntimeError(
+                f"{type(err.exc).__name__}: {err.exc} (the exception itself could not be sent back)"
+            )
         err.snapshot = {}
     return cloudpickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -241,24 +255,41 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _run(fn: Callable, program: Program, payload: bytes | memoryview,
-         publisher: _ProgressPublisher | None, worker: str) -> bytes:
+def _run(
+    fn: Callable,
+    program: Program,
+    payload: bytes | memoryview,
+    publisher: _ProgressPublisher | None,
+    worker: str,
+) -> bytes:
     """One chunk: ``payload`` is ``pickle((items, start))``; returns the result's bytes."""
     items, start = pickle.loads(payload)
     if program.seeded:
         seeding.begin_run()
     try:
         with OutputCapture():
-            res = run_chunk(fn, items, start, program.on_error, program.private, program.seed,
-                            worker=worker, timeout=program.timeout, shape=program.shape,
-                            watch=True,
-                            register=publisher.watch if publisher else None)
+            res = run_chunk(
+                fn,
+                items,
+                start,
+                program.on_error,
+                program.private,
+                program.seed,
+                worker=worker,
+                timeout=program.timeout,
+                shape=program.shape,
+                watch=True,
+                register=publisher.watch if publisher else None,
+            )
     finally:
         if program.seeded:
             seeding.end_run()
     shape = program.shape
-    return _portable(res, _input_ids(fn, shape.stored) if shape and shape.stored else None,
-                     program.sources.get("functions"))
+    return _portable(
+        res,
+        _input_ids(fn, shape.stored) if shape and shape.stored else None,
+        program.sources.get("functions"),
+    )
 
 
 def run_remote(keys: dict[str, str], payload: bytes) -> bytes:

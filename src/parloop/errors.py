@@ -1,4 +1,5 @@
 """The exceptions of parloop's public contract (docs/design.md §1)."""
+
 from __future__ import annotations
 
 

@@ -10,6 +10,7 @@ covered), with the out-of-band buffers of NumPy arrays hashed in place (no
 copy).  Objects that cannot change are never fingerprinted (see
 :func:`watchable`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,11 +24,28 @@ import cloudpickle
 
 #: values that cannot be changed in place (or whose changes are not state the
 #: loop's answer depends on: locks and other synchronisation primitives)
-_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), range, frozenset,
-              types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-              types.MethodType, type)
+_IMMUTABLE = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    type(None),
+    range,
+    frozenset,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    type,
+)
 _SYNC = tuple(type(x) for x in (threading.Lock(), threading.RLock())) + (
-    threading.Semaphore, threading.Condition, threading.Event, threading.Barrier)
+    threading.Semaphore,
+    threading.Condition,
+    threading.Event,
+    threading.Barrier,
+)
 
 
 def watchable(value: Any) -> bool:
@@ -51,9 +69,12 @@ def _class_data(cls: type) -> dict[str, Any]:
     """A notebook class's data attributes (its methods are code, not state:
     pickling them by value would take in the globals they use, which the
     loop's log may legitimately change)."""
-    return {k: v for k, v in vars(cls).items()
-            if not k.startswith("__") and not isinstance(
-                v, (types.FunctionType, classmethod, staticmethod, property))}
+    return {
+        k: v
+        for k, v in vars(cls).items()
+        if not k.startswith("__")
+        and not isinstance(v, (types.FunctionType, classmethod, staticmethod, property))
+    }
 
 
 def _state(value: Any) -> Any:
@@ -63,10 +84,19 @@ def _state(value: Any) -> Any:
     if isinstance(value, type):
         return ("class", value.__qualname__, _class_data(value))
     if getattr(cls, "__module__", None) == "__main__":
-        slots = {s: getattr(value, s) for k in cls.__mro__
-                 for s in getattr(k, "__slots__", ()) if hasattr(value, s)}
-        return ("instance", cls.__qualname__, getattr(value, "__dict__", None), slots,
-                _class_data(cls))
+        slots = {
+            s: getattr(value, s)
+            for k in cls.__mro__
+            for s in getattr(k, "__slots__", ())
+            if hasattr(value, s)
+        }
+        return (
+            "instance",
+            cls.__qualname__,
+            getattr(value, "__dict__", None),
+            slots,
+            _class_data(cls),
+        )
     return value
 
 
@@ -89,9 +119,9 @@ class Watched:
     """One watched object and its fingerprint when watching began (or why
     none could be taken)."""
 
-    label: str                 # for messages: "`net`", "`SEEN` (a global of `record`)"
+    label: str  # for messages: "`net`", "`SEEN` (a global of `record`)"
     obj: Any
-    print: bytes | str         # the digest, or why there is none
+    print: bytes | str  # the digest, or why there is none
 
     def change(self, who: str = "") -> str:
         """Why the object may have changed since (``who``: "iteration 0"),
@@ -119,8 +149,10 @@ def resolve(path: tuple[str, ...], names: dict[str, Any]) -> tuple[str, Any]:
     obj = names.get(path[0], _MISSING)
     if len(path) == 1:
         return f"`{path[0]}`", obj
-    return (f"`{path[1]}` (a global of `{path[0]}`)",
-            getattr(obj, "__globals__", {}).get(path[1], _MISSING))
+    return (
+        f"`{path[1]}` (a global of `{path[0]}`)",
+        getattr(obj, "__globals__", {}).get(path[1], _MISSING),
+    )
 
 
 def watch(label: str, obj: Any) -> Watched:
@@ -130,8 +162,11 @@ def watch(label: str, obj: Any) -> Watched:
         return Watched(label, obj, f"cannot be fingerprinted ({e})")
 
 
-def watch_all(paths: tuple[tuple[str, ...], ...], names: dict[str, Any],
-              skip: Callable[[Any], bool] = lambda obj: False) -> list[Watched]:
+def watch_all(
+    paths: tuple[tuple[str, ...], ...],
+    names: dict[str, Any],
+    skip: Callable[[Any], bool] = lambda obj: False,
+) -> list[Watched]:
     """Fingerprint every watched object found in ``names`` (``skip``: objects
     watched some other way, e.g. arrays made read-only)."""
     out = []

@@ -5,6 +5,7 @@ Defaults are configurable the IPython way, e.g. ``%config ParloopMagics.progress
 or ``c.ParloopMagics.threads = '16'`` in ``ipython_config.py``; the values use
 the option syntax of the magic line and are validated the same way.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -124,8 +125,9 @@ class ParloopMagics(Magics):
             try:
                 defaults[spec.key] = spec.parse(raw) if spec.parse else True
             except ValueError as e:
-                raise UsageError(f"ParloopMagics.{spec.key} = {raw!r} is not valid ({e}); "
-                                 f"expected {spec.syntax}") from None
+                raise UsageError(
+                    f"ParloopMagics.{spec.key} = {raw!r} is not valid ({e}); expected {spec.syntax}"
+                ) from None
         return opts.with_defaults(**defaults)
 
     def _cell(self, magic: str, line: str, cell: str) -> Cell:
@@ -155,6 +157,7 @@ class ParloopMagics(Magics):
             else:
                 return WidgetProgress()  # type: ignore[return-value]
         from .progress.text import TextProgress
+
         return TextProgress()  # type: ignore[return-value]
 
     def _run(self, magic: str, line: str, cell: str) -> Any:
@@ -163,8 +166,13 @@ class ParloopMagics(Magics):
         if cell is None or not cell.strip():
             raise UsageError(f"%%{magic} needs a cell with a `for` loop below the magic line")
         assert self.shell is not None
-        return run_cell(self._cell(magic, line, cell), self.shell.user_ns, opts,
-                        make_backend, None if opts.explain else self._progress(opts))
+        return run_cell(
+            self._cell(magic, line, cell),
+            self.shell.user_ns,
+            opts,
+            make_backend,
+            None if opts.explain else self._progress(opts),
+        )
 
     @cell_magic
     def threaded(self, line: str, cell: str) -> Any:
@@ -180,15 +188,20 @@ class ParloopMagics(Magics):
     def parallel_status(self, line: str = "") -> None:
         """Show the parallel backend: engines, hosts, busy/idle, the last run."""
         from .status import status_text
+
         print(status_text())
 
     @line_magic
     def parallel_stop(self, line: str = "") -> None:
         """Stop the local cluster that %%parallel started (not an external one)."""
         from .backends import engines
+
         stopped = engines.stop_managed()
-        print("parloop: stopped the managed cluster" if stopped
-              else "parloop: no managed cluster is running")
+        print(
+            "parloop: stopped the managed cluster"
+            if stopped
+            else "parloop: no managed cluster is running"
+        )
 
 
 ParloopMagics.threaded.__doc__ = _USAGE["threaded"].format(options=manual("threaded"))
@@ -198,18 +211,25 @@ ParloopMagics.parallel.__doc__ = _USAGE["parallel"].format(options=manual("paral
 def make_backend(opts: Options, plan: LoopPlan) -> Backend:
     """The backend for a run, from the magic and its options."""
     from .backends.threads import SerialBackend, ThreadBackend
+
     if plan.is_async:
         if opts.magic == "parallel":
             raise LoopAnalysisError(
                 "the loop awaits (`await`, `async for`, `async with`): engines run plain "
                 "functions; use %%threaded, which runs each iteration as an asyncio task "
-                "(tasks=N at once)", lineno=plan.loop.lineno)
+                "(tasks=N at once)",
+                lineno=plan.loop.lineno,
+            )
         from .backends.tasks import TaskBackend
-        return TaskBackend(1 if opts.serial else opts.tasks,  # type: ignore[return-value]
-                           opts.chunksize)
+
+        return TaskBackend(
+            1 if opts.serial else opts.tasks,  # type: ignore[return-value]
+            opts.chunksize,
+        )
     if opts.serial:
         return SerialBackend()  # type: ignore[return-value]
     if opts.magic == "threaded":
         return ThreadBackend(opts.threads or cpu_count())  # type: ignore[return-value]
     from .backends import engines
+
     return engines.EngineBackend.for_options(opts, plan)  # type: ignore[return-value]

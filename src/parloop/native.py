@@ -12,6 +12,7 @@ workers take over from where the probe stopped (and the chunk sizer starts
 from the measured iteration time instead of probing with tiny chunks).
 The choice and its figures go to ``parloop.last_run.notes``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,10 +36,17 @@ def eligible(opts: Options, plan: LoopPlan, backend_name: str, total: int | None
     """Native running must not change what the user asked for: only the
     default error mode, no per-iteration streams or timeouts, no fixed chunk
     size, and a loop long enough for overheads to matter."""
-    return (backend_name in COSTS and not plan.is_async and opts.on_error == "raise"
-            and opts.seed is None and opts.timeout is None and opts.chunksize is None
-            and not plan.copies
-            and not opts.serial and (total is None or total >= MIN_ITERATIONS))
+    return (
+        backend_name in COSTS
+        and not plan.is_async
+        and opts.on_error == "raise"
+        and opts.seed is None
+        and opts.timeout is None
+        and opts.chunksize is None
+        and not plan.copies
+        and not opts.serial
+        and (total is None or total >= MIN_ITERATIONS)
+    )
 
 
 class NativeLoop:
@@ -51,12 +59,18 @@ class NativeLoop:
     FULL = "___parloop_full"
 
     def __init__(self, plan: LoopPlan, filename: str, ns: dict[str, Any]):
-        target = ast.Tuple(elts=[ast.Name(self.INDEX, ast.Store()),
-                                 copy.deepcopy(plan.loop.target)], ctx=ast.Store())
+        target = ast.Tuple(
+            elts=[ast.Name(self.INDEX, ast.Store()), copy.deepcopy(plan.loop.target)],
+            ctx=ast.Store(),
+        )
         # the else clause says the slice ran to its end (no `break`)
         full = ast.Assign(targets=[ast.Name(self.FULL, ast.Store())], value=ast.Constant(True))
-        loop = ast.For(target=target, iter=ast.Name(self.ITEMS, ast.Load()),
-                       body=copy.deepcopy(plan.loop.body), orelse=[full])
+        loop = ast.For(
+            target=target,
+            iter=ast.Name(self.ITEMS, ast.Load()),
+            body=copy.deepcopy(plan.loop.body),
+            orelse=[full],
+        )
         ast.copy_location(loop, plan.loop)
         ast.copy_location(target, plan.loop.target)
         ast.fix_missing_locations(loop)
@@ -87,11 +101,13 @@ class NativeLoop:
 
     def values(self) -> str:
         from .log.commit import _short
+
         return ", ".join(f"{k}={_short.repr(self.ns[k])}" for k in self.targets if k in self.ns)
 
 
-def native_wins(wall: float, cpu: float, n: int, remaining: int | None, backend: str,
-                workers: int) -> bool:
+def native_wins(
+    wall: float, cpu: float, n: int, remaining: int | None, backend: str, workers: int
+) -> bool:
     """Would the rest of the loop finish sooner natively than on the workers?"""
     if n == 0:
         return False
@@ -101,6 +117,7 @@ def native_wins(wall: float, cpu: float, n: int, remaining: int | None, backend:
         # as the thread-count formula: CPU time overlaps across the cores (C
         # code that releases the GIL), waiting time across all the threads
         from .schedule import cpu_count
+
         effective = min(workers, cpu_count() * max(1.0, wall / max(cpu, 1e-9)))
     else:
         effective = max(workers, 1)

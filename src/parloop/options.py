@@ -5,6 +5,7 @@ Options are ``key=value`` words; bare words are flags.  Anything unknown or
 malformed is a ``UsageError`` naming the word and listing the valid options,
 raised before anything runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
         if v not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}")
         return v
+
     return parse
 
 
@@ -71,43 +73,110 @@ class OptionSpec:
 
 
 SPECS: tuple[OptionSpec, ...] = (
-    OptionSpec("threads", "threads=N|auto", _auto_or_int, ("threaded",),
-               "worker threads; auto measures the first iterations and applies "
-               "TC = N x (T1 + T2) / T1 (N cores, T1 CPU time, T2 waiting time)"),
-    OptionSpec("tasks", "tasks=N", _positive_int, ("threaded",),
-               "for a body that awaits: at most N asyncio tasks at once (default 100)"),
-    OptionSpec("processes", "processes=N", _positive_int, ("parallel",),
-               "engines of the managed local cluster (default: the CPU count)"),
-    OptionSpec("profile", "profile=NAME", str, ("parallel",),
-               "use the running ipyparallel cluster of this profile instead"),
-    OptionSpec("cluster_id", "cluster_id=ID", str, ("parallel",),
-               "use the running ipyparallel cluster with this id instead"),
-    OptionSpec("retries", "retries=N", _non_negative_int, ("parallel",),
-               "re-run the iterations of a lost engine up to N times (default 1)"),
-    OptionSpec("timeout", "timeout=SECONDS", _seconds, ("parallel",),
-               "per-iteration limit; a longer iteration is reported and its engine "
-               "interrupted"),
-    OptionSpec("chunksize", "chunksize=auto|N", _auto_or_int, ("threaded", "parallel"),
-               "iterations per chunk; auto sizes chunks from measured iteration times"),
-    OptionSpec("progress", "progress=widget|text|off", _choice("widget", "text", "off"),
-               ("threaded", "parallel"),
-               "live view: a widget, a tqdm text bar, or nothing (default: widget in a "
-               f"widget-capable frontend, text otherwise; ${PROGRESS_ENV} overrides)"),
-    OptionSpec("on_error", "on_error=raise|skip|collect", _choice("raise", "skip", "collect"),
-               ("threaded", "parallel"),
-               "raise: re-raise the first failing iteration's exception (default); skip: "
-               "drop failing iterations' effects; collect: keep going, errors in "
-               "parloop.last_run.errors"),
-    OptionSpec("seed", "seed=N", _int, ("threaded", "parallel"),
-               "per-iteration random and numpy.random streams derived from (N, index)"),
-    OptionSpec("private", "private=NAME[,NAME...]", _names, ("threaded", "parallel"),
-               "each iteration works on its own copy of these outside objects (as they "
-               "were before the loop); afterwards each name holds the last iteration's copy"),
-    OptionSpec("explain", "explain", None, ("threaded", "parallel"),
-               "print the analysis (every name's role and how it travels); run nothing"),
-    OptionSpec("serial", "serial", None, ("threaded", "parallel"),
-               "run the rewritten loop in the kernel, one iteration at a time "
-               "(same semantics; for debugging)"),
+    OptionSpec(
+        "threads",
+        "threads=N|auto",
+        _auto_or_int,
+        ("threaded",),
+        "worker threads; auto measures the first iterations and applies "
+        "TC = N x (T1 + T2) / T1 (N cores, T1 CPU time, T2 waiting time)",
+    ),
+    OptionSpec(
+        "tasks",
+        "tasks=N",
+        _positive_int,
+        ("threaded",),
+        "for a body that awaits: at most N asyncio tasks at once (default 100)",
+    ),
+    OptionSpec(
+        "processes",
+        "processes=N",
+        _positive_int,
+        ("parallel",),
+        "engines of the managed local cluster (default: the CPU count)",
+    ),
+    OptionSpec(
+        "profile",
+        "profile=NAME",
+        str,
+        ("parallel",),
+        "use the running ipyparallel cluster of this profile instead",
+    ),
+    OptionSpec(
+        "cluster_id",
+        "cluster_id=ID",
+        str,
+        ("parallel",),
+        "use the running ipyparallel cluster with this id instead",
+    ),
+    OptionSpec(
+        "retries",
+        "retries=N",
+        _non_negative_int,
+        ("parallel",),
+        "re-run the iterations of a lost engine up to N times (default 1)",
+    ),
+    OptionSpec(
+        "timeout",
+        "timeout=SECONDS",
+        _seconds,
+        ("parallel",),
+        "per-iteration limit; a longer iteration is reported and its engine interrupted",
+    ),
+    OptionSpec(
+        "chunksize",
+        "chunksize=auto|N",
+        _auto_or_int,
+        ("threaded", "parallel"),
+        "iterations per chunk; auto sizes chunks from measured iteration times",
+    ),
+    OptionSpec(
+        "progress",
+        "progress=widget|text|off",
+        _choice("widget", "text", "off"),
+        ("threaded", "parallel"),
+        "live view: a widget, a tqdm text bar, or nothing (default: widget in a "
+        f"widget-capable frontend, text otherwise; ${PROGRESS_ENV} overrides)",
+    ),
+    OptionSpec(
+        "on_error",
+        "on_error=raise|skip|collect",
+        _choice("raise", "skip", "collect"),
+        ("threaded", "parallel"),
+        "raise: re-raise the first failing iteration's exception (default); skip: "
+        "drop failing iterations' effects; collect: keep going, errors in "
+        "parloop.last_run.errors",
+    ),
+    OptionSpec(
+        "seed",
+        "seed=N",
+        _int,
+        ("threaded", "parallel"),
+        "per-iteration random and numpy.random streams derived from (N, index)",
+    ),
+    OptionSpec(
+        "private",
+        "private=NAME[,NAME...]",
+        _names,
+        ("threaded", "parallel"),
+        "each iteration works on its own copy of these outside objects (as they "
+        "were before the loop); afterwards each name holds the last iteration's copy",
+    ),
+    OptionSpec(
+        "explain",
+        "explain",
+        None,
+        ("threaded", "parallel"),
+        "print the analysis (every name's role and how it travels); run nothing",
+    ),
+    OptionSpec(
+        "serial",
+        "serial",
+        None,
+        ("threaded", "parallel"),
+        "run the rewritten loop in the kernel, one iteration at a time "
+        "(same semantics; for debugging)",
+    ),
 )
 
 
@@ -164,28 +233,38 @@ def parse_options(line: str, magic: str) -> Options:
         spec = specs.get(key)
         if spec is None:
             other = [s for s in SPECS if s.key == key]
-            why = (f"`{key}` is an option of %%{other[0].magics[0]}, not %%{magic}"
-                   if other else f"unknown option `{word}`")
+            why = (
+                f"`{key}` is an option of %%{other[0].magics[0]}, not %%{magic}"
+                if other
+                else f"unknown option `{word}`"
+            )
             raise UsageError(f"%%{magic}: {why}. Valid options: {_valid_list(magic)}")
         if key in given:
             raise UsageError(f"%%{magic}: option `{key}` given twice")
         if spec.parse is None:
             if eq:
-                raise UsageError(f"%%{magic}: `{key}` is a flag and takes no value "
-                                 f"(got `{word}`). Valid options: {_valid_list(magic)}")
+                raise UsageError(
+                    f"%%{magic}: `{key}` is a flag and takes no value "
+                    f"(got `{word}`). Valid options: {_valid_list(magic)}"
+                )
             given[key] = True
             continue
         if not eq or value == "":
-            raise UsageError(f"%%{magic}: option `{key}` needs a value: {spec.syntax}. "
-                             f"Valid options: {_valid_list(magic)}")
+            raise UsageError(
+                f"%%{magic}: option `{key}` needs a value: {spec.syntax}. "
+                f"Valid options: {_valid_list(magic)}"
+            )
         try:
             given[key] = spec.parse(value)
         except ValueError as e:
-            raise UsageError(f"%%{magic}: bad value in `{word}` ({e}); expected "
-                             f"{spec.syntax}") from None
+            raise UsageError(
+                f"%%{magic}: bad value in `{word}` ({e}); expected {spec.syntax}"
+            ) from None
     if "processes" in given and ("profile" in given or "cluster_id" in given):
-        raise UsageError(f"%%{magic}: `processes` sizes the managed local cluster and "
-                         "cannot be combined with `profile`/`cluster_id`")
+        raise UsageError(
+            f"%%{magic}: `processes` sizes the managed local cluster and "
+            "cannot be combined with `profile`/`cluster_id`"
+        )
     opts = replace(opts, given=given, **given)
     return opts
 

@@ -1,5 +1,6 @@
 """``parloop.last_run``: what the last run did, for the user, the report and
 the tests (docs/design.md §1)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,13 +42,13 @@ class WorkerState:
     """One worker as the live view shows it."""
 
     name: str
-    done: int = 0                 # iterations it completed in this run
-    busy: float = 0.0             # seconds spent in chunks (finished ones)
-    current: int | None = None    # the iteration it is on now
-    current_values: str = ""      # a short repr of that iteration's loop values
-    failed: int = 0               # iterations that raised on it
+    done: int = 0  # iterations it completed in this run
+    busy: float = 0.0  # seconds spent in chunks (finished ones)
+    current: int | None = None  # the iteration it is on now
+    current_values: str = ""  # a short repr of that iteration's loop values
+    failed: int = 0  # iterations that raised on it
     chunks: int = 0
-    partial: int = 0              # iterations done in the chunk it is running
+    partial: int = 0  # iterations done in the chunk it is running
 
     @property
     def shown_done(self) -> int:
@@ -98,8 +99,10 @@ class LastRun:
     def dependence_note(self) -> str | None:
         """One line for ``notes`` and the report: what the dependence test did."""
         if self.hidden:
-            return (f"hidden state: {self.hidden}; ran serially in the kernel from iteration "
-                    f"{self.serial_from}")
+            return (
+                f"hidden state: {self.hidden}; ran serially in the kernel from iteration "
+                f"{self.serial_from}"
+            )
         if not self.reruns:
             return None
         why = self.conflicts[0] if self.conflicts else ""
@@ -107,11 +110,14 @@ class LastRun:
             why += f"; {self.hint}"
         if self.serial_from is not None:
             first = self.reruns[0]
-            return (f"iterations {first}-{max(self.done - 1, first)} ran in the kernel "
-                    f"(serially from iteration {self.serial_from}: most iterations depend "
-                    f"on earlier ones): {why}")
-        return (f"{len(self.reruns)} iteration(s) re-run in the kernel "
-                f"({_ranges(self.reruns)}): {why}")
+            return (
+                f"iterations {first}-{max(self.done - 1, first)} ran in the kernel "
+                f"(serially from iteration {self.serial_from}: most iterations depend "
+                f"on earlier ones): {why}"
+            )
+        return (
+            f"{len(self.reruns)} iteration(s) re-run in the kernel ({_ranges(self.reruns)}): {why}"
+        )
 
     @property
     def per_worker(self) -> dict[str, dict[str, float]]:
@@ -128,8 +134,10 @@ class LastRun:
     def iteration_seconds(self) -> list[tuple[int, int, float]]:
         """(first index, count, mean seconds per iteration) per chunk: the
         per-iteration timing at the granularity it is measured at."""
-        return [(c.start, c.count, c.seconds / c.count if c.count else 0.0)
-                for c in sorted(self.chunks, key=lambda c: c.start)]
+        return [
+            (c.start, c.count, c.seconds / c.count if c.count else 0.0)
+            for c in sorted(self.chunks, key=lambda c: c.start)
+        ]
 
     @property
     def busy(self) -> float:
@@ -138,9 +146,11 @@ class LastRun:
     def summary(self) -> str:
         total = "?" if self.total is None else str(self.total)
         speed = self.busy / self.wall if self.wall > 0 else 0.0
-        parts = [f"{self.magic} on {self.workers} {self.backend} worker(s): "
-                 f"{self.done}/{total} iterations in {self.wall:.3f} s "
-                 f"(busy/wall = {speed:.2f})"]
+        parts = [
+            f"{self.magic} on {self.workers} {self.backend} worker(s): "
+            f"{self.done}/{total} iterations in {self.wall:.3f} s "
+            f"(busy/wall = {speed:.2f})"
+        ]
         if self.errors:
             parts.append(f"{len(self.errors)} failed")
         if self.interrupted:

@@ -11,6 +11,7 @@ written, at the user's line numbers, so tracebacks point at the cell.
 Generated names start with three underscores (IPython's convention) so they
 never meet user names.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,14 +23,30 @@ from typing import Any, Mapping
 
 from .analysis import AUG_OPS, MUTATING_METHODS, LoopPlan, chain_root
 from .analysis.dependence import rebind_operand
-from .log.entries import (CALL, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR, FINAL_DEL_ITEM,
-                          FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
-                          SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM, TARGET_WRITE, FLUSH)
+from .log.entries import (
+    CALL,
+    FINAL_AUG_ATTR,
+    FINAL_AUG_ITEM,
+    FINAL_DEL_ATTR,
+    FINAL_DEL_ITEM,
+    FINAL_SET_ATTR,
+    FINAL_SET_ITEM,
+    FLUSH,
+    GROUP,
+    PATH,
+    REDUCE,
+    SET_ATTR,
+    SET_ITEM,
+    STEP_ATTR,
+    STEP_CALL,
+    STEP_ITEM,
+    TARGET_WRITE,
+)
 
 #: the chunk function: one call runs a chunk of iterations.  Statements named
 #: ``___SLOT`` are placeholders that :func:`_fill` replaces (as IPython's
 #: TimeitTemplateFiller does), never positions in the template.
-_TEMPLATE = '''
+_TEMPLATE = """
 def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
     ___rec = ___log.append
     ___mark = ___ctl.marks.append
@@ -48,13 +65,13 @@ def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
             if ___ctl.failed(___n, ___e, ___h.locals()):
                 break
     return ___h.locals()
-'''
+"""
 
 #: the chunk function of a loop whose iterations may depend on each other
 #: (shared objects, checked privates): per-iteration records, reads through
 #: ``___R``, writes to shared objects through ``___wr``, privates unbound
 #: between iterations (so each iteration's record holds what *it* bound)
-_SPECULATIVE_TEMPLATE = '''
+_SPECULATIVE_TEMPLATE = """
 def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
     ___rec = ___log.append
     ___wr = ___ctl.write
@@ -82,7 +99,7 @@ def ___parloop_chunk(___items, ___log, ___parts, ___ctl, ___h):
             ___ctl.end_iter(___n, ___h.locals())
             ___UNBIND
     return ___h.locals()
-'''
+"""
 
 #: the one name of each generated function (also what tracebacks are cut at)
 CHUNK_FN = "___parloop_chunk"
@@ -98,8 +115,11 @@ class _Fill(ast.NodeTransformer):
             if isinstance(old, list) and old and isinstance(old[0], ast.stmt):
                 new: list[ast.stmt] = []
                 for st in old:
-                    if isinstance(st, ast.Expr) and isinstance(st.value, ast.Name) \
-                            and st.value.id in self.slots:
+                    if (
+                        isinstance(st, ast.Expr)
+                        and isinstance(st.value, ast.Name)
+                        and st.value.id in self.slots
+                    ):
                         new.extend(self.slots[st.value.id])
                     else:
                         new.append(self.visit(st))  # type: ignore[arg-type]
@@ -128,12 +148,16 @@ class _SharedReads(ast.NodeTransformer):
         self.shared = shared
 
     def _is_shared(self, node: ast.AST) -> bool:
-        return isinstance(node, ast.Name) and node.id in self.shared \
-            and isinstance(node.ctx, ast.Load)
+        return (
+            isinstance(node, ast.Name) and node.id in self.shared and isinstance(node.ctx, ast.Load)
+        )
 
     def _call(self, method: str, name: str, *args: ast.expr) -> ast.Call:
-        return ast.Call(func=ast.Attribute(value=_name("___R"), attr=method, ctx=ast.Load()),
-                        args=[_const(name), _name(name), *args], keywords=[])
+        return ast.Call(
+            func=ast.Attribute(value=_name("___R"), attr=method, ctx=ast.Load()),
+            args=[_const(name), _name(name), *args],
+            keywords=[],
+        )
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         if self._is_shared(node.value) and isinstance(node.ctx, ast.Load):
@@ -143,20 +167,39 @@ class _SharedReads(ast.NodeTransformer):
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         f = node.func
-        if isinstance(f, ast.Attribute) and f.attr == "get" and self._is_shared(f.value) \
-                and 1 <= len(node.args) <= 2 and not node.keywords \
-                and not any(isinstance(a, ast.Starred) for a in node.args):
+        if (
+            isinstance(f, ast.Attribute)
+            and f.attr == "get"
+            and self._is_shared(f.value)
+            and 1 <= len(node.args) <= 2
+            and not node.keywords
+            and not any(isinstance(a, ast.Starred) for a in node.args)
+        ):
             args = [self.visit(a) for a in node.args]
             return ast.copy_location(self._call("get", f.value.id, *args), node)  # type: ignore
-        if isinstance(f, ast.Name) and f.id == "len" and len(node.args) == 1 \
-                and not node.keywords and self._is_shared(node.args[0]):
-            return ast.copy_location(self._call("length", node.args[0].id,  # type: ignore
-                                                _name("len")), node)
+        if (
+            isinstance(f, ast.Name)
+            and f.id == "len"
+            and len(node.args) == 1
+            and not node.keywords
+            and self._is_shared(node.args[0])
+        ):
+            return ast.copy_location(
+                self._call(
+                    "length",
+                    node.args[0].id,  # type: ignore
+                    _name("len"),
+                ),
+                node,
+            )
         return self.generic_visit(node)
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
-        if len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)) \
-                and self._is_shared(node.comparators[0]):
+        if (
+            len(node.ops) == 1
+            and isinstance(node.ops[0], (ast.In, ast.NotIn))
+            and self._is_shared(node.comparators[0])
+        ):
             call = self._call("has", node.comparators[0].id, self.visit(node.left))  # type: ignore
             out: ast.expr = call
             if isinstance(node.ops[0], ast.NotIn):
@@ -166,8 +209,14 @@ class _SharedReads(ast.NodeTransformer):
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         if self._is_shared(node.value) and isinstance(node.ctx, ast.Load):
-            return ast.copy_location(self._call("attr", node.value.id,  # type: ignore
-                                                _const(node.attr)), node)
+            return ast.copy_location(
+                self._call(
+                    "attr",
+                    node.value.id,  # type: ignore
+                    _const(node.attr),
+                ),
+                node,
+            )
         return self.generic_visit(node)
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
@@ -205,18 +254,25 @@ def is_plain_callable_root(value: Any) -> bool:
     ``np.save(...)``, ``MyClass.register(...)``); on anything else
     (``out.append(v)``, ``logger.info(...)``) they are replayed in order."""
     from .analysis.hidden import is_stateful_module
+
     if is_stateful_module(value):
         return False  # pyplot's calls change its global state: replayed in order
-    return isinstance(value, (types.ModuleType, type, types.FunctionType,
-                              types.BuiltinFunctionType)) or inspect.isroutine(value)
+    return isinstance(
+        value, (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
+    ) or inspect.isroutine(value)
 
 
 def classify_call_roots(plan: LoopPlan, ns: Mapping[str, Any]) -> set[str]:
     """The call roots whose statement calls run in the worker, decided from the
     values bound when the loop starts."""
-    return {name for name in plan.call_roots
-            if name in ns and is_plain_callable_root(ns[name])
-            or name not in ns and hasattr(builtins, name)}
+    return {
+        name
+        for name in plan.call_roots
+        if name in ns
+        and is_plain_callable_root(ns[name])
+        or name not in ns
+        and hasattr(builtins, name)
+    }
 
 
 def _name(id_: str, store: bool = False) -> ast.Name:
@@ -234,9 +290,11 @@ def _tuple(elts: list[ast.expr]) -> ast.Tuple:
 def _key_expr(sl: ast.expr) -> ast.expr:
     """A subscript's key as a value: slices become ``slice(...)`` objects."""
     if isinstance(sl, ast.Slice):
-        return ast.Call(func=_name("___slice"), args=[
-            sl.lower or _const(None), sl.upper or _const(None), sl.step or _const(None)],
-            keywords=[])
+        return ast.Call(
+            func=_name("___slice"),
+            args=[sl.lower or _const(None), sl.upper or _const(None), sl.step or _const(None)],
+            keywords=[],
+        )
     if isinstance(sl, ast.Tuple):
         return _tuple([_key_expr(e) for e in sl.elts])
     return sl
@@ -246,8 +304,10 @@ def _call_parts(call: ast.Call) -> tuple[ast.expr, ast.expr]:
     args = _tuple(list(call.args))
     if not call.keywords:
         return args, _const(None)
-    kw = ast.Dict(keys=[_const(k.arg) if k.arg else None for k in call.keywords],
-                  values=[k.value for k in call.keywords])
+    kw = ast.Dict(
+        keys=[_const(k.arg) if k.arg else None for k in call.keywords],
+        values=[k.value for k in call.keywords],
+    )
     return args, kw
 
 
@@ -274,8 +334,7 @@ def _steps(node: ast.expr) -> tuple[str, list[ast.expr]]:
 class _BodyRewriter:
     """Rewrites the statements of the loop body (not nested scopes)."""
 
-    def __init__(self, plan: LoopPlan, worker_call_roots: set[str],
-                 record_targets: bool = False):
+    def __init__(self, plan: LoopPlan, worker_call_roots: set[str], record_targets: bool = False):
         self.plan = plan
         #: workers with their own copies of the items (engines): writes through
         #: the loop target run on the copy *and* are logged, to be replayed on
@@ -305,15 +364,17 @@ class _BodyRewriter:
 
     def _write_entry(self, target: ast.expr, value: ast.expr) -> ast.expr:
         if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name):
-            return _tuple([_const(SET_ITEM), _const(target.value.id), value,
-                           _key_expr(target.slice)])
+            return _tuple(
+                [_const(SET_ITEM), _const(target.value.id), value, _key_expr(target.slice)]
+            )
         if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
-            return _tuple([_const(SET_ATTR), _const(target.value.id), value,
-                           _const(target.attr)])
+            return _tuple([_const(SET_ATTR), _const(target.value.id), value, _const(target.attr)])
         root, steps = _steps(target.value)  # type: ignore[attr-defined]
-        final = (_tuple([_const(FINAL_SET_ITEM), _key_expr(target.slice), value])
-                 if isinstance(target, ast.Subscript)
-                 else _tuple([_const(FINAL_SET_ATTR), _const(target.attr), value]))  # type: ignore
+        final = (
+            _tuple([_const(FINAL_SET_ITEM), _key_expr(target.slice), value])
+            if isinstance(target, ast.Subscript)
+            else _tuple([_const(FINAL_SET_ATTR), _const(target.attr), value])  # type: ignore[attr-defined]
+        )
         return _tuple([_const(PATH), _const(root), _tuple(steps), final])
 
     # -- statements -----------------------------------------------------------
@@ -330,9 +391,12 @@ class _BodyRewriter:
             new = [ast.Expr(ast.parse("___ctl.broke(___n)").body[0].value), st]  # type: ignore
         elif isinstance(st, ast.If) and (st.lineno, st.col_offset) in self.groups:
             new = self._group(st, self.groups[(st.lineno, st.col_offset)])
-        elif isinstance(st, ast.Assign) and len(st.targets) == 1 \
-                and isinstance(st.targets[0], ast.Name) \
-                and st.targets[0].id in self.plan.reductions:
+        elif (
+            isinstance(st, ast.Assign)
+            and len(st.targets) == 1
+            and isinstance(st.targets[0], ast.Name)
+            and st.targets[0].id in self.plan.reductions
+        ):
             name = st.targets[0].id
             op_operand = rebind_operand(name, st.value)
             if op_operand is None:
@@ -340,10 +404,18 @@ class _BodyRewriter:
                 assert "=" in self.plan.reductions[name], ast.dump(st)
                 op_operand = ("=", st.value)
             op, operand = op_operand
-            new = [ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
-                [_const(REDUCE), _const(name), _const(op), operand])], keywords=[]))]
+            new = [
+                ast.Expr(
+                    ast.Call(
+                        func=_name("___rec"),
+                        args=[_tuple([_const(REDUCE), _const(name), _const(op), operand])],
+                        keywords=[],
+                    )
+                )
+            ]
         elif isinstance(st, ast.Delete) and any(
-                isinstance(t, ast.Name) and t.id in self.plan.deleted for t in st.targets):
+            isinstance(t, ast.Name) and t.id in self.plan.deleted for t in st.targets
+        ):
             new = self._delete(st)
             for t in st.targets:
                 if isinstance(t, ast.Name) and t.id in self.plan.deleted:
@@ -359,16 +431,22 @@ class _BodyRewriter:
                 st.orelse = self.block(st.orelse)
         elif isinstance(st, ast.Assign):
             new = self._assign(st)
-        elif isinstance(st, ast.AnnAssign) and st.value is not None \
-                and self._is_recorded(chain_root(st.target)[0]) \
-                and not isinstance(st.target, ast.Name):
+        elif (
+            isinstance(st, ast.AnnAssign)
+            and st.value is not None
+            and self._is_recorded(chain_root(st.target)[0])
+            and not isinstance(st.target, ast.Name)
+        ):
             new = self._assign(ast.Assign(targets=[st.target], value=st.value))
         elif isinstance(st, ast.AugAssign):
             new = self._augassign(st)
         elif isinstance(st, ast.Delete):
             new = self._delete(st)
-        elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) \
-                and isinstance(st.value.func, ast.Attribute):
+        elif (
+            isinstance(st, ast.Expr)
+            and isinstance(st.value, ast.Call)
+            and isinstance(st.value.func, ast.Attribute)
+        ):
             new = self._call_stmt(st)
         else:
             new = [st]
@@ -394,8 +472,9 @@ class _BodyRewriter:
                 return type(t)(elts=[replace(e) for e in t.elts], ctx=ast.Store())
             if isinstance(t, ast.Starred):
                 return ast.Starred(value=replace(t.value), ctx=ast.Store())
-            if isinstance(t, (ast.Subscript, ast.Attribute)) \
-                    and self._is_recorded(chain_root(t)[0]):
+            if isinstance(t, (ast.Subscript, ast.Attribute)) and self._is_recorded(
+                chain_root(t)[0]
+            ):
                 tmp = self._temp()
                 leaves.append((t, tmp))
                 return _name(tmp, True)
@@ -404,9 +483,12 @@ class _BodyRewriter:
         targets = [replace(t) for t in st.targets]
         if not leaves:
             return [st]
-        if len(st.targets) == 1 and len(leaves) == 1 \
-                and getattr(targets[0], "id", None) == leaves[0][1] \
-                and leaves[0][0].value.__class__ is ast.Name:  # type: ignore[attr-defined]
+        if (
+            len(st.targets) == 1
+            and len(leaves) == 1
+            and getattr(targets[0], "id", None) == leaves[0][1]
+            and leaves[0][0].value.__class__ is ast.Name  # type: ignore[attr-defined]
+        ):
             # the hot path: out[k] = v  ->  ___rec((0, 'out', v, k))
             t = leaves[0][0]
             root = chain_root(t)[0]
@@ -421,8 +503,11 @@ class _BodyRewriter:
 
     def _copy_root(self, st: ast.stmt) -> str | None:
         """The ``private=`` name a statement writes through, if any."""
-        if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) \
-                and isinstance(st.value.func, ast.Attribute):
+        if (
+            isinstance(st, ast.Expr)
+            and isinstance(st.value, ast.Call)
+            and isinstance(st.value.func, ast.Attribute)
+        ):
             root, has_call = chain_root(st.value.func)
         elif isinstance(st, (ast.Assign, ast.AugAssign)):
             targets = st.targets if isinstance(st, ast.Assign) else [st.target]
@@ -459,37 +544,77 @@ class _BodyRewriter:
             op = AUG_OPS[type(st.op)]
             assert isinstance(t, (ast.Subscript, ast.Attribute))
             r, steps = _steps(t.value)
-            final = (_tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), _name(tv)])
-                     if isinstance(t, ast.Subscript)
-                     else _tuple([_const(FINAL_AUG_ATTR), _const(t.attr), _const(op),  # type: ignore
-                                  _name(tv)]))
-            return [ast.Assign(targets=[_name(tv, True)], value=st.value),
-                    ast.AugAssign(target=t, op=st.op, value=_name(tv)),
-                    ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
-                        [_const(PATH), _const(r), _tuple(steps), final])], keywords=[]))]
+            final = (
+                _tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), _name(tv)])
+                if isinstance(t, ast.Subscript)
+                else _tuple(
+                    [
+                        _const(FINAL_AUG_ATTR),
+                        _const(t.attr),
+                        _const(op),  # type: ignore
+                        _name(tv),
+                    ]
+                )
+            )
+            return [
+                ast.Assign(targets=[_name(tv, True)], value=st.value),
+                ast.AugAssign(target=t, op=st.op, value=_name(tv)),
+                ast.Expr(
+                    ast.Call(
+                        func=_name("___rec"),
+                        args=[_tuple([_const(PATH), _const(r), _tuple(steps), final])],
+                        keywords=[],
+                    )
+                ),
+            ]
         if isinstance(st, ast.Expr):
             call = st.value
             assert isinstance(call, ast.Call)
             args, kw = _call_parts(call)
             ta, tk = self._temp(), self._temp()
-            own = ast.Expr(ast.Call(
-                func=call.func, args=[ast.Starred(value=_name(ta), ctx=ast.Load())],
-                keywords=[ast.keyword(arg=None, value=ast.BoolOp(
-                    op=ast.Or(), values=[_name(tk), ast.Dict(keys=[], values=[])]))]))
+            own = ast.Expr(
+                ast.Call(
+                    func=call.func,
+                    args=[ast.Starred(value=_name(ta), ctx=ast.Load())],
+                    keywords=[
+                        ast.keyword(
+                            arg=None,
+                            value=ast.BoolOp(
+                                op=ast.Or(), values=[_name(tk), ast.Dict(keys=[], values=[])]
+                            ),
+                        )
+                    ],
+                )
+            )
             r, steps = _steps(call.func)
-            entry = _tuple([_const(PATH), _const(r), _tuple(steps),
-                            _tuple([_const(STEP_CALL), _name(ta), _name(tk)])])
-            return [ast.Assign(targets=[_name(ta, True)], value=args),
-                    ast.Assign(targets=[_name(tk, True)], value=kw), own,
-                    ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))]
+            entry = _tuple(
+                [
+                    _const(PATH),
+                    _const(r),
+                    _tuple(steps),
+                    _tuple([_const(STEP_CALL), _name(ta), _name(tk)]),
+                ]
+            )
+            return [
+                ast.Assign(targets=[_name(ta, True)], value=args),
+                ast.Assign(targets=[_name(tk, True)], value=kw),
+                own,
+                ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[])),
+            ]
         assert isinstance(st, ast.Assign)
         tv = self._temp()
         target = st.targets[0]
-        return [ast.Assign(targets=[_name(tv, True)], value=st.value),
-                ast.Assign(targets=[target], value=_name(tv)),
-                ast.Expr(ast.Call(func=_name("___rec"),
-                                  args=[self._write_entry(copy.deepcopy(target), _name(tv))],
-                                  keywords=[]))]
+        return [
+            ast.Assign(targets=[_name(tv, True)], value=st.value),
+            ast.Assign(targets=[target], value=_name(tv)),
+            ast.Expr(
+                ast.Call(
+                    func=_name("___rec"),
+                    args=[self._write_entry(copy.deepcopy(target), _name(tv))],
+                    keywords=[],
+                )
+            ),
+        ]
 
     def _group(self, st: ast.If, group: Any) -> list[ast.stmt]:
         """``if s > best: best = s; best_k = k``: the worker compares with the
@@ -502,34 +627,57 @@ class _BodyRewriter:
         cand = left if isinstance(right, ast.Name) and right.id == group.compared else right
         tmp = self._temp()
         values = [a.value for a in st.body]  # type: ignore[attr-defined]
-        entry = _tuple([_const(GROUP), _const(group.compared), _const(group.cmp), _name(tmp),
-                        _tuple([_const(n) for n in group.names]), _tuple(values)])
+        entry = _tuple(
+            [
+                _const(GROUP),
+                _const(group.compared),
+                _const(group.cmp),
+                _name(tmp),
+                _tuple([_const(n) for n in group.names]),
+                _tuple(values),
+            ]
+        )
         cmp_op = {">": ast.Gt, ">=": ast.GtE, "<": ast.Lt, "<=": ast.LtE}[group.cmp]()
         record = ast.Expr(ast.Call(func=_name("___rec"), args=[entry], keywords=[]))
-        return [ast.Assign(targets=[_name(tmp, True)], value=cand),
-                ast.If(test=ast.Compare(left=_name(tmp), ops=[cmp_op],
-                                        comparators=[_name(group.compared)]),
-                       body=[record], orelse=[])]
+        return [
+            ast.Assign(targets=[_name(tmp, True)], value=cand),
+            ast.If(
+                test=ast.Compare(
+                    left=_name(tmp), ops=[cmp_op], comparators=[_name(group.compared)]
+                ),
+                body=[record],
+                orelse=[],
+            ),
+        ]
 
     def _augassign(self, st: ast.AugAssign) -> list[ast.stmt]:
         op = AUG_OPS[type(st.op)]
         t = st.target
         if isinstance(t, ast.Name):
             if t.id in self.plan.reductions:
-                return [ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
-                    [_const(REDUCE), _const(t.id), _const(op), st.value])], keywords=[]))]
+                return [
+                    ast.Expr(
+                        ast.Call(
+                            func=_name("___rec"),
+                            args=[_tuple([_const(REDUCE), _const(t.id), _const(op), st.value])],
+                            keywords=[],
+                        )
+                    )
+                ]
             return [st]
         root = chain_root(t)[0]
         if not self._is_recorded(root):
             return [st]
         assert root is not None
         root, steps = _steps(t.value)  # type: ignore[attr-defined]
-        final = (_tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), st.value])
-                 if isinstance(t, ast.Subscript)
-                 else _tuple([_const(FINAL_AUG_ATTR), _const(t.attr), _const(op),
-                              st.value]))  # type: ignore
-        return self._emit(root, _tuple([_const(PATH), _const(root), _tuple(steps), final]),
-                          st.lineno)
+        final = (
+            _tuple([_const(FINAL_AUG_ITEM), _key_expr(t.slice), _const(op), st.value])
+            if isinstance(t, ast.Subscript)
+            else _tuple([_const(FINAL_AUG_ATTR), _const(t.attr), _const(op), st.value])
+        )  # type: ignore
+        return self._emit(
+            root, _tuple([_const(PATH), _const(root), _tuple(steps), final]), st.lineno
+        )
 
     def _delete(self, st: ast.Delete) -> list[ast.stmt]:
         out: list[ast.stmt] = []
@@ -541,11 +689,16 @@ class _BodyRewriter:
                     out.append(ast.Delete(targets=keep))
                     keep = []
                 r, steps = _steps(t.value)
-                final = (_tuple([_const(FINAL_DEL_ITEM), _key_expr(t.slice)])
-                         if isinstance(t, ast.Subscript)
-                         else _tuple([_const(FINAL_DEL_ATTR), _const(t.attr)]))
-                out.extend(self._emit(r, _tuple([_const(PATH), _const(r), _tuple(steps),
-                                                 final]), st.lineno))
+                final = (
+                    _tuple([_const(FINAL_DEL_ITEM), _key_expr(t.slice)])
+                    if isinstance(t, ast.Subscript)
+                    else _tuple([_const(FINAL_DEL_ATTR), _const(t.attr)])
+                )
+                out.extend(
+                    self._emit(
+                        r, _tuple([_const(PATH), _const(r), _tuple(steps), final]), st.lineno
+                    )
+                )
             else:
                 keep.append(t)
         if keep:
@@ -562,9 +715,22 @@ class _BodyRewriter:
             # what the iteration printed so far comes out before the call's
             # own output (plt.show(), grid.show()) when it is replayed in the
             # kernel; container methods (append, add...) print nothing
-            flush = ast.Expr(ast.Call(func=_name("___rec"), args=[_tuple(
-                [_const(FLUSH), ast.Call(func=_name("___len"), args=[_name("___parts")],
-                                         keywords=[])])], keywords=[]))
+            flush = ast.Expr(
+                ast.Call(
+                    func=_name("___rec"),
+                    args=[
+                        _tuple(
+                            [
+                                _const(FLUSH),
+                                ast.Call(
+                                    func=_name("___len"), args=[_name("___parts")], keywords=[]
+                                ),
+                            ]
+                        )
+                    ],
+                    keywords=[],
+                )
+            )
             return [flush, *self._call_record(st, call, root)]
         return self._call_record(st, call, root)
 
@@ -575,17 +741,22 @@ class _BodyRewriter:
             entry = _tuple([_const(CALL), _const(root), _const(call.func.attr), args, kw])
         else:
             r, steps = _steps(call.func)
-            entry = _tuple([_const(PATH), _const(r), _tuple(steps),
-                            _tuple([_const(STEP_CALL), args, kw])])
+            entry = _tuple(
+                [_const(PATH), _const(r), _tuple(steps), _tuple([_const(STEP_CALL), args, kw])]
+            )
         return self._emit(root, entry, st.lineno)
 
 
-def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
-                         sync_names: set[str], hooked: bool,
-                         shared: frozenset[str] | None = None,
-                         copies: set[str] = frozenset(),  # type: ignore
-                         streams: tuple[str, ...] = ()) -> ast.Module:
-
+def build_chunk_function(
+    plan: LoopPlan,
+    worker_call_roots: set[str],
+    *,
+    sync_names: set[str],
+    hooked: bool,
+    shared: frozenset[str] | None = None,
+    copies: set[str] = frozenset(),  # type: ignore
+    streams: tuple[str, ...] = (),
+) -> ast.Module:
     """The module that defines the chunk function for this loop.
 
     ``hooked``: call ``___ctl.begin(n)`` before each iteration (per-iteration
@@ -614,11 +785,19 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
         # targets handed to code that may change them are synced back whole;
         # the writes the body makes through them are replayed (see above)
         from .analysis.hidden import watch_candidates
-        deleted_through = {chain_root(t)[0] for st in plan.loop.body for n in ast.walk(st)
-                           if isinstance(n, ast.Delete) for t in n.targets}
-        mutated = sorted(sync_names & plan.target_roots
-                         & (watch_candidates(plan.loop.body, statement_receivers=False)
-                            | deleted_through))
+
+        deleted_through = {
+            chain_root(t)[0]
+            for st in plan.loop.body
+            for n in ast.walk(st)
+            if isinstance(n, ast.Delete)
+            for t in n.targets
+        }
+        mutated = sorted(
+            sync_names
+            & plan.target_roots
+            & (watch_candidates(plan.loop.body, statement_receivers=False) | deleted_through)
+        )
         # only what must come back travels back: an item a write stores (the
         # kernel stores its own), or one handed to code (synced whole); an
         # item merely written through does not (an Axes would come back with
@@ -635,15 +814,20 @@ def build_chunk_function(plan: LoopPlan, worker_call_roots: set[str], *,
     if not speculative:
         module = _fill(_TEMPLATE, INIT=fns, HOOK=hook, BODY=inner)
     else:
-        init = fns + [ast.parse(f"if {n!r} in ___ctl.init:\n    {n} = ___ctl.init[{n!r}]"
-                                ).body[0] for n in sorted(plan.checked)]
+        init = fns + [
+            ast.parse(f"if {n!r} in ___ctl.init:\n    {n} = ___ctl.init[{n!r}]").body[0]
+            for n in sorted(plan.checked)
+        ]
         # (in the kernel, re-executing iterations in order, privates carry
         # over from one iteration to the next as in serial)
-        unbind = [ast.parse(f"if not ___ctl.direct:\n    try:\n        del {n}\n"
-                            "    except NameError:\n        pass").body[0]
-                  for n in sorted(plan.private)]
-        module = _fill(_SPECULATIVE_TEMPLATE, INIT=init, HOOK=hook, BODY=inner,
-                       UNBIND=unbind)
+        unbind = [
+            ast.parse(
+                f"if not ___ctl.direct:\n    try:\n        del {n}\n"
+                "    except NameError:\n        pass"
+            ).body[0]
+            for n in sorted(plan.private)
+        ]
+        module = _fill(_SPECULATIVE_TEMPLATE, INIT=init, HOOK=hook, BODY=inner, UNBIND=unbind)
     return _at_loop_line(module, plan, rewritten, target)
 
 
@@ -652,7 +836,7 @@ def _copies(plan: LoopPlan) -> list[ast.stmt]:
     return [ast.parse(f"{n} = ___ctl.copy_of({n!r})").body[0] for n in plan.copies]
 
 
-_ITERATION_TEMPLATE = '''
+_ITERATION_TEMPLATE = """
 async def ___parloop_iter(___item, ___n, ___log, ___ctl, ___h):
     ___rec = ___log.append
     ___len = ___h.len
@@ -664,11 +848,12 @@ async def ___parloop_iter(___item, ___n, ___log, ___ctl, ___h):
     except BaseException as ___e:
         return ___h.locals(), ___e
     return ___h.locals(), None
-'''
+"""
 
 
-def build_iteration_function(plan: LoopPlan, worker_call_roots: set[str], *,
-                             hooked: bool) -> ast.Module:
+def build_iteration_function(
+    plan: LoopPlan, worker_call_roots: set[str], *, hooked: bool
+) -> ast.Module:
     """For a body that awaits: one coroutine function per *iteration* (each
     iteration becomes an asyncio task).  The body sits in a one-pass ``for``
     so that its ``continue`` means what it meant."""
@@ -681,8 +866,9 @@ def build_iteration_function(plan: LoopPlan, worker_call_roots: set[str], *,
     return _at_loop_line(module, plan, rewritten, target)
 
 
-def _at_loop_line(module: ast.Module, plan: LoopPlan, rewritten: list[ast.stmt],
-                  target: ast.stmt) -> ast.Module:
+def _at_loop_line(
+    module: ast.Module, plan: LoopPlan, rewritten: list[ast.stmt], target: ast.stmt
+) -> ast.Module:
     """Template lines sit at the loop's own line, the user's keep theirs, so
     tracebacks stay in the cell."""
     line = plan.loop.lineno
@@ -706,13 +892,13 @@ def _descendants(stmts: list[ast.stmt]) -> set[ast.AST]:
 #: code, with its writes to notebook globals logged (``___rt`` finds the
 #: running chunk's log) and its calls of other notebook functions going to
 #: their copies (``___fns``)
-_FUNCTION_TEMPLATE = '''
+_FUNCTION_TEMPLATE = """
 def ___parloop_factory(___rt, ___fns, ___g):
     ___FUNCTION
-'''
+"""
 
 #: what a copy binds first (the names the rewritten statements use)
-_FUNCTION_PRELUDE = '''
+_FUNCTION_PRELUDE = """
 ___ctl = ___rt.control()
 ___parts = ___ctl.parts
 ___rec = ___ctl.log.append
@@ -720,7 +906,7 @@ ___wr = ___rt.writer(___ctl, ___g)
 ___R = ___ctl.reader
 ___len = len
 ___slice = slice
-'''
+"""
 
 
 class _CallsToCopies(ast.NodeTransformer):
@@ -733,19 +919,28 @@ class _CallsToCopies(ast.NodeTransformer):
         self.names = names
 
     def _get(self, key: str, fallback: ast.expr) -> ast.expr:
-        return ast.Call(func=ast.Attribute(value=_name("___fns"), attr="get", ctx=ast.Load()),
-                        args=[_const(key), fallback], keywords=[])
+        return ast.Call(
+            func=ast.Attribute(value=_name("___fns"), attr="get", ctx=ast.Load()),
+            args=[_const(key), fallback],
+            keywords=[],
+        )
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         self.generic_visit(node)
         f = node.func
         if isinstance(f, ast.Name) and f.id in self.names:
             node.func = ast.copy_location(self._get(f.id, _name(f.id)), f)
-        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
-                and f"{f.value.id}.{f.attr}" in self.names:
+        elif (
+            isinstance(f, ast.Attribute)
+            and isinstance(f.value, ast.Name)
+            and f"{f.value.id}.{f.attr}" in self.names
+        ):
             recv = f.value.id
-            cls_fn = ast.Attribute(value=ast.Call(func=_name("type"), args=[_name(recv)],
-                                                  keywords=[]), attr=f.attr, ctx=ast.Load())
+            cls_fn = ast.Attribute(
+                value=ast.Call(func=_name("type"), args=[_name(recv)], keywords=[]),
+                attr=f.attr,
+                ctx=ast.Load(),
+            )
             node.func = ast.copy_location(self._get(f"{recv}.{f.attr}", cls_fn), f)
             node.args = [_name(recv), *node.args]
         return node
@@ -758,8 +953,9 @@ def calls_to_copies(stmts: list[ast.stmt], names: set[str]) -> list[ast.stmt]:
     return [t.visit(st) for st in stmts]
 
 
-def build_function_factory(fplan: Any, shared: frozenset[str], copies: set[str],
-                           filename: str) -> ast.Module:
+def build_function_factory(
+    fplan: Any, shared: frozenset[str], copies: set[str], filename: str
+) -> ast.Module:
     """The module defining ``___parloop_factory(___rt, ___fns, ___g)``, which
     returns the worker's copy of one notebook function (see
     parloop.analysis.functions)."""
@@ -767,13 +963,21 @@ def build_function_factory(fplan: Any, shared: frozenset[str], copies: set[str],
 
     fdef = copy.deepcopy(fplan.fdef)
     fdef.name = fplan.fdef.name
-    plan = LoopPlan(tree=ast.Module(body=[], type_ignores=[]), prologue=[],
-                    loop=ast.For(target=_name("___x", True), iter=_name("___y"), body=[],
-                                 orelse=[]),
-                    epilogue=[], targets=[], private=set(fplan.locals), inputs=set(),
-                    roots=set(fplan.roots), reductions=dict(fplan.reductions),
-                    call_roots=set(fplan.call_roots), target_roots=set(),
-                    read_roots=set(shared), stateful=set(fplan.stateful))
+    plan = LoopPlan(
+        tree=ast.Module(body=[], type_ignores=[]),
+        prologue=[],
+        loop=ast.For(target=_name("___x", True), iter=_name("___y"), body=[], orelse=[]),
+        epilogue=[],
+        targets=[],
+        private=set(fplan.locals),
+        inputs=set(),
+        roots=set(fplan.roots),
+        reductions=dict(fplan.reductions),
+        call_roots=set(fplan.call_roots),
+        target_roots=set(),
+        read_roots=set(shared),
+        stateful=set(fplan.stateful),
+    )
     rewriter = _BodyRewriter(plan, set())
     rewriter.shared = shared
     body = rewriter.block(fdef.body)

@@ -4,6 +4,7 @@ backend, commit them in order, run the epilogue.
 This is the function API the magics and decorators wrap (``run_cell``); it can
 be called and tested without IPython's magic machinery.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,19 +19,25 @@ from typing import Any, Callable, Iterator
 
 from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
+from .analysis.functions import notebook_functions
+from .analysis.namespace import alias_groups, cell_sources, plain_roots, stored, submodules, watched
 from .backends.base import Backend, Job
 from .errors import LoopAnalysisError
 from .log.commit import Committer, Interrupted, IterationFailed, Speculation, TargetBinder
 from .options import Options
 from .record import LastRun
-from .analysis.functions import notebook_functions
-from .analysis.namespace import (alias_groups, cell_sources, plain_roots, stored, submodules,
-                                 watched)
-from .rewrite import (CHUNK_FN, ITERATION_FN, build_chunk_function, build_function_factory,
-                      build_iteration_function, classify_call_roots)
+from .rewrite import (
+    CHUNK_FN,
+    ITERATION_FN,
+    build_chunk_function,
+    build_function_factory,
+    build_iteration_function,
+    classify_call_roots,
+)
 from .runtime import LoopShape, OutputCapture
-from .tracking import run_lock
 from .schedule import Progress, ThreadCount, cpu_count, dispatch, make_taker
+from .tracking import run_lock
+
 
 class _Return(Exception):
     """A ``return`` in a decorated function's prologue or epilogue."""
@@ -43,9 +50,9 @@ class _Return(Exception):
 class Cell:
     """A cell's text and how to compile it so tracebacks show the user's lines."""
 
-    source: str            # the code below the magic line (IPython-transformed)
-    filename: str          # its name in linecache
-    first_line: int = 2    # line of the source's first line in what the user sees
+    source: str  # the code below the magic line (IPython-transformed)
+    filename: str  # its name in linecache
+    first_line: int = 2  # line of the source's first line in what the user sees
     flags: int = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     tree: ast.Module | None = None  # already parsed (a decorated function's body)
 
@@ -60,8 +67,9 @@ class Cell:
         return tree  # type: ignore[return-value]
 
 
-def _exec_block(stmts: list[ast.stmt], cell: Cell, ns: dict[str, Any],
-                want_value: bool = False) -> Any:
+def _exec_block(
+    stmts: list[ast.stmt], cell: Cell, ns: dict[str, Any], want_value: bool = False
+) -> Any:
     """Run prologue/epilogue statements in the namespace as ordinary code; with
     want_value, a trailing expression's value is returned (shown as Out[n])."""
     if not stmts:
@@ -70,12 +78,23 @@ def _exec_block(stmts: list[ast.stmt], cell: Cell, ns: dict[str, Any],
     value_expr = last.value if want_value and isinstance(last, ast.Expr) else None
     body = stmts[:-1] if value_expr is not None else stmts
     if body:
-        code = compile(ast.Module(body=body, type_ignores=[]), cell.filename, "exec",
-                       ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        code = compile(
+            ast.Module(body=body, type_ignores=[]),
+            cell.filename,
+            "exec",
+            ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+        )
         _run_code(code, ns)
     if value_expr is not None:
-        return _run_code(compile(ast.Expression(body=value_expr), cell.filename, "eval",
-                                 ast.PyCF_ALLOW_TOP_LEVEL_AWAIT), ns)
+        return _run_code(
+            compile(
+                ast.Expression(body=value_expr),
+                cell.filename,
+                "eval",
+                ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+            ),
+            ns,
+        )
     return None
 
 
@@ -84,6 +103,7 @@ def _run_code(code: Any, ns: dict[str, Any]) -> Any:
     runs on parloop's event loop."""
     if code.co_flags & inspect.CO_COROUTINE:
         from .backends.tasks import run_on_loop
+
         return run_on_loop(eval(code, ns))
     return eval(code, ns)
 
@@ -115,10 +135,18 @@ def _total(iterable: Any) -> int | None:
         return n if n >= 0 and not isinstance(iterable, Iterator) else None
 
 
-def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
-                  backend: Backend, take: Any, total: int | None, record: LastRun,
-                  threads: ThreadCount | None, start: int = 0
-                  ) -> tuple[int, tuple[int, float, float] | None]:
+def _native_first(
+    plan: LoopPlan,
+    cell: Cell,
+    ns: dict[str, Any],
+    opts: Options,
+    backend: Backend,
+    take: Any,
+    total: int | None,
+    record: LastRun,
+    threads: ThreadCount | None,
+    start: int = 0,
+) -> tuple[int, tuple[int, float, float] | None]:
     """Time the first iterations natively in the kernel; if the workers cannot
     win against iterations this cheap, run the whole loop natively (see
     parloop.native).  Returns (iterations run, their measurement)."""
@@ -140,12 +168,14 @@ def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
             if take.error is not None and n == len(items):
                 raise take.error
         remaining = None if total is None else total - ran
-        if remaining == 0 or native.native_wins(wall, cpu, ran - start, remaining, backend.name,
-                                                 backend.worker_count()):
+        if remaining == 0 or native.native_wins(
+            wall, cpu, ran - start, remaining, backend.name, backend.worker_count()
+        ):
             record.native = True
             record.notes.append(
                 f"ran natively in the kernel: an iteration costs {wall / max(ran, 1) * 1e6:.2f}"
-                f" us, less than handing it to a worker")
+                f" us, less than handing it to a worker"
+            )
             rest = take.iterable[ran:] if take.sliceable else take.it
             n, w, c = loop.run(rest, ran)
             ran += n
@@ -164,9 +194,13 @@ def _native_first(plan: LoopPlan, cell: Cell, ns: dict[str, Any], opts: Options,
         record.done = max(record.done, ran)
 
 
-def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
-             make_backend: Callable[[Options, LoopPlan], Backend],
-             progress: Progress | None = None) -> Any:
+def run_cell(
+    cell: Cell,
+    ns: dict[str, Any],
+    opts: Options,
+    make_backend: Callable[[Options, LoopPlan], Backend],
+    progress: Progress | None = None,
+) -> Any:
     """Run a loop cell under ``opts``; returns the value of a trailing
     expression (as serial execution would display it)."""
     import parloop
@@ -176,10 +210,10 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     plain, stateful = plain_roots(tree, ns)
     plan = analyse(tree, plain_roots=plain, copies=opts.private, stateful=stateful)
     _check_supported(plan, opts, ns)
-    functions = ({} if plan.is_async else
-                 notebook_functions(plan.loop.body, ns, plain, stateful))
+    functions = {} if plan.is_async else notebook_functions(plan.loop.body, ns, plain, stateful)
     if opts.explain:
         from .analysis.explain import render
+
         print(render(plan, opts, ns))
         return None
     backend = make_backend(opts, plan)
@@ -198,47 +232,98 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     # their writes to globals are logged; globals written and read are shared
     fn_writes = set().union(*(fp.writes() for fp in functions.values()))
     written = plan.roots | (plan.call_roots - worker_roots) | fn_writes
-    shared = plan.shared(worker_roots) | (plan.inputs & fn_writes) | set().union(
-        *(written & fp.reads for fp in functions.values()))
+    shared = (
+        plan.shared(worker_roots)
+        | (plan.inputs & fn_writes)
+        | set().union(*(written & fp.reads for fp in functions.values()))
+    )
     canon = alias_groups(plan, ns, written)
-    streams = tuple(sorted(n for n in plan.inputs if n in ns and seeding.is_generator(ns[n])
-                           and n not in shared)) if opts.seed is not None else ()
+    streams = (
+        tuple(
+            sorted(
+                n
+                for n in plan.inputs
+                if n in ns and seeding.is_generator(ns[n]) and n not in shared
+            )
+        )
+        if opts.seed is not None
+        else ()
+    )
     shared = frozenset(shared | set(canon))
     if plan.is_async:
         module = build_iteration_function(plan, worker_roots, hooked=hooked)
     else:
-        module = build_chunk_function(plan, worker_roots, sync_names=sync_names, hooked=hooked,
-                                      shared=shared, copies=set(functions), streams=streams)
-    factories = tuple((fp.path, build_function_factory(fp, shared, set(functions), cell.filename),
-                       key, (fp.fdef.name, fp.fdef.lineno))
-                      for key, fp in functions.items())
-    record = LastRun(magic=opts.magic, backend=backend.name,
-                     options=dict(opts.given), workers=backend.worker_count(), total=total,
-                     roles=plan.roles())
+        module = build_chunk_function(
+            plan,
+            worker_roots,
+            sync_names=sync_names,
+            hooked=hooked,
+            shared=shared,
+            copies=set(functions),
+            streams=streams,
+        )
+    factories = tuple(
+        (
+            fp.path,
+            build_function_factory(fp, shared, set(functions), cell.filename),
+            key,
+            (fp.fdef.name, fp.fdef.lineno),
+        )
+        for key, fp in functions.items()
+    )
+    record = LastRun(
+        magic=opts.magic,
+        backend=backend.name,
+        options=dict(opts.given),
+        workers=backend.worker_count(),
+        total=total,
+        roles=plan.roles(),
+    )
     parloop.last_run = record
     # the private= copies are written back by replay, not by their last values
     private = frozenset(plan.private - set(plan.copies))
-    watch = tuple(p for p in watched(plan, ns, worker_roots, functions)
-                  if not (len(p) == 1 and p[0] in streams))
-    shape = LoopShape(private=private, shared=shared, functions=factories, streams=streams,
-                      same_key=frozenset(plan.same_key & shared) - set(canon),
-                      checked=frozenset(plan.checked), deleted=frozenset(plan.deleted),
-                      copies=plan.copies, body_seeds=plan.body_seeds, watch=watch,
-                      stored=() if backend.shares_memory else stored(plan, ns))
+    watch = tuple(
+        p
+        for p in watched(plan, ns, worker_roots, functions)
+        if not (len(p) == 1 and p[0] in streams)
+    )
+    shape = LoopShape(
+        private=private,
+        shared=shared,
+        functions=factories,
+        streams=streams,
+        same_key=frozenset(plan.same_key & shared) - set(canon),
+        checked=frozenset(plan.checked),
+        deleted=frozenset(plan.deleted),
+        copies=plan.copies,
+        body_seeds=plan.body_seeds,
+        watch=watch,
+        stored=() if backend.shares_memory else stored(plan, ns),
+    )
     lock = run_lock() if shape.shared and backend.shares_memory else contextlib.nullcontext()
-    job = Job(chunk_module=module, filename=cell.filename, cell_source=cell.source, ns=ns,
-              inputs={n for n in plan.inputs | worker_roots if n in ns},
-              private=set(private),
-              on_error=opts.on_error, seed=opts.seed, timeout=opts.timeout,
-              live=bool(progress is not None and progress.wants_live),
-              shape=shape, lock=lock, imports=submodules(plan, ns),
-              sources=cell_sources(plan, ns) if not backend.shares_memory else {})
+    job = Job(
+        chunk_module=module,
+        filename=cell.filename,
+        cell_source=cell.source,
+        ns=ns,
+        inputs={n for n in plan.inputs | worker_roots if n in ns},
+        private=set(private),
+        on_error=opts.on_error,
+        seed=opts.seed,
+        timeout=opts.timeout,
+        live=bool(progress is not None and progress.wants_live),
+        shape=shape,
+        lock=lock,
+        imports=submodules(plan, ns),
+        sources=cell_sources(plan, ns) if not backend.shares_memory else {},
+    )
     backend.prepare(job)
     threads = None
     if backend.name == "tasks":
         record.threads.update(mode="asyncio tasks", tasks=backend.worker_count())
     if backend.name == "threads" and opts.threads is None:
         from .backends.threads import MAX_THREADS
+
         threads = ThreadCount(cores=cpu_count(), cap=MAX_THREADS)
         record.threads.update(mode="auto", cores=threads.cores, cap=MAX_THREADS)
     targets = TargetBinder(plan, cell.filename, ns)
@@ -246,10 +331,17 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
     spec = None
     if (shape.speculative or shape.watch or canon) and not plan.is_async:
         from .backends.threads import compile_chunk_function
-        spec = Speculation(shape=shape, kernel_fn=compile_chunk_function(job, ns),
-                           on_error=opts.on_error, seed=opts.seed, lock=lock,
-                           originals={n: ns[n] for n in plan.copies if n in ns},
-                           suggest=frozenset(shape.shared & plan.call_roots), canon=canon)
+
+        spec = Speculation(
+            shape=shape,
+            kernel_fn=compile_chunk_function(job, ns),
+            on_error=opts.on_error,
+            seed=opts.seed,
+            lock=lock,
+            originals={n: ns[n] for n in plan.copies if n in ns},
+            suggest=frozenset(shape.shared & plan.call_roots),
+            canon=canon,
+        )
     committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names), spec)
     seeded = opts.seed is not None or plan.body_seeds
     if seeded:
@@ -265,11 +357,22 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
                     ran = _hidden_probe(shape, ns, committer, take, opts, total, view, record)
                 measured = None
                 if not committer.stopped:
-                    ran, measured = _native_first(plan, cell, ns, opts, backend, take, total,
-                                                  record, threads, start=ran)
+                    ran, measured = _native_first(
+                        plan, cell, ns, opts, backend, take, total, record, threads, start=ran
+                    )
                 if not record.native and not committer.stopped:
-                    dispatch(backend, take, total, opts, committer, record, view, threads,
-                             start=ran, measured=measured)
+                    dispatch(
+                        backend,
+                        take,
+                        total,
+                        opts,
+                        committer,
+                        record,
+                        view,
+                        threads,
+                        start=ran,
+                        measured=measured,
+                    )
             except KeyboardInterrupt:
                 record.interrupted = True
                 raise
@@ -294,12 +397,20 @@ def run_cell(cell: Cell, ns: dict[str, Any], opts: Options,
         _report_errors(record, opts.on_error)
     epilogue = plan.epilogue
     if record.broke_at is not None:
-        epilogue = epilogue[plan.orelse_count:]  # `for ... else`: no else after a break
+        epilogue = epilogue[plan.orelse_count :]  # `for ... else`: no else after a break
     return _exec_block(epilogue, cell, ns, want_value=True)
 
 
-def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, take: Any,
-                  opts: Options, total: int | None, view: Progress, record: LastRun) -> int:
+def _hidden_probe(
+    shape: LoopShape,
+    ns: dict[str, Any],
+    committer: Committer,
+    take: Any,
+    opts: Options,
+    total: int | None,
+    view: Progress,
+    record: LastRun,
+) -> int:
     """Threads share the kernel's objects, so a hidden change would race: the
     first iteration runs in the kernel with the watched objects fingerprinted
     around it; if one changed, the whole loop runs serially in the kernel.
@@ -320,34 +431,40 @@ def _hidden_probe(shape: LoopShape, ns: dict[str, Any], committer: Committer, ta
     committer.serial = True
     record.hidden = why
     record.serial_from = 0
-    _serial_rest(committer, [], take, 1, False, ChunkSizer(opts.chunksize, 1, total), view,
-                 record)
+    _serial_rest(committer, [], take, 1, False, ChunkSizer(opts.chunksize, 1, total), view, record)
     return committer.next
 
 
 def _check_supported(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> None:
     """What the analysis accepts but this run cannot do, said before anything runs."""
     if plan.is_async and (plan.has_break or plan.read_roots or plan.checked):
-        what = ("`break`" if plan.has_break else
-                f"reading `{sorted(plan.read_roots)[0]}`, which the loop also writes"
-                if plan.read_roots else f"reading `{sorted(plan.checked)[0]}` before "
-                "every path assigns it")
+        what = (
+            "`break`"
+            if plan.has_break
+            else f"reading `{sorted(plan.read_roots)[0]}`, which the loop also writes"
+            if plan.read_roots
+            else f"reading `{sorted(plan.checked)[0]}` before every path assigns it"
+        )
         raise LoopAnalysisError(
             f"a loop body that awaits cannot be checked for dependences between its "
             f"iterations ({what}); keep this loop serial, or move the awaits into a "
-            "function the loop calls", lineno=plan.loop.lineno)
+            "function the loop calls",
+            lineno=plan.loop.lineno,
+        )
     for name in plan.copies:
         if name not in ns and name not in prologue_names(plan):
-            raise LoopAnalysisError(f"private={name}: `{name}` is not defined before the loop",
-                                    name=name)
+            raise LoopAnalysisError(
+                f"private={name}: `{name}` is not defined before the loop", name=name
+            )
 
 
 def _report_errors(record: LastRun, on_error: str) -> None:
     verb = "skipped" if on_error == "skip" else "collected in parloop.last_run.errors"
     lines = [f"parloop: {len(record.errors)} iteration(s) raised and were {verb}:"]
     for e in record.errors[:10]:
-        lines.append(f"  iteration {e.index} ({e.values}): "
-                     f"{type(e.exception).__name__}: {e.exception}")
+        lines.append(
+            f"  iteration {e.index} ({e.values}): {type(e.exception).__name__}: {e.exception}"
+        )
     if len(record.errors) > 10:
         lines.append(f"  ... and {len(record.errors) - 10} more")
     print("\n".join(lines), file=sys.stderr)

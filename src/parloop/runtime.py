@@ -4,6 +4,7 @@ and its failures recorded.
 
 The same code serves both backends, so the two magics cannot drift apart.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -35,8 +36,9 @@ class StderrText(str):
 # ---------------------------------------------------------------------------
 #: the calling worker's output list; a context variable, so that it is per
 #: thread for the thread pool and per task for asyncio iterations
-_parts_var: contextvars.ContextVar[list | None] = contextvars.ContextVar("parloop_parts",
-                                                                        default=None)
+_parts_var: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "parloop_parts", default=None
+)
 
 
 class _Router(io.TextIOBase):
@@ -267,16 +269,49 @@ class ChunkControl:
     iteration, what to do when an iteration raises, and (speculative loops)
     the per-iteration records and the reads of shared objects."""
 
-    __slots__ = ("stop", "start", "on_error", "marks", "errors", "raised", "halted_at",
-                 "log", "parts", "seed_value", "private", "timeout", "broke_at", "shape",
-                 "iters", "reader", "write", "init", "originals", "dels", "direct",
-                 "_fresh_streams", "hidden", "fns")
+    __slots__ = (
+        "stop",
+        "start",
+        "on_error",
+        "marks",
+        "errors",
+        "raised",
+        "halted_at",
+        "log",
+        "parts",
+        "seed_value",
+        "private",
+        "timeout",
+        "broke_at",
+        "shape",
+        "iters",
+        "reader",
+        "write",
+        "init",
+        "originals",
+        "dels",
+        "direct",
+        "_fresh_streams",
+        "hidden",
+        "fns",
+    )
 
-    def __init__(self, start: int, on_error: str, log: Any, parts: list,
-                 private: Collection[str], seed_value: int | None = None,
-                 timeout: float | None = None, shape: LoopShape | None = None,
-                 objects: Any = None, lock: Any = None, init: dict[str, Any] | None = None,
-                 originals: dict[str, Any] | None = None, direct: bool = False):
+    def __init__(
+        self,
+        start: int,
+        on_error: str,
+        log: Any,
+        parts: list,
+        private: Collection[str],
+        seed_value: int | None = None,
+        timeout: float | None = None,
+        shape: LoopShape | None = None,
+        objects: Any = None,
+        lock: Any = None,
+        init: dict[str, Any] | None = None,
+        originals: dict[str, Any] | None = None,
+        direct: bool = False,
+    ):
         self.timeout = timeout
         self.stop = False
         self.start = start
@@ -305,8 +340,9 @@ class ChunkControl:
         if shape is not None and shape.speculative:
             self.iters = IterationRecords()
             if not direct and shape.shared:
-                reader = Reader(objects if objects is not None else {}, log, lock,
-                                unrecorded=shape.same_key)
+                reader = Reader(
+                    objects if objects is not None else {}, log, lock, unrecorded=shape.same_key
+                )
                 self.reader = reader
                 self.write = reader.write
 
@@ -334,8 +370,9 @@ class ChunkControl:
         it was before the loop."""
         return copy.deepcopy(self.originals[name])
 
-    def sync(self, n: int, local_vars: dict[str, Any], names: list[str],
-             mutated: list[str]) -> None:
+    def sync(
+        self, n: int, local_vars: dict[str, Any], names: list[str], mutated: list[str]
+    ) -> None:
         """End of an iteration on a worker with its own copies of the items:
         send the loop target's objects back (see replay.TARGET)."""
         if self.direct:
@@ -388,8 +425,11 @@ class ChunkControl:
         """The worker cannot run iteration n as serial execution would."""
         if self.iters is not None:
             stuck = getattr(self.reader, "stuck", False)
-            why = (f"reads `{stuck}` after changing it itself" if isinstance(stuck, str)
-                   else "could not run on its worker as serial execution would")
+            why = (
+                f"reads `{stuck}` after changing it itself"
+                if isinstance(stuck, str)
+                else "could not run on its worker as serial execution would"
+            )
             self.iters.needs_kernel.setdefault(n, why)
 
     def failed(self, n: int, exc: BaseException, local_vars: dict[str, Any]) -> bool:
@@ -404,8 +444,13 @@ class ChunkControl:
             del self.marks[n:]
             self.halted_at = n
             return True
-        if self.shape is not None and self.shape.watch and not self.direct \
-                and isinstance(exc, ValueError) and "read-only" in str(exc):
+        if (
+            self.shape is not None
+            and self.shape.watch
+            and not self.direct
+            and isinstance(exc, ValueError)
+            and "read-only" in str(exc)
+        ):
             # a write into an input array (mapped read-only on the engine): the
             # kernel runs this part of the loop on its own objects
             self.hidden = f"iteration {self.start + n} wrote into an input array ({exc})"
@@ -415,12 +460,13 @@ class ChunkControl:
         err = IterationError(self.start + n, exc, snap)
         if self.iters is not None and not self.direct:
             checked = self.shape.checked if self.shape is not None else ()
-            if checked and isinstance(exc, NameError) and (exc.name is None
-                                                           or exc.name in checked):
+            if checked and isinstance(exc, NameError) and (exc.name is None or exc.name in checked):
                 # a private read before this chunk bound it: its value is the
                 # previous iteration's, which this worker does not have
-                self.iters.needs_kernel[n] = (f"reads `{exc.name or 'a private'}` before "
-                                              "assigning it (the previous iteration's value)")
+                self.iters.needs_kernel[n] = (
+                    f"reads `{exc.name or 'a private'}` before "
+                    "assigning it (the previous iteration's value)"
+                )
                 return False
             # whether it really fails is known at commit (it may have read
             # something an earlier iteration changed): go on
@@ -449,13 +495,23 @@ def capture_into(parts: list) -> contextvars.Token:
     return _parts_var.set(parts)
 
 
-def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: Collection[str],
-              seed_value: int | None = None, worker: str = "",
-              register: Callable[[ChunkControl], None] | None = None,
-              timeout: float | None = None, shape: LoopShape | None = None,
-              lock: Any = None, direct: Any = None,
-              init: dict[str, Any] | None = None,
-              originals: dict[str, Any] | None = None, watch: bool = False) -> ChunkResult:
+def run_chunk(
+    fn: Callable,
+    items: list,
+    start: int,
+    on_error: str,
+    private: Collection[str],
+    seed_value: int | None = None,
+    worker: str = "",
+    register: Callable[[ChunkControl], None] | None = None,
+    timeout: float | None = None,
+    shape: LoopShape | None = None,
+    lock: Any = None,
+    direct: Any = None,
+    init: dict[str, Any] | None = None,
+    originals: dict[str, Any] | None = None,
+    watch: bool = False,
+) -> ChunkResult:
     """Run one chunk through the generated function ``fn``.
 
     ``timeout`` (engines only: it needs the main thread's SIGALRM) interrupts
@@ -466,11 +522,24 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: Col
     log: Any = direct if direct is not None else []
     parts: list[str] = []
     if originals is None and shape is not None and (shape.copies or shape.streams):
-        originals = {k: fn.__globals__[k] for k in shape.copies + shape.streams
-                     if k in fn.__globals__}
-    ctl = ChunkControl(start, on_error, log, parts, private, seed_value, timeout, shape,
-                       objects=fn.__globals__, lock=lock, init=init, originals=originals,
-                       direct=direct is not None)
+        originals = {
+            k: fn.__globals__[k] for k in shape.copies + shape.streams if k in fn.__globals__
+        }
+    ctl = ChunkControl(
+        start,
+        on_error,
+        log,
+        parts,
+        private,
+        seed_value,
+        timeout,
+        shape,
+        objects=fn.__globals__,
+        lock=lock,
+        init=init,
+        originals=originals,
+        direct=direct is not None,
+    )
     if register is not None:
         register(ctl)
     tw = time.perf_counter()
@@ -511,20 +580,36 @@ def run_chunk(fn: Callable, items: list, start: int, on_error: str, private: Col
     tw = time.perf_counter()
     hidden = ctl.hidden or (first_change(watched) if watched else "")
     watch_seconds += time.perf_counter() - tw
-    return ChunkResult(start=start, done=done, log=log if direct is None else [],
-                       marks=ctl.marks[:done], parts=parts,
-                       snapshot=snapshot, errors=ctl.errors, raised=ctl.raised,
-                       halted=ctl.halted_at is not None and ctl.raised is None
-                       and ctl.broke_at is None and not ctl.hidden and done < len(items),
-                       worker=worker, t_start=t0, t_end=t1, cpu=c1 - c0,
-                       broke=ctl.broke_at, iters=iters, hidden=hidden,
-                       watch_seconds=watch_seconds)
+    return ChunkResult(
+        start=start,
+        done=done,
+        log=log if direct is None else [],
+        marks=ctl.marks[:done],
+        parts=parts,
+        snapshot=snapshot,
+        errors=ctl.errors,
+        raised=ctl.raised,
+        halted=ctl.halted_at is not None
+        and ctl.raised is None
+        and ctl.broke_at is None
+        and not ctl.hidden
+        and done < len(items),
+        worker=worker,
+        t_start=t0,
+        t_end=t1,
+        cpu=c1 - c0,
+        broke=ctl.broke_at,
+        iters=iters,
+        hidden=hidden,
+        watch_seconds=watch_seconds,
+    )
 
 
 #: the chunk control of the running chunk (per thread / task): notebook
 #: functions' copies find the log through it
 _ctl_var: contextvars.ContextVar[ChunkControl | None] = contextvars.ContextVar(
-    "parloop_ctl", default=None)
+    "parloop_ctl", default=None
+)
 
 
 class _FunctionRuntime:
@@ -534,8 +619,10 @@ class _FunctionRuntime:
     def control() -> ChunkControl:
         ctl = _ctl_var.get()
         if ctl is None:
-            raise RuntimeError("parloop: a worker's copy of a notebook function was called "
-                               "outside the loop it was made for")
+            raise RuntimeError(
+                "parloop: a worker's copy of a notebook function was called "
+                "outside the loop it was made for"
+            )
         return ctl
 
     @staticmethod
@@ -560,7 +647,7 @@ def _function_copies(fn: Callable, shape: LoopShape) -> dict[str, Callable]:
     for path, module, key, where in shape.functions:
         orig: Any = fn.__globals__.get(path[0])
         rest = path[1:]
-        if rest[:1] == ("#method",):   # an instance, then its class's method
+        if rest[:1] == ("#method",):  # an instance, then its class's method
             orig = getattr(type(orig), rest[1], None)
             rest = rest[2:]
         for name in rest:
@@ -596,6 +683,7 @@ def _watched(fn: Callable, shape: LoopShape) -> list[Any]:
     is compiled once per run per engine)."""
     cached = fn.__dict__.get("___parloop_watch")
     if cached is None:
-        cached = fn.__dict__["___parloop_watch"] = watch_all(shape.watch, fn.__globals__,
-                                                            skip=_read_only)
+        cached = fn.__dict__["___parloop_watch"] = watch_all(
+            shape.watch, fn.__globals__, skip=_read_only
+        )
     return cached

@@ -4,6 +4,7 @@ Backend-independent: the dispatch loop in :mod:`parloop.run` asks a
 :class:`ChunkSizer` how big the next chunk should be and a :class:`ThreadCount`
 how many chunks may be in flight.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -61,8 +62,11 @@ class ChunkSizer:
             size = self.fixed
         else:
             t = self.per_iteration
-            share = (max(1, math.ceil(self.total / (4 * self.workers)))
-                     if self.total is not None and self.first_share else None)
+            share = (
+                max(1, math.ceil(self.total / (4 * self.workers)))
+                if self.total is not None and self.first_share
+                else None
+            )
             if share is not None and (t is None or t * share <= 4 * self.target):
                 # the length known: a quarter of each worker's part per chunk, as
                 # multiprocessing.Pool.map does -- workers whose tasks cost
@@ -73,7 +77,11 @@ class ChunkSizer:
             elif t is None:
                 # nothing measured yet: one iteration per worker, then grow
                 self.probes += 1
-                size = 1 if self.probes <= self.workers else min(2 ** (self.probes // self.workers), 64)
+                size = (
+                    1
+                    if self.probes <= self.workers
+                    else min(2 ** (self.probes // self.workers), 64)
+                )
             else:
                 size = max(1, int(self.target / max(t, 1e-9)))
                 if remaining is not None:
@@ -149,8 +157,12 @@ RAMP_CHECKED = 16
 LIVE_PERIOD = 0.2
 
 
-def _live_state(record: LastRun, running: dict[int, tuple[str, int]],
-                chunks: dict[int, Chunk], committer: Committer) -> None:
+def _live_state(
+    record: LastRun,
+    running: dict[int, tuple[str, int]],
+    chunks: dict[int, Chunk],
+    committer: Committer,
+) -> None:
     """Per-worker rows of the live view from the backend's running chunks:
     ``{chunk start: (worker, iterations done in it so far)}``."""
     for w in record.live.values():
@@ -189,14 +201,23 @@ def make_taker(iterable: Any, is_async: bool) -> Any:
     """The object that cuts chunks from the loop's iterable."""
     if is_async:
         from .backends.tasks import AsyncTaker
+
         return AsyncTaker(iterable)
     return Taker(iterable)
 
 
-def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # noqa: C901
-             committer: Committer, record: LastRun, progress: Progress,
-             threads: ThreadCount | None, start: int = 0,
-             measured: tuple[int, float, float] | None = None) -> None:
+def dispatch(  # noqa: C901
+    backend: Backend,
+    take: Any,
+    total: int | None,
+    opts: Options,
+    committer: Committer,
+    record: LastRun,
+    progress: Progress,
+    threads: ThreadCount | None,
+    start: int = 0,
+    measured: tuple[int, float, float] | None = None,
+) -> None:
     """Hand chunks out, keep the workers fed, commit contiguous prefixes as
     they complete; stop early on an error (on_error=raise) or an interrupt.
 
@@ -205,10 +226,13 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
     from a measurement rather than from probing chunks."""
     # a backend may size its own chunks (asyncio tasks: a chunk is a batch of
     # concurrent iterations, not a stretch of work)
-    sizer = ChunkSizer(opts.chunksize or getattr(backend, "chunksize", None),
-                       max(backend.worker_count(), 1), total,
-                       target=getattr(backend, "chunk_seconds", TARGET_CHUNK_SECONDS),
-                       first_share=getattr(backend, "first_share", False))
+    sizer = ChunkSizer(
+        opts.chunksize or getattr(backend, "chunksize", None),
+        max(backend.worker_count(), 1),
+        total,
+        target=getattr(backend, "chunk_seconds", TARGET_CHUNK_SECONDS),
+        first_share=getattr(backend, "first_share", False),
+    )
     if measured is not None:
         sizer.observe(measured[0], measured[1])
         if threads is not None:
@@ -220,7 +244,7 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
     next_start = start
     committer.next = start
     exhausted = False
-    stop_at: int | None = None       # an iteration raised (on_error=raise)
+    stop_at: int | None = None  # an iteration raised (on_error=raise)
     failure: tuple[int, BaseException, Any] | None = None
     largest = 1
 
@@ -270,9 +294,12 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
     last_live = 0.0
     try:
         while True:
-            while (not exhausted and stop_at is None and len(in_flight) < concurrency()
-                   and next_start - committer.next < max(WINDOW_CHUNKS * largest *
-                                                         concurrency(), 1000)):
+            while (
+                not exhausted
+                and stop_at is None
+                and len(in_flight) < concurrency()
+                and next_start - committer.next < max(WINDOW_CHUNKS * largest * concurrency(), 1000)
+            ):
                 remaining = None if total is None else total - next_start
                 size = sizer.next_size(remaining)
                 if ramp is not None:
@@ -304,8 +331,11 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
             if in_flight:
                 if poll is not None:
                     poll()
-                done, _ = wait(list(in_flight), timeout=LIVE_PERIOD / 2 if live else 0.25,
-                               return_when=FIRST_COMPLETED)
+                done, _ = wait(
+                    list(in_flight),
+                    timeout=LIVE_PERIOD / 2 if live else 0.25,
+                    return_when=FIRST_COMPLETED,
+                )
                 for fut in done:
                     collect(fut)
             while committer.next in results:
@@ -319,8 +349,11 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
                     failure = (f.index, f.exc, f.item)
                     break
                 if res.raised is not None:
-                    failure = (res.raised.index, res.raised.exc,
-                               chunk.items[res.raised.index - chunk.start])
+                    failure = (
+                        res.raised.index,
+                        res.raised.exc,
+                        chunk.items[res.raised.index - chunk.start],
+                    )
                     break
                 if committer.stopped:
                     break
@@ -331,11 +364,14 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
                 # workers do from here on is needed
                 backend.cancel_after(committer.next - 1)
                 if committer.serial and not committer.broke:
-                    pending = sorted([c for c in in_flight.values()] +
-                                     [c for c, _ in results.values()], key=lambda c: c.start)
+                    pending = sorted(
+                        [c for c in in_flight.values()] + [c for c, _ in results.values()],
+                        key=lambda c: c.start,
+                    )
                     try:
-                        _serial_rest(committer, pending, take, next_start, exhausted,
-                                     sizer, progress, record)
+                        _serial_rest(
+                            committer, pending, take, next_start, exhausted, sizer, progress, record
+                        )
                     except IterationFailed as f:
                         failure = (f.index, f.exc, f.item)
                 results.clear()
@@ -353,8 +389,7 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
             now = time.monotonic()
             if now - last_live >= LIVE_PERIOD and live is not None:
                 last_live = now
-                _live_state(record, live(), {c.start: c for c in in_flight.values()},
-                            committer)
+                _live_state(record, live(), {c.start: c for c in in_flight.values()}, committer)
             progress.update(record)
     except KeyboardInterrupt:
         record.interrupted = True
@@ -363,7 +398,8 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
         raise Interrupted(
             f"parloop: interrupted after {committer.next} of "
             f"{'?' if total is None else total} iterations; iterations 0..{committer.next - 1}"
-            " were applied") from None
+            " were applied"
+        ) from None
     finally:
         record.dispatch = getattr(backend, "dispatch", "")
         if stop_at is not None or failure is not None:
@@ -385,9 +421,16 @@ def dispatch(backend: Backend, take: Any, total: int | None, opts: Options,  # n
         raise IterationFailed(index, exc, item)
 
 
-def _serial_rest(committer: Committer, pending: list[Chunk], take: Any, next_start: int,
-                 exhausted: bool, sizer: ChunkSizer, progress: Progress,
-                 record: LastRun) -> None:
+def _serial_rest(
+    committer: Committer,
+    pending: list[Chunk],
+    take: Any,
+    next_start: int,
+    exhausted: bool,
+    sizer: ChunkSizer,
+    progress: Progress,
+    record: LastRun,
+) -> None:
     """Conflicts dominate: run the rest of the loop in the kernel, in order,
     from the first uncommitted iteration (the items already handed out first,
     then the rest of the iterable), a batch at a time so the view stays live."""
@@ -395,7 +438,7 @@ def _serial_rest(committer: Committer, pending: list[Chunk], take: Any, next_sta
     for c in pending:
         skip = committer.next - c.start
         if skip < len(c.items):
-            items.extend(c.items[max(skip, 0):])
+            items.extend(c.items[max(skip, 0) :])
     start = committer.next
     while True:
         if not items and not exhausted:
@@ -430,7 +473,7 @@ class Taker:
 
     def __call__(self, start: int, size: int) -> Any:
         if self.sliceable:
-            return self.iterable[start:start + size]
+            return self.iterable[start : start + size]
         out: list = []
         if self.error is None:
             try:
@@ -440,14 +483,21 @@ class Taker:
         return out
 
 
-def drain(in_flight: dict[Future, Chunk], results: dict[int, tuple[Chunk, ChunkResult]],
-           committer: Committer, timeout: float) -> None:
+def drain(
+    in_flight: dict[Future, Chunk],
+    results: dict[int, tuple[Chunk, ChunkResult]],
+    committer: Committer,
+    timeout: float,
+) -> None:
     """After an interrupt: take what finishes within ``timeout`` and commit the
     contiguous prefix of completed iterations."""
     deadline = time.monotonic() + timeout
     while in_flight and time.monotonic() < deadline:
-        done, _ = wait(list(in_flight), timeout=max(deadline - time.monotonic(), 0),
-                       return_when=FIRST_COMPLETED)
+        done, _ = wait(
+            list(in_flight),
+            timeout=max(deadline - time.monotonic(), 0),
+            return_when=FIRST_COMPLETED,
+        )
         for fut in done:
             chunk = in_flight.pop(fut)
             try:

@@ -12,6 +12,7 @@ Limits (said in the manual): functions imported by name before the run
 (``from random import random``) and ``numpy.random.default_rng()`` without a
 seed are not covered.
 """
+
 from __future__ import annotations
 
 import contextvars

@@ -31,6 +31,7 @@ kernel's segments at all (same host, same ``/dev/shm``): the kernel writes a
 random token into a tiny segment and the engine reads it back by name.
 Hostnames are not trusted for this (containers share hostnames, or not).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,16 @@ try:
 except ImportError:  # pragma: no cover
     SharedMemory = None  # type: ignore[assignment,misc]
 
-__all__ = ["AVAILABLE", "THRESHOLD", "PREFIX", "SegmentPool", "attach", "engine_probe",
-           "probe_segment", "segments_of"]
+__all__ = [
+    "AVAILABLE",
+    "THRESHOLD",
+    "PREFIX",
+    "SegmentPool",
+    "attach",
+    "engine_probe",
+    "probe_segment",
+    "segments_of",
+]
 
 #: out-of-band buffers at least this large go through shared memory (smaller ones
 #: are not worth a segment: a file, a mapping and an unlink each, per engine too)
@@ -73,12 +82,19 @@ AVAILABLE = _posixshmem is not None and SharedMemory is not None and os.path.isd
 class _PyBuffer(ctypes.Structure):
     """``Py_buffer`` (stable layout, part of the limited API since 3.11)."""
 
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
-                ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
-                ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
 
 
 _api: list = []
@@ -89,10 +105,12 @@ def _functions():
     if not _api:
         # own prototypes: the argtypes of ctypes.pythonapi's shared function objects
         # are left as other code in the process may have set them
-        get = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer),
-                                ctypes.c_int)(("PyObject_GetBuffer", ctypes.pythonapi))
+        get = ctypes.PYFUNCTYPE(
+            ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int
+        )(("PyObject_GetBuffer", ctypes.pythonapi))
         release = ctypes.PYFUNCTYPE(None, ctypes.POINTER(_PyBuffer))(
-            ("PyBuffer_Release", ctypes.pythonapi))
+            ("PyBuffer_Release", ctypes.pythonapi)
+        )
         # CDLL (not PyDLL): the GIL is released for the call
         memcmp = ctypes.CDLL(None).memcmp
         memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -130,6 +148,7 @@ _TRACKER_OURS: list[bool] = []
 def _tracker() -> object | None:
     try:
         from multiprocessing import resource_tracker
+
         return resource_tracker._resource_tracker  # private, but stable 3.8-3.13
     except (ImportError, AttributeError):  # pragma: no cover
         return None
@@ -173,7 +192,7 @@ def _create(name: str, raw: memoryview) -> SharedMemory:
         if fd >= 0:
             _pwrite_all(fd, raw)
         else:  # pragma: no cover - a SharedMemory without its descriptor
-            shm.buf[:raw.nbytes] = raw  # type: ignore[index]
+            shm.buf[: raw.nbytes] = raw  # type: ignore[index]
     except BaseException:
         _destroy(shm)
         raise
@@ -192,6 +211,7 @@ def _unlink(shm: SharedMemory) -> None:
         shm.unlink()
     except FileNotFoundError:  # removed by someone else: keep the resource tracker quiet
         from multiprocessing import resource_tracker
+
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
 
 
@@ -272,8 +292,9 @@ class SegmentPool:
         for seg in gone:
             _unlink(seg)
         if gone:
-            threading.Thread(target=_close_all, args=(gone,), name="parloop-shm-close",
-                             daemon=True).start()
+            threading.Thread(
+                target=_close_all, args=(gone,), name="parloop-shm-close", daemon=True
+            ).start()
         return len(gone)
 
     def close(self) -> None:
@@ -290,10 +311,10 @@ def _fingerprint(raw: memoryview) -> int:
     ~16 KiB read, whatever the size (a buffer changed in a few places only
     may keep its fingerprint; memcmp still tells)."""
     n = raw.nbytes
-    crc = zlib.crc32(raw[n - 4096:], zlib.crc32(raw[:4096]))
+    crc = zlib.crc32(raw[n - 4096 :], zlib.crc32(raw[:4096]))
     step = n // 257
     for off in range(step, 257 * step, step):
-        crc = zlib.crc32(raw[off:off + 64], crc)
+        crc = zlib.crc32(raw[off : off + 64], crc)
     return crc
 
 

@@ -1,4 +1,5 @@
 """``%parallel_status``: what parloop is running on, and the last run."""
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,9 @@ def status_text() -> str:
         lines.append(f"backend: ipyparallel ({kind}), {len(info.get('engines', []))} engine(s)")
         for e in info.get("engines", []):
             state = "busy" if e.get("busy") else "idle"
-            lines.append(f"  engine {e.get('id')}: host {e.get('host')}, pid {e.get('pid')}, "
-                         f"{state}")
+            lines.append(
+                f"  engine {e.get('id')}: host {e.get('host')}, pid {e.get('pid')}, {state}"
+            )
     else:
         lines.append("backend: no ipyparallel cluster in use (%%threaded needs none)")
     run = parloop.last_run

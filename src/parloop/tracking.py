@@ -20,6 +20,7 @@ that re-execution in the kernel: reads go straight to the kernel's objects
 and writes are applied at once (recording what they wrote, for the
 iterations after it).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -29,10 +30,29 @@ import threading
 from typing import Any, Callable, MutableMapping
 
 from .log.conflicts import WriteSet
-from .log.entries import (CALL, FINAL_DEL_ITEM, FINAL_SET_ITEM, GROUP, PATH, REDUCE, SET_ATTR,
-                          SET_ITEM, STEP_ITEM, TARGET, TARGET_WRITE, FLUSH)
-from .log.locations import (ATTR, LENGTH, WHOLE, attr_location, item_location, path_locations,
-                            write_locations)
+from .log.entries import (
+    CALL,
+    FINAL_DEL_ITEM,
+    FINAL_SET_ITEM,
+    FLUSH,
+    GROUP,
+    PATH,
+    REDUCE,
+    SET_ATTR,
+    SET_ITEM,
+    STEP_ITEM,
+    TARGET,
+    TARGET_WRITE,
+)
+from .log.locations import (
+    ATTR,
+    LENGTH,
+    WHOLE,
+    attr_location,
+    item_location,
+    path_locations,
+    write_locations,
+)
 from .log.replay import apply_entry, apply_path, group_into, reduce_into
 
 
@@ -73,19 +93,33 @@ class Reader:
     location)`` in order; the chunk control marks where each iteration's
     begin) and the current iteration's own writes."""
 
-    __slots__ = ("reads", "objects", "log", "lock", "stuck", "unrecorded", "_own", "_whole",
-                 "_copied")
+    __slots__ = (
+        "reads",
+        "objects",
+        "log",
+        "lock",
+        "stuck",
+        "unrecorded",
+        "_own",
+        "_whole",
+        "_copied",
+    )
 
-    def __init__(self, objects: MutableMapping[str, Any], log: list,
-                 lock: Any = None, unrecorded: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        objects: MutableMapping[str, Any],
+        log: list,
+        lock: Any = None,
+        unrecorded: frozenset[str] = frozenset(),
+    ) -> None:
         self.reads: list[tuple[str, tuple]] = []
         #: same-key objects: their reads are not recorded (see LoopShape)
         self.unrecorded = unrecorded
-        self.objects = objects          # the snapshot: the chunk function's globals
+        self.objects = objects  # the snapshot: the chunk function's globals
         self.log = log
         self.lock = lock if lock is not None else _NoLock()
         self._own: dict[str, dict[tuple, Any]] = {}
-        self._whole: set[str] = set()    # names the iteration wrote as a whole
+        self._whole: set[str] = set()  # names the iteration wrote as a whole
         self._copied: set[tuple[str, tuple]] = set()
         #: the current iteration raised NeedsKernel (even if the body caught
         #: it): the shared object's name
@@ -153,8 +187,12 @@ class Reader:
                 self._set(name, loc, DELETED)
                 return
             own = self._own.get(name, {}).get(loc, _MISSING)
-            if loc != WHOLE and not isinstance(own, _Mark) and own is not _MISSING \
-                    and final[0] != FINAL_DEL_ITEM:
+            if (
+                loc != WHOLE
+                and not isinstance(own, _Mark)
+                and own is not _MISSING
+                and final[0] != FINAL_DEL_ITEM
+            ):
                 # out[k] = v; out[k] += w: the kernel does the same in order
                 tmp = {0: copy.deepcopy(own)}
                 apply_path(tmp, (), (final[0], 0, *final[2:]))
@@ -319,12 +357,13 @@ class ApplyingLog:
 
     __slots__ = ("ns", "shared", "writes", "index", "lock", "count")
 
-    def __init__(self, ns: MutableMapping[str, Any], shared: frozenset[str],
-                 writes: WriteSet, lock: Any) -> None:
+    def __init__(
+        self, ns: MutableMapping[str, Any], shared: frozenset[str], writes: WriteSet, lock: Any
+    ) -> None:
         self.ns = ns
         self.shared = shared
         self.writes = writes
-        self.index = 0        # the iteration being run (set by the caller)
+        self.index = 0  # the iteration being run (set by the caller)
         self.lock = lock if lock is not None else _NoLock()
         self.count = 0
 

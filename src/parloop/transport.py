@@ -54,10 +54,11 @@ engine raises ``ValueError: assignment destination is read-only`` instead of
 silently diverging from the kernel's array (joblib's memmapped inputs behave the
 same).
 """
+
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import io
 import os
 import pickle
@@ -209,7 +210,11 @@ class _Pickler(cloudpickle.Pickler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._streams = {id(getattr(sys, s)): s.strip("_") for s in self._STREAMS if getattr(sys, s, None) is not None}
+        self._streams = {
+            id(getattr(sys, s)): s.strip("_")
+            for s in self._STREAMS
+            if getattr(sys, s, None) is not None
+        }
 
     def reducer_override(self, obj):
         stream = self._streams.get(id(obj))
@@ -234,8 +239,7 @@ def _by_value(fn: Any) -> bool:
 
 def _rebuild_lru_cache(fn: Any, params: dict) -> Any:
     """On the engine: the same cache wrapper around the function (empty)."""
-    return functools.lru_cache(maxsize=params.get("maxsize"),
-                               typed=params.get("typed", False))(fn)
+    return functools.lru_cache(maxsize=params.get("maxsize"), typed=params.get("typed", False))(fn)
 
 
 def _cloudpickle(value: Any, buffer_callback) -> bytes:
@@ -336,8 +340,9 @@ class Transport:
         self.stats = TransportStats()
         self.last = TransportStats()
 
-    def broadcast(self, values: dict[str, object], targets: Iterable[int], *,
-                  timeout: float | None = None) -> dict[str, str]:
+    def broadcast(
+        self, values: dict[str, object], targets: Iterable[int], *, timeout: float | None = None
+    ) -> dict[str, str]:
         """Make every value available on every target engine; return name -> key.
 
         A value (or out-of-band buffer) already present on an engine is not sent
@@ -360,7 +365,9 @@ class Transport:
         packed = {name: _pack(*p, buffer_key) for name, p in pickled.items()}
         self._gen += 1
         gen, epoch = self._gen, f"{self._uid}.{self._gen}"
-        used = {p.key for p in packed.values()} | {bk for p in packed.values() for bk, _ in p.buffers}
+        used = {p.key for p in packed.values()} | {
+            bk for p in packed.values() for bk, _ in p.buffers
+        }
         pending: list[Any] = []
         for eid, ident in idents.items():
             have = self._have.setdefault(ident, {})
@@ -383,8 +390,11 @@ class Transport:
                     # the probe said yes, yet a segment could not be mapped (/dev/shm
                     # cleaned, the map limit...): frames for this engine from now on
                     self._shm_ok[idents[eid]] = False
-                    redo = {name for name, p in packed.items()
-                            if any(bk in unmapped for bk, _ in p.buffers)}
+                    redo = {
+                        name
+                        for name, p in packed.items()
+                        if any(bk in unmapped for bk, _ in p.buffers)
+                    }
                     for k in unmapped | {packed[name].key for name in redo}:
                         have.pop(k, None)
                     retry.append(eid)
@@ -413,11 +423,22 @@ class Transport:
         return {name: f"{p.key}@{epoch}" for name, p in packed.items()}
 
     @staticmethod
-    def _index(packed: dict[str, _Packed], have: dict[str, int], mapping: bool, epoch: str,
-               stats: TransportStats) -> tuple[dict[str, Any], list]:
+    def _index(
+        packed: dict[str, _Packed],
+        have: dict[str, int],
+        mapping: bool,
+        epoch: str,
+        stats: TransportStats,
+    ) -> tuple[dict[str, Any], list]:
         """The store message for one engine: what it lacks, as frames or segments."""
-        index: dict[str, Any] = {"drop": [], "values": {}, "buffers": {}, "segments": {},
-                                 "load": {}, "epoch": epoch}
+        index: dict[str, Any] = {
+            "drop": [],
+            "values": {},
+            "buffers": {},
+            "segments": {},
+            "load": {},
+            "epoch": epoch,
+        }
         blobs: list = []
         for name, p in packed.items():
             if p.key in have or p.key in index["values"]:
@@ -470,11 +491,13 @@ class Transport:
             self._shm_ok.update(dict.fromkeys(unknown.values(), False))
         elif unknown:
             from ipyparallel.error import RemoteError
+
             try:
                 with _shm.probe_segment(self._uid) as (name, token):
-                    asked = [(ident, self.client[eid].apply_async(_shm.engine_probe, name,
-                                                                   len(token)))
-                             for eid, ident in unknown.items()]
+                    asked = [
+                        (ident, self.client[eid].apply_async(_shm.engine_probe, name, len(token)))
+                        for eid, ident in unknown.items()
+                    ]
                     for ident, ar in asked:
                         try:
                             self._shm_ok[ident] = ar.get(timeout=timeout) == token
@@ -579,6 +602,7 @@ def _quiet_figure(figure_cls: type) -> type:
     extra figure per result)."""
     quiet = getattr(figure_cls, "___parloop_quiet", None)
     if quiet is None:
+
         class QuietFigure(figure_cls):  # type: ignore[valid-type, misc]
             def __setstate__(self, state: dict) -> None:
                 state.pop("_restore_to_pylab", None)
@@ -619,13 +643,17 @@ class _KernelUnpickler(pickle.Unpickler):
             if name == "_make_skeleton_class":
                 return self._tracking(obj, 4)  # (type, name, bases, kwargs, tracker id, extra)
             if name == "_make_skeleton_enum":
-                return self._tracking(obj, 5)  # (bases, name, qualname, members, module, tracker id, extra)
+                return self._tracking(
+                    obj, 5
+                )  # (bases, name, qualname, members, module, tracker id, extra)
             if name == "_class_setstate":
                 return self._setstate(obj)
         return obj
 
     def _tracking(self, make, position: int):
-        tracker = getattr(getattr(cloudpickle, "cloudpickle", None), "_DYNAMIC_CLASS_TRACKER_BY_ID", {})
+        tracker = getattr(
+            getattr(cloudpickle, "cloudpickle", None), "_DYNAMIC_CLASS_TRACKER_BY_ID", {}
+        )
 
         def make_skeleton(*args):
             tracker_id = args[position] if len(args) > position else None
@@ -649,7 +677,9 @@ class _KernelUnpickler(pickle.Unpickler):
 # ---------------------------------------------------------------------------
 # the check before anything runs
 # ---------------------------------------------------------------------------
-def check_picklable(values: Mapping[str, object], *, linenos: Mapping[str, int] | None = None) -> None:
+def check_picklable(
+    values: Mapping[str, object], *, linenos: Mapping[str, int] | None = None
+) -> None:
     """Raise :class:`LoopAnalysisError` naming the first variable that cannot be sent to engines.
 
     Cheap for large NumPy arrays and other protocol-5 buffers: they are not
@@ -692,7 +722,11 @@ def _culprit(value: Any, depth: int = 3) -> tuple[list[str], Any, Exception] | N
             code = stack.pop()
             code_names.update(code.co_names)
             stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        parts += [(f"global {n}", value.__globals__[n]) for n in sorted(code_names) if n in value.__globals__]
+        parts += [
+            (f"global {n}", value.__globals__[n])
+            for n in sorted(code_names)
+            if n in value.__globals__
+        ]
         for var, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
             try:
                 parts.append((f"closure variable {var}", cell.cell_contents))
@@ -717,8 +751,9 @@ def _culprit(value: Any, depth: int = 3) -> tuple[list[str], Any, Exception] | N
     return None
 
 
-def _unpicklable(name: str, value: Any, exc: Exception,
-                 linenos: Mapping[str, int] | None = None) -> LoopAnalysisError:
+def _unpicklable(
+    name: str, value: Any, exc: Exception, linenos: Mapping[str, int] | None = None
+) -> LoopAnalysisError:
     found = _culprit(value)
     if found is None:
         detail = f"{name!r} ({type(value).__name__}): {exc}"

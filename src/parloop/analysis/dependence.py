@@ -13,6 +13,7 @@ iteration to the next, and how each is kept serial-equivalent.
 * seeds set in the body (``np.random.seed(i)``): seed that iteration's own
   streams.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,9 +23,19 @@ from ..errors import LoopAnalysisError
 from .scopes import walk_scope, write_root_names
 
 _BINOPS = {
-    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//",
-    ast.Mod: "%", ast.Pow: "**", ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|",
-    ast.BitXor: "^", ast.BitAnd: "&", ast.MatMult: "@",
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.BitAnd: "&",
+    ast.MatMult: "@",
 }
 #: the comparison of ``if E <op> kept`` as "candidate <op> kept"; the mirror
 #: image for ``if kept <op> E``
@@ -46,8 +57,11 @@ class Group:
 
 
 def _loads(node: ast.AST, name: str) -> int:
-    return sum(1 for n in ast.walk(node)
-               if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load))
+    return sum(
+        1
+        for n in ast.walk(node)
+        if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+    )
 
 
 def _rebind_op(name: str, value: ast.expr) -> str | None:
@@ -60,9 +74,14 @@ def _rebind_op(name: str, value: ast.expr) -> str | None:
         if isinstance(right, ast.Name) and right.id == name and not _loads(left, name):
             return "r" + op
         return None
-    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
-            and value.func.id in ("max", "min") and len(value.args) == 2 \
-            and not value.keywords and not any(isinstance(a, ast.Starred) for a in value.args):
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id in ("max", "min")
+        and len(value.args) == 2
+        and not value.keywords
+        and not any(isinstance(a, ast.Starred) for a in value.args)
+    ):
         a, b = value.args
         if isinstance(a, ast.Name) and a.id == name and not _loads(b, name):
             return value.func.id
@@ -103,8 +122,11 @@ def rebinding_reductions(body: list[ast.stmt], targets: set[str]) -> dict[str, l
     sites: dict[str, list[ast.Assign]] = {}
     for st in body:
         for n in walk_scope(st):
-            if isinstance(n, ast.Assign) and len(n.targets) == 1 \
-                    and isinstance(n.targets[0], ast.Name):
+            if (
+                isinstance(n, ast.Assign)
+                and len(n.targets) == 1
+                and isinstance(n.targets[0], ast.Name)
+            ):
                 sites.setdefault(n.targets[0].id, []).append(n)
     stores = _stores(body)
     loads = _all_loads(body)
@@ -121,11 +143,17 @@ def rebinding_reductions(body: list[ast.stmt], targets: set[str]) -> dict[str, l
 
 def _group_of(node: ast.If) -> tuple[str, str, ast.expr, list[str]] | None:
     test = node.test
-    if node.orelse or not isinstance(test, ast.Compare) or len(test.ops) != 1 \
-            or type(test.ops[0]) not in _CMP:
+    if (
+        node.orelse
+        or not isinstance(test, ast.Compare)
+        or len(test.ops) != 1
+        or type(test.ops[0]) not in _CMP
+    ):
         return None
-    if not node.body or not all(isinstance(s, ast.Assign) and len(s.targets) == 1
-                                and isinstance(s.targets[0], ast.Name) for s in node.body):
+    if not node.body or not all(
+        isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+        for s in node.body
+    ):
         return None
     names = [s.targets[0].id for s in node.body]  # type: ignore[attr-defined]
     if len(set(names)) != len(names):
@@ -158,8 +186,9 @@ def argmax_groups(body: list[ast.stmt], targets: set[str]) -> list[Group]:
                 continue
             if any(len(stores.get(x, ())) != 1 for x in names):
                 continue
-            if _loads(n.test, compared) != 1 \
-                    or any(_loads(n.test, x) for x in names if x != compared):
+            if _loads(n.test, compared) != 1 or any(
+                _loads(n.test, x) for x in names if x != compared
+            ):
                 continue
             if any(_loads(s.value, x) for s in n.body for x in names):  # type: ignore[attr-defined]
                 continue
@@ -176,14 +205,18 @@ def body_seeds(body: list[ast.stmt]) -> bool:
     leading = True
     found = False
     for st in body:
-        is_seed = isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) \
+        is_seed = (
+            isinstance(st, ast.Expr)
+            and isinstance(st.value, ast.Call)
             and ast.unparse(st.value.func) in SEED_CALLS
+        )
         if is_seed and not leading:
             raise LoopAnalysisError(
                 f"`{ast.unparse(st.value)}` seeds the generator in the middle of the "  # type: ignore[attr-defined]
                 "iteration: draws before it would continue the previous iteration's "
                 "stream; seed at the top of the body, or use the seed= option",
-                lineno=st.lineno)
+                lineno=st.lineno,
+            )
         found = found or is_seed
         leading = leading and is_seed
         if not is_seed:
@@ -192,7 +225,8 @@ def body_seeds(body: list[ast.stmt]) -> bool:
                     raise LoopAnalysisError(
                         f"`{ast.unparse(n)}` seeds the generator inside the iteration's "
                         "code: seed at the top of the body, or use the seed= option",
-                        lineno=n.lineno)
+                        lineno=n.lineno,
+                    )
     return found
 
 
@@ -236,29 +270,41 @@ def same_key_objects(body: list[ast.stmt], names: set[str], targets: set[str]) -
         keys: set[str] = set()
         bare = False
         for st in body:
-            subs = {id(n.value) for n in ast.walk(st)
-                    if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)
-                    and n.value.id == name}
+            subs = {
+                id(n.value)
+                for n in ast.walk(st)
+                if isinstance(n, ast.Subscript)
+                and isinstance(n.value, ast.Name)
+                and n.value.id == name
+            }
             for n in ast.walk(st):
-                if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) \
-                        and n.value.id == name:
+                if (
+                    isinstance(n, ast.Subscript)
+                    and isinstance(n.value, ast.Name)
+                    and n.value.id == name
+                ):
                     keys.add(ast.dump(n.slice))
                     loads = {x.id for x in ast.walk(n.slice) if isinstance(x, ast.Name)}
-                    if not loads <= targets or any(isinstance(x, ast.Call)
-                                                   for x in ast.walk(n.slice)):
+                    if not loads <= targets or any(
+                        isinstance(x, ast.Call) for x in ast.walk(n.slice)
+                    ):
                         bare = True
                 elif isinstance(n, ast.Name) and n.id == name and id(n) not in subs:
                     bare = True
         if bare or len(keys) != 1:
             continue
         for st in body:
-            if isinstance(st, ast.Assign) and len(st.targets) == 1 \
-                    and isinstance(st.targets[0], ast.Subscript) \
-                    and isinstance(st.targets[0].value, ast.Name) \
-                    and st.targets[0].value.id == name:
+            if (
+                isinstance(st, ast.Assign)
+                and len(st.targets) == 1
+                and isinstance(st.targets[0], ast.Subscript)
+                and isinstance(st.targets[0].value, ast.Name)
+                and st.targets[0].value.id == name
+            ):
                 out.add(name)
                 break
-            if not isinstance(st, (ast.Assign, ast.AnnAssign, ast.Expr, ast.AugAssign)) \
-                    or any(isinstance(n, ast.NamedExpr) for n in ast.walk(st)):
+            if not isinstance(st, (ast.Assign, ast.AnnAssign, ast.Expr, ast.AugAssign)) or any(
+                isinstance(n, ast.NamedExpr) for n in ast.walk(st)
+            ):
                 break
     return out

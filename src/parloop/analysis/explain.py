@@ -1,6 +1,7 @@
 """The ``explain`` flag: a readable account of how parloop would run a cell,
 run nothing: every name's role and how it is kept serial-equivalent, and the
 hidden state found (objects handed to code, notebook functions' globals)."""
+
 from __future__ import annotations
 
 import ast
@@ -9,11 +10,11 @@ import textwrap
 import types
 from typing import Any
 
+from ..options import Options
+from ..rewrite import is_plain_callable_root
 from . import LoopPlan
 from .scopes import chain_root
 from .writes import MUTATING_METHODS
-from ..options import Options
-from ..rewrite import is_plain_callable_root
 
 _HOW = {
     "target": "bound per iteration from the kernel's own item; after the loop: the last item",
@@ -22,14 +23,14 @@ _HOW = {
     "input": "read only: {travel}",
     "root": "mutated: writes recorded in the worker, replayed in iteration order",
     "shared": "written and read: reads recorded per iteration and checked at commit; an "
-              "iteration that read what an earlier one wrote is re-run in the kernel "
-              "(serially from there when most do)",
+    "iteration that read what an earlier one wrote is re-run in the kernel "
+    "(serially from there when most do)",
     "reduction-group": "kept together with the argmax/argmin comparison: compared again "
-                       "at commit, in iteration order (ties as serial)",
+    "at commit, in iteration order (ties as serial)",
     "private-checked": "private, read before some paths assign it: an iteration that reads "
-                       "the previous iteration's value is re-run in the kernel",
+    "the previous iteration's value is re-run in the kernel",
     "private-copy": "private=: each iteration works on its own copy; its calls are "
-                    "replayed on the notebook's object in order",
+    "replayed on the notebook's object in order",
     "reduction": "accumulated ({ops}): operands recorded, applied in iteration order",
     "call-root": "{call}",
 }
@@ -54,8 +55,9 @@ def global_writes(fn: Any, ns: dict[str, Any]) -> list[tuple[str, str]]:
         tree = ast.parse(src)
     except (OSError, TypeError, SyntaxError):
         return []
-    fdef = next((n for n in ast.walk(tree)
-                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    fdef = next(
+        (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None
+    )
     if fdef is None:
         return []
     local = {a.arg for a in fdef.args.args + fdef.args.kwonlyargs + fdef.args.posonlyargs}
@@ -74,14 +76,25 @@ def global_writes(fn: Any, ns: dict[str, Any]) -> list[tuple[str, str]]:
         for t in targets:
             if isinstance(t, (ast.Subscript, ast.Attribute)):
                 root, _ = chain_root(t)
-                if root and root not in local and root in ns \
-                        and not isinstance(ns[root], types.ModuleType):
+                if (
+                    root
+                    and root not in local
+                    and root in ns
+                    and not isinstance(ns[root], types.ModuleType)
+                ):
                     found.append((root, f"`{ast.unparse(t)} = ...`"))
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
-                and n.func.attr in MUTATING_METHODS:
+        if (
+            isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr in MUTATING_METHODS
+        ):
             root, _ = chain_root(n.func)
-            if root and root not in local and root in ns \
-                    and not isinstance(ns[root], types.ModuleType):
+            if (
+                root
+                and root not in local
+                and root in ns
+                and not isinstance(ns[root], types.ModuleType)
+            ):
                 found.append((root, f"`{ast.unparse(n)}`"))
     return found
 
@@ -90,8 +103,8 @@ def hidden_state(plan: LoopPlan, ns: dict[str, Any]) -> list[str]:
     """What the body hands to code that could change it behind the log (see
     parloop.analysis.hidden), and what parloop does about it."""
     from ..rewrite import classify_call_roots
-    from .namespace import plain_roots, watched
     from .functions import notebook_functions
+    from .namespace import plain_roots, watched
 
     plain, stateful = plain_roots(plan.tree, ns)
     functions = notebook_functions(plan.loop.body, ns, plain, stateful)
@@ -102,10 +115,15 @@ def hidden_state(plan: LoopPlan, ns: dict[str, Any]) -> list[str]:
             continue
         fname, g = path
         fn = ns.get(fname)
-        how = [h for name, h in global_writes(fn, ns) if name == g] \
-            if isinstance(fn, types.FunctionType) else []
-        out.append(f"`{fname}` (a notebook function the loop calls) "
-                   + (f"changes the global `{g}` ({how[0]})" if how else f"uses the global `{g}`"))
+        how = (
+            [h for name, h in global_writes(fn, ns) if name == g]
+            if isinstance(fn, types.FunctionType)
+            else []
+        )
+        out.append(
+            f"`{fname}` (a notebook function the loop calls) "
+            + (f"changes the global `{g}` ({how[0]})" if how else f"uses the global `{g}`")
+        )
     return out
 
 
@@ -114,8 +132,11 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
     where = "ipyparallel engines" if opts.magic == "parallel" else "a thread pool in the kernel"
     if opts.serial:
         where = "the kernel, one chunk at a time (serial)"
-    travel = ("sent by value once per engine (cloudpickle)" if opts.magic == "parallel"
-              else "shared with the kernel (threads)")
+    travel = (
+        "sent by value once per engine (cloudpickle)"
+        if opts.magic == "parallel"
+        else "shared with the kernel (threads)"
+    )
     lines = [f"parloop {opts.magic}: the loop at line {plan.loop.lineno} runs on {where}."]
     first, last = plan.body_lines
     lines.append(f"  prologue: {len(plan.prologue)} statement(s), run in the kernel first")
@@ -125,44 +146,63 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
         if opts.magic == "parallel":
             lines.append("  the loop awaits: %%parallel cannot run it (use %%threaded)")
         else:
-            lines[0] = (f"parloop {opts.magic}: the loop at line {plan.loop.lineno} awaits; "
-                        "each iteration runs as an asyncio task on parloop's own event loop "
-                        "(in a worker thread).")
+            lines[0] = (
+                f"parloop {opts.magic}: the loop at line {plan.loop.lineno} awaits; "
+                "each iteration runs as an asyncio task on parloop's own event loop "
+                "(in a worker thread)."
+            )
             lines.append(f"  tasks:    at most {1 if opts.serial else opts.tasks} at once")
     elif opts.magic == "threaded":
-        t = "auto (TC = N x (T1 + T2) / T1, measured on the first iterations)" \
-            if opts.threads is None else str(opts.threads)
+        t = (
+            "auto (TC = N x (T1 + T2) / T1, measured on the first iterations)"
+            if opts.threads is None
+            else str(opts.threads)
+        )
         lines.append(f"  threads:  {t}")
-    lines.append(f"  chunksize: {'auto' if opts.chunksize is None else opts.chunksize}, "
-                 f"on_error: {opts.on_error}, seed: {opts.seed}")
+    lines.append(
+        f"  chunksize: {'auto' if opts.chunksize is None else opts.chunksize}, "
+        f"on_error: {opts.on_error}, seed: {opts.seed}"
+    )
     lines.append("")
     roles = plan.roles()
     width = max([len(n) for n in roles] + [4])
     lines.append(f"  {'name':<{width}}  {'role':<15}  how")
     for name, role in roles.items():
         value = ns.get(name, None)
-        kind = f" [{_kind(value)}]" if name in ns and role in (
-            "input", "root", "reduction", "call-root", "shared") else ""
+        kind = (
+            f" [{_kind(value)}]"
+            if name in ns and role in ("input", "root", "reduction", "call-root", "shared")
+            else ""
+        )
         if role == "call-root":
             runs_here = name in ns and is_plain_callable_root(value)
-            call = ("its method calls run in the worker" if runs_here else
-                    "method calls on it are recorded and replayed in order in the kernel")
+            call = (
+                "its method calls run in the worker"
+                if runs_here
+                else "method calls on it are recorded and replayed in order in the kernel"
+            )
             how = _HOW[role].format(call=call)
         else:
-            how = _HOW[role].format(travel=travel,
-                                    ops=", ".join(sorted(set(plan.reductions.get(name, [])))))
+            how = _HOW[role].format(
+                travel=travel, ops=", ".join(sorted(set(plan.reductions.get(name, []))))
+            )
         lines.append(f"  {name:<{width}}  {role:<15}  {how}{kind}")
     if plan.break_lines:
-        lines.append(f"  break at line(s) {', '.join(map(str, plan.break_lines))}: the "
-                     "breaking iteration is the last one committed; later work is discarded")
+        lines.append(
+            f"  break at line(s) {', '.join(map(str, plan.break_lines))}: the "
+            "breaking iteration is the last one committed; later work is discarded"
+        )
     from .functions import notebook_functions
     from .namespace import plain_roots
+
     plain, stateful = plain_roots(plan.tree, ns)
     functions = notebook_functions(plan.loop.body, ns, plain, stateful)
     if functions:
         lines.append("")
-        lines.append("  notebook functions the loop calls (the workers run copies whose writes to "
-                     "notebook globals are logged and replayed in iteration order):")
+        lines.append(
+            "  notebook functions the loop calls (the workers run copies whose writes to "
+            "notebook globals are logged and replayed in iteration order):"
+        )
         for fp in functions.values():
             writes = ", ".join(f"`{g}`" for g in sorted(fp.writes())) or "nothing outside itself"
             lines.append(f"    {fp.name} (line {fp.fdef.lineno}): writes {writes}")
@@ -171,8 +211,13 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
         lines.append("")
         lines.append("  hidden state (changes the log cannot see):")
         lines.extend(f"    {h}" for h in hidden)
-        where = ("on the engines around every chunk" if opts.magic == "parallel" else
-                 "around the first iteration, which runs in the kernel")
-        lines.append(f"  these are fingerprinted {where}; if one changes, the loop runs "
-                     "serially in the kernel from there (parloop.last_run.notes says why)")
+        where = (
+            "on the engines around every chunk"
+            if opts.magic == "parallel"
+            else "around the first iteration, which runs in the kernel"
+        )
+        lines.append(
+            f"  these are fingerprinted {where}; if one changes, the loop runs "
+            "serially in the kernel from there (parloop.last_run.notes says why)"
+        )
     return "\n".join(lines)

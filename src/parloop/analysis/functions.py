@@ -11,6 +11,7 @@ Only plain ``def`` functions of the notebook's namespace whose source can be
 read qualify (no closures, generators, coroutines or decorators); anything
 else a body calls stays covered by the hidden-state fingerprints.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,14 +35,14 @@ class FunctionPlan:
     """One notebook function as parloop will run it in the workers."""
 
     name: str
-    path: tuple[str, ...]          # how to reach it from the body's globals
-    fdef: ast.FunctionDef          # its source, lines as in the notebook
+    path: tuple[str, ...]  # how to reach it from the body's globals
+    fdef: ast.FunctionDef  # its source, lines as in the notebook
     locals: set[str]
-    roots: set[str]                # globals written through (recorded)
-    call_roots: set[str]           # globals with statement-level method calls
-    reductions: dict[str, list[str]]   # ``global g; g += v``
-    reads: set[str]                # globals it reads
-    calls: set[str] = field(default_factory=set)   # notebook functions it calls
+    roots: set[str]  # globals written through (recorded)
+    call_roots: set[str]  # globals with statement-level method calls
+    reductions: dict[str, list[str]]  # ``global g; g += v``
+    reads: set[str]  # globals it reads
+    calls: set[str] = field(default_factory=set)  # notebook functions it calls
     stateful: set[str] = field(default_factory=set)
 
     def writes(self) -> set[str]:
@@ -50,7 +51,8 @@ class FunctionPlan:
 
 def _source(fn: types.FunctionType) -> ast.FunctionDef | None:
     if fn.__code__.co_freevars or fn.__code__.co_flags & (
-            inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
+        inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+    ):
         return None
     try:
         lines, first = inspect.getsourcelines(fn)
@@ -61,22 +63,27 @@ def _source(fn: types.FunctionType) -> ast.FunctionDef | None:
     except SyntaxError:
         return None
     fdef = tree.body[0] if tree.body else None
-    if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list \
-            or fdef.name != fn.__name__:
+    if not isinstance(fdef, ast.FunctionDef) or fdef.decorator_list or fdef.name != fn.__name__:
         return None
     ast.increment_lineno(tree, first - 1)
     return fdef
 
 
-def _plan(name: str, path: tuple[str, ...], fdef: ast.FunctionDef,
-          plain: frozenset[str], stateful: dict[str, str]) -> FunctionPlan:
+def _plan(
+    name: str,
+    path: tuple[str, ...],
+    fdef: ast.FunctionDef,
+    plain: frozenset[str],
+    stateful: dict[str, str],
+) -> FunctionPlan:
     declared: set[str] = set()
     for n in walk_scope(fdef):
         if isinstance(n, ast.Global):
             declared.update(n.names)
         elif isinstance(n, ast.Nonlocal):
-            raise LoopAnalysisError(f"`{name}` (called by the loop) uses `nonlocal`",
-                                    lineno=n.lineno, name=name)
+            raise LoopAnalysisError(
+                f"`{name}` (called by the loop) uses `nonlocal`", lineno=n.lineno, name=name
+            )
     a = fdef.args
     params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
     params |= {x.arg for x in (a.vararg, a.kwarg) if x}
@@ -86,32 +93,51 @@ def _plan(name: str, path: tuple[str, ...], fdef: ast.FunctionDef,
     local = (params | set(sn.stores)) - declared
     reductions: dict[str, list[str]] = {}
     for n in walk_scope(fdef):
-        if isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name) \
-                and n.target.id in declared:
+        if (
+            isinstance(n, ast.AugAssign)
+            and isinstance(n.target, ast.Name)
+            and n.target.id in declared
+        ):
             reductions.setdefault(n.target.id, []).append(AUG_OPS[type(n.op)])
-        elif isinstance(n, ast.Assign) and len(n.targets) == 1 \
-                and isinstance(n.targets[0], ast.Name) and n.targets[0].id in declared:
+        elif (
+            isinstance(n, ast.Assign)
+            and len(n.targets) == 1
+            and isinstance(n.targets[0], ast.Name)
+            and n.targets[0].id in declared
+        ):
             # ``global last; last = x``: the last call's value, bound in order
             reductions.setdefault(n.targets[0].id, []).append("=")
         elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.Delete)):
             targets = n.targets if isinstance(n, (ast.Assign, ast.Delete)) else [n.target]
             for t in targets:
                 for x in ast.walk(t):
-                    if isinstance(x, ast.Name) and x.id in declared \
-                            and not isinstance(x.ctx, ast.Load):
+                    if (
+                        isinstance(x, ast.Name)
+                        and x.id in declared
+                        and not isinstance(x.ctx, ast.Load)
+                    ):
                         raise LoopAnalysisError(
                             f"`{name}` (called by the loop) rebinds the notebook global "
                             f"`{x.id}`: iterations cannot rebind notebook names; return the "
-                            "value and bind it after the loop", lineno=n.lineno, name=x.id)
+                            "value and bind it after the loop",
+                            lineno=n.lineno,
+                            name=x.id,
+                        )
     loads = set(sn.loads) - local
     for g in reductions:
         if g in loads:
-            line = next(n.lineno for n in walk_scope(fdef) if isinstance(n, ast.Name)
-                        and n.id == g and isinstance(n.ctx, ast.Load))
+            line = next(
+                n.lineno
+                for n in walk_scope(fdef)
+                if isinstance(n, ast.Name) and n.id == g and isinstance(n.ctx, ast.Load)
+            )
             raise LoopAnalysisError(
                 f"`{name}` (called by the loop) binds the global `{g}` and also reads it: "
                 "each call would depend on the one before; return the value instead and "
-                "keep it in the loop body", lineno=line, name=g)
+                "keep it in the loop body",
+                lineno=line,
+                name=g,
+            )
     muts = Mutations(local, set(), set(reductions), plain_roots=plain, stateful=stateful)
     try:
         for st in fdef.body:
@@ -119,15 +145,23 @@ def _plan(name: str, path: tuple[str, ...], fdef: ast.FunctionDef,
     except LoopAnalysisError as e:
         msg = str(e)
         if e.lineno is not None and msg.startswith(f"line {e.lineno}: "):
-            msg = msg[len(f"line {e.lineno}: "):]
-        raise LoopAnalysisError(f"in `{name}`, called by the loop: {msg}",
-                                lineno=e.lineno, name=e.name) from None
+            msg = msg[len(f"line {e.lineno}: ") :]
+        raise LoopAnalysisError(
+            f"in `{name}`, called by the loop: {msg}", lineno=e.lineno, name=e.name
+        ) from None
     roots = {m.root for m in muts.found if m.kind != "call"}
     call_roots = muts.call_roots - roots
-    return FunctionPlan(name=name, path=path, fdef=fdef, locals=local, roots=roots,
-                        call_roots=call_roots, reductions=reductions,
-                        reads=loads - set(reductions),
-                        stateful=set(stateful) & call_roots)
+    return FunctionPlan(
+        name=name,
+        path=path,
+        fdef=fdef,
+        locals=local,
+        roots=roots,
+        call_roots=call_roots,
+        reductions=reductions,
+        reads=loads - set(reductions),
+        stateful=set(stateful) & call_roots,
+    )
 
 
 #: the step of a path that goes from an instance to its class's method
@@ -151,8 +185,13 @@ def _method(obj: Any, name: str, ns: dict[str, Any]) -> types.FunctionType | Non
 _CACHE: dict[tuple, FunctionPlan | None] = {}
 
 
-def _analysed(fn: types.FunctionType, name: str, path: tuple[str, ...],
-              plain: frozenset[str], stateful: dict[str, str]) -> FunctionPlan | None:
+def _analysed(
+    fn: types.FunctionType,
+    name: str,
+    path: tuple[str, ...],
+    plain: frozenset[str],
+    stateful: dict[str, str],
+) -> FunctionPlan | None:
     key = (fn.__code__, plain, tuple(sorted(stateful.items())))
     if key not in _CACHE:
         fdef = _source(fn)
@@ -165,19 +204,26 @@ def _analysed(fn: types.FunctionType, name: str, path: tuple[str, ...],
     return dataclasses.replace(fp, path=path, calls=set(fp.calls))
 
 
-def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozenset[str],
-                       stateful: dict[str, str]) -> dict[str, FunctionPlan]:
+def notebook_functions(
+    body: list[ast.stmt], ns: dict[str, Any], plain: frozenset[str], stateful: dict[str, str]
+) -> dict[str, FunctionPlan]:
     """The notebook functions the body calls, followed MAX_DEPTH calls deep:
     name -> plan.  Functions that do not qualify are left out."""
     out: dict[str, FunctionPlan] = {}
     todo: list[tuple[str, tuple[str, ...], int]] = [
-        (n.func.id, (n.func.id,), 1) for st in body for n in walk_scope(st)
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        (n.func.id, (n.func.id,), 1)
+        for st in body
+        for n in walk_scope(st)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    ]
     for st in body:
         for n in walk_scope(st):
             # recv.meth(...) on an instance of a class defined in the notebook
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
-                    and isinstance(n.func.value, ast.Name):
+            if (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute)
+                and isinstance(n.func.value, ast.Name)
+            ):
                 recv, meth = n.func.value.id, n.func.attr
                 fn = _method(ns.get(recv), meth, ns)
                 key = f"{recv}.{meth}"
@@ -185,10 +231,13 @@ def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozense
                     fp = _analysed(fn, key, (recv, METHOD, meth), plain, stateful)
                     if fp is not None:
                         out[key] = fp
-                        todo.extend((c.func.id, fp.path + (c.func.id,), 2)  # type: ignore
-                                    for c in walk_scope(fp.fdef) if isinstance(c, ast.Call)
-                                    and isinstance(c.func, ast.Name)
-                                    and c.func.id not in fp.locals)
+                        todo.extend(
+                            (c.func.id, fp.path + (c.func.id,), 2)  # type: ignore
+                            for c in walk_scope(fp.fdef)
+                            if isinstance(c, ast.Call)
+                            and isinstance(c.func, ast.Name)
+                            and c.func.id not in fp.locals
+                        )
     while todo:
         name, path, depth = todo.pop(0)
         if name in out or depth > MAX_DEPTH:
@@ -201,8 +250,11 @@ def notebook_functions(body: list[ast.stmt], ns: dict[str, Any], plain: frozense
             continue
         out[name] = fp
         for n in walk_scope(fp.fdef):
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
-                    and n.func.id not in fp.locals:
+            if (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Name)
+                and n.func.id not in fp.locals
+            ):
                 fp.calls.add(n.func.id)
                 todo.append((n.func.id, path + (n.func.id,), depth + 1))
     for fp in out.values():

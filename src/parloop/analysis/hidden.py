@@ -11,6 +11,7 @@ loop or entered by ``with``.  Those are the *watched* names; a plain read
 Notebook functions the body calls are watched through the globals they use
 (decided at run time, see :mod:`parloop.run`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,13 +27,12 @@ STATEFUL_MODULES = frozenset({"matplotlib.pyplot", "seaborn", "pylab"})
 #: what to write instead, per module (the object-oriented form)
 STATEFUL_ADVICE = {
     "matplotlib.pyplot": "create the figure before the loop (`fig, axes = plt.subplots(...)`) "
-                         "and draw on it in the loop (`axes[i].plot(...)`)",
+    "and draw on it in the loop (`axes[i].plot(...)`)",
 }
 
 
 def is_stateful_module(value: object) -> bool:
-    return getattr(value, "__name__", None) in STATEFUL_MODULES and type(value).__name__ \
-        == "module"
+    return getattr(value, "__name__", None) in STATEFUL_MODULES and type(value).__name__ == "module"
 
 
 #: builtins that never change their arguments (calling them is not a hidden path)
@@ -40,7 +40,8 @@ PURE_BUILTINS = frozenset(
     "abs all any ascii bin bool bytes callable chr complex dict divmod enumerate float "
     "format frozenset hasattr hash hex id int isinstance issubclass iter len list max "
     "min oct ord pow print range repr reversed round set slice sorted str sum tuple type "
-    "zip".split())
+    "zip".split()
+)
 
 
 def _roots(node: ast.AST) -> set[str]:
@@ -65,9 +66,16 @@ def watch_candidates(body: list[ast.stmt], statement_receivers: bool = True) -> 
     line is left out (through the loop target, such a call is replayed on the
     kernel's item)."""
     out: set[str] = set()
-    statement_calls = set() if statement_receivers else {
-        id(n.value) for st in body for n in walk_scope(st)
-        if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)}
+    statement_calls = (
+        set()
+        if statement_receivers
+        else {
+            id(n.value)
+            for st in body
+            for n in walk_scope(st)
+            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+        }
+    )
     for st in body:
         for n in walk_scope(st):
             if isinstance(n, ast.Call):
@@ -98,8 +106,12 @@ def watch_candidates(body: list[ast.stmt], statement_receivers: bool = True) -> 
 def called_names(body: list[ast.stmt]) -> set[str]:
     """Names the body calls directly (``f(x)``): notebook functions among them
     are watched through the globals they use."""
-    return {n.func.id for st in body for n in walk_scope(st)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    return {
+        n.func.id
+        for st in body
+        for n in walk_scope(st)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
 
 
 def stored_inputs(body: list[ast.stmt], outside: set[str]) -> set[str]:
@@ -113,8 +125,11 @@ def stored_inputs(body: list[ast.stmt], outside: set[str]) -> set[str]:
             if isinstance(n, ast.Assign):
                 src = _roots(n.value)
                 for t in n.targets:
-                    for name in (e.id for e in ast.walk(t) if isinstance(e, ast.Name)
-                                 and isinstance(e.ctx, ast.Store)):
+                    for name in (
+                        e.id
+                        for e in ast.walk(t)
+                        if isinstance(e, ast.Name) and isinstance(e.ctx, ast.Store)
+                    ):
                         aliases.setdefault(name, set()).update(src)
     out: set[str] = set()
 
@@ -126,10 +141,14 @@ def stored_inputs(body: list[ast.stmt], outside: set[str]) -> set[str]:
     for st in body:
         for n in walk_scope(st):
             if isinstance(n, ast.Assign) and any(
-                    isinstance(t, (ast.Subscript, ast.Attribute)) for t in n.targets):
+                isinstance(t, (ast.Subscript, ast.Attribute)) for t in n.targets
+            ):
                 note(n.value)
-            elif isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) \
-                    and isinstance(n.value.func, ast.Attribute):
+            elif (
+                isinstance(n, ast.Expr)
+                and isinstance(n.value, ast.Call)
+                and isinstance(n.value.func, ast.Attribute)
+            ):
                 for a in list(n.value.args) + [k.value for k in n.value.keywords]:
                     note(a)
     return out & outside

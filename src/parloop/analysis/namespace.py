@@ -2,6 +2,7 @@
 alone cannot say (which names are modules, which objects share state, what
 the body hands to code, which cells define the functions it calls).  Reads
 the namespace, runs nothing."""
+
 from __future__ import annotations
 
 import ast
@@ -16,10 +17,14 @@ from . import LoopPlan
 def stored(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
     """Inputs whose objects a write may store (engines send such values back
     as references to the kernel's own objects)."""
-    from .hidden import stored_inputs
     from ..fingerprint import watchable
-    return tuple(sorted(n for n in stored_inputs(plan.loop.body, plan.inputs)
-                        if n in ns and watchable(ns[n])))
+    from .hidden import stored_inputs
+
+    return tuple(
+        sorted(
+            n for n in stored_inputs(plan.loop.body, plan.inputs) if n in ns and watchable(ns[n])
+        )
+    )
 
 
 #: objects visited per name when looking for aliasing between outside names
@@ -51,8 +56,9 @@ def reachable(value: Any) -> set[int]:
     return out
 
 
-def alias_groups(plan: LoopPlan, ns: dict[str, Any], written: set[str]
-                  ) -> dict[str, tuple[str, bool]]:
+def alias_groups(
+    plan: LoopPlan, ns: dict[str, Any], written: set[str]
+) -> dict[str, tuple[str, bool]]:
     """Outside names whose objects share state with an object the loop writes
     (``a = b = {}``; ``opt = SGD(model.w)``: ``opt.step()`` changes what
     ``model`` reads): the dependence test must take them for one object.
@@ -87,7 +93,7 @@ def cell_sources(plan: LoopPlan, ns: dict[str, Any]) -> dict[str, Any]:
     def note(f: Any) -> None:
         if isinstance(f, types.FunctionType) and f.__globals__ is ns:
             where.setdefault(f.__name__, f.__code__.co_filename)
-            for g in f.__code__.co_names:   # the functions it calls, one level
+            for g in f.__code__.co_names:  # the functions it calls, one level
                 h = ns.get(g)
                 if isinstance(h, types.FunctionType) and h.__globals__ is ns:
                     where.setdefault(h.__name__, h.__code__.co_filename)
@@ -131,27 +137,40 @@ def submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def watched(plan: LoopPlan, ns: dict[str, Any], worker_roots: set[str],
-             functions: dict[str, Any] | None = None) -> tuple[tuple[str, ...], ...]:
+def watched(
+    plan: LoopPlan,
+    ns: dict[str, Any],
+    worker_roots: set[str],
+    functions: dict[str, Any] | None = None,
+) -> tuple[tuple[str, ...], ...]:
     """The objects an iteration could change behind the log's back (see
     parloop.analysis.hidden): inputs the body hands to code, and the mutable
     globals of the notebook functions it calls (two calls deep), except the
     globals the workers' copies of those functions log (``functions``), when
     the body only ever calls the function (never hands it on)."""
     functions = functions or {}
-    handed = {n.id for st in plan.loop.body for n in ast.walk(st)
-              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - {
-        n.func.id for st in plan.loop.body for n in ast.walk(st)
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    handed = {
+        n.id
+        for st in plan.loop.body
+        for n in ast.walk(st)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+    } - {
+        n.func.id
+        for st in plan.loop.body
+        for n in ast.walk(st)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
     logged = {g for name, fp in functions.items() if name not in handed for g in fp.writes()}
-    from .hidden import called_names, watch_candidates
     from ..fingerprint import watchable
+    from .hidden import called_names, watch_candidates
 
     recorded = plan.roots | (plan.call_roots - worker_roots) | set(plan.reductions)
     local = plan.private | set(plan.targets) | recorded | set(plan.copies)
     out: list[tuple[str, ...]] = [
-        (n,) for n in sorted(watch_candidates(plan.loop.body) - local)
-        if n in ns and watchable(ns[n])]
+        (n,)
+        for n in sorted(watch_candidates(plan.loop.body) - local)
+        if n in ns and watchable(ns[n])
+    ]
     seen: set[int] = set()
 
     def globals_of(fname: str, fn: Any, depth: int) -> None:
@@ -172,13 +191,13 @@ def watched(plan: LoopPlan, ns: dict[str, Any], worker_roots: set[str],
                 globals_of(fname, v, depth + 1)
             elif g in ns and watchable(v) and (fname, g) not in out and g not in logged:
                 out.append((fname, g))
+
     for f in sorted(called_names(plan.loop.body) - local):
         globals_of(f, ns.get(f), 0)
     return tuple(out)
 
 
-def plain_roots(tree: ast.Module, ns: dict[str, Any]
-                 ) -> tuple[frozenset[str], dict[str, str]]:
+def plain_roots(tree: ast.Module, ns: dict[str, Any]) -> tuple[frozenset[str], dict[str, str]]:
     """Names of the cell bound to modules, classes and functions (in the
     namespace, or imported by the statements before the loop): calls through
     them (``np.sort(a)``) are calls, not writes.  And apart, the names bound
@@ -198,6 +217,11 @@ def plain_roots(tree: ast.Module, ns: dict[str, Any]
                     stateful[a.asname] = a.name
                 out.add((a.asname or a.name).split(".")[0])
         elif isinstance(st, ast.ImportFrom) and st.module == "matplotlib":
-            stateful.update({(a.asname or a.name): f"matplotlib.{a.name}" for a in st.names
-                             if f"matplotlib.{a.name}" in STATEFUL_MODULES})
+            stateful.update(
+                {
+                    (a.asname or a.name): f"matplotlib.{a.name}"
+                    for a in st.names
+                    if f"matplotlib.{a.name}" in STATEFUL_MODULES
+                }
+            )
     return frozenset(out - set(stateful)), stateful

@@ -1,6 +1,7 @@
 """The analysed cell (:class:`LoopPlan`): what runs in the kernel, what runs
 in the workers, and the role of every name the loop touches, in the words a
 numba or OpenMP reader knows (private/lastprivate, reduction, shared)."""
+
 from __future__ import annotations
 
 import ast
@@ -48,7 +49,7 @@ class LoopPlan:
     stored_targets: set[str] = field(default_factory=set)
     is_async: bool = False
     read_roots: set[str] = field(default_factory=set)
-    checked: dict[str, int] = field(default_factory=dict)   # name -> line of the read
+    checked: dict[str, int] = field(default_factory=dict)  # name -> line of the read
     deleted: set[str] = field(default_factory=set)
     groups: list[Group] = field(default_factory=list)
     copies: tuple[str, ...] = ()

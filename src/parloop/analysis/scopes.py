@@ -1,5 +1,6 @@
 """Scopes and chains: the one walker of names and of ``a[k].b(...)`` chains
 that every other analysis module uses.  Pure functions over :mod:`ast`."""
+
 from __future__ import annotations
 
 import ast
@@ -199,8 +200,10 @@ class ScopeNames(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         for a in node.names:
             if a.name == "*":
-                raise LoopAnalysisError("`from ... import *` inside the loop: import the names "
-                                        "before the loop", lineno=node.lineno)
+                raise LoopAnalysisError(
+                    "`from ... import *` inside the loop: import the names before the loop",
+                    lineno=node.lineno,
+                )
             self._store(a.asname or a.name, node.lineno)
 
     def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:

@@ -1,5 +1,6 @@
 """Statement checks: what may not stand in a parallel loop body, and reads
 of private names that would come from the previous iteration."""
+
 from __future__ import annotations
 
 import ast
@@ -15,7 +16,7 @@ class Forbidden(ast.NodeVisitor):
 
     def __init__(self) -> None:
         self.loop_depth = 0
-        self.breaks: list[int] = []   # lines of the body's own `break`s
+        self.breaks: list[int] = []  # lines of the body's own `break`s
 
     def _nested_scope(self, node: ast.AST) -> None:
         # a nested function may return/yield/break freely; only its default
@@ -50,14 +51,18 @@ class Forbidden(ast.NodeVisitor):
             self.breaks.append(node.lineno)
 
     def visit_Return(self, node: ast.Return) -> None:
-        raise LoopAnalysisError("`return` in the loop body cannot run in parallel; use "
-                                "`break` and return after the loop",
-                                lineno=node.lineno)
+        raise LoopAnalysisError(
+            "`return` in the loop body cannot run in parallel; use "
+            "`break` and return after the loop",
+            lineno=node.lineno,
+        )
 
     def _yield(self, node: ast.AST) -> None:
-        raise LoopAnalysisError("`yield` in the loop body cannot run in parallel; "
-                                "collect the values in a list and yield them after the loop",
-                                lineno=node.lineno)  # type: ignore[attr-defined]
+        raise LoopAnalysisError(
+            "`yield` in the loop body cannot run in parallel; "
+            "collect the values in a list and yield them after the loop",
+            lineno=node.lineno,  # type: ignore[attr-defined]
+        )
 
     visit_Yield = _yield
     visit_YieldFrom = _yield
@@ -66,15 +71,18 @@ class Forbidden(ast.NodeVisitor):
         raise LoopAnalysisError(
             f"`global {', '.join(node.names)}` in the loop body: iterations cannot "
             "rebind notebook names; assign the value to a name of the iteration and "
-            "bind the global after the loop", lineno=node.lineno, name=node.names[0])
+            "bind the global after the loop",
+            lineno=node.lineno,
+            name=node.names[0],
+        )
 
     def visit_Nonlocal(self, node: ast.Nonlocal) -> None:
         raise LoopAnalysisError(
             f"`nonlocal {', '.join(node.names)}` in the loop body cannot run in parallel; "
             "assign to a name of the iteration and rebind after the loop",
-            lineno=node.lineno, name=node.names[0])
-
-
+            lineno=node.lineno,
+            name=node.names[0],
+        )
 
 
 _ALL = None  # state of an unreachable path (after continue/raise)
@@ -89,8 +97,9 @@ class CarriedReads:
     unbound is re-run in the kernel after the one before it (see
     parloop.runtime)."""
 
-    def __init__(self, private: set[str], reductions: set[str],
-                 maybe_bound: dict[int, set[str]]) -> None:
+    def __init__(
+        self, private: set[str], reductions: set[str], maybe_bound: dict[int, set[str]]
+    ) -> None:
         self.private = private
         self.reductions = reductions
         #: id(statement) -> private names that some path may have bound before it
@@ -112,7 +121,9 @@ class CarriedReads:
                     f"`{name}` is accumulated with an augmented assignment and also read "
                     "in the body: each iteration would depend on the one before; read it "
                     "after the loop, or accumulate into a list and combine it afterwards",
-                    lineno=ln, name=name)
+                    lineno=ln,
+                    name=name,
+                )
             if name in self.private and name not in bound and name not in walrus:
                 self._carried(name, ln)
         return walrus
@@ -125,7 +136,9 @@ class CarriedReads:
             f"`{name}` is read before it is assigned in the iteration, so its value "
             "always comes from the previous iteration (a loop-carried dependency); "
             f"assign `{name}` first in the body, or keep this loop serial",
-            lineno=lineno, name=name)
+            lineno=lineno,
+            name=name,
+        )
 
     def block(self, stmts: list[ast.stmt], bound: set[str] | None) -> set[str] | None:
         for st in stmts:

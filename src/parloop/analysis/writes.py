@@ -2,6 +2,7 @@
 name bound outside the iteration, by what it writes through (a private, the
 loop target, an outside object), and the writes parloop cannot replay in
 order (rejected)."""
+
 from __future__ import annotations
 
 import ast
@@ -21,9 +22,19 @@ MUTATING_METHODS = frozenset(
 )
 
 AUG_OPS = {
-    ast.Add: "+=", ast.Sub: "-=", ast.Mult: "*=", ast.Div: "/=", ast.FloorDiv: "//=",
-    ast.Mod: "%=", ast.Pow: "**=", ast.LShift: "<<=", ast.RShift: ">>=", ast.BitOr: "|=",
-    ast.BitXor: "^=", ast.BitAnd: "&=", ast.MatMult: "@=",
+    ast.Add: "+=",
+    ast.Sub: "-=",
+    ast.Mult: "*=",
+    ast.Div: "/=",
+    ast.FloorDiv: "//=",
+    ast.Mod: "%=",
+    ast.Pow: "**=",
+    ast.LShift: "<<=",
+    ast.RShift: ">>=",
+    ast.BitOr: "|=",
+    ast.BitXor: "^=",
+    ast.BitAnd: "&=",
+    ast.MatMult: "@=",
 }
 
 
@@ -43,16 +54,21 @@ class Mutations:
     through: a private name (plain code), the loop target (replayed on the
     kernel's item), or an outside name (recorded, replayed in order)."""
 
-    def __init__(self, private: set[str], targets: set[str], reductions: set[str],
-                 plain_roots: frozenset[str] = frozenset(),
-                 stateful: dict[str, str] | None = None):
+    def __init__(
+        self,
+        private: set[str],
+        targets: set[str],
+        reductions: set[str],
+        plain_roots: frozenset[str] = frozenset(),
+        stateful: dict[str, str] | None = None,
+    ):
         self.private = private
         #: name -> module, for names bound to modules with global state (pyplot)
         self.stateful = stateful or {}
         #: outside names bound to modules, classes and functions: ``np.sort(a)``
         #: is a call, never a write to ``np``
         self.plain_roots = plain_roots
-        self.deleted: set[str] = set()   # private names the body `del`s
+        self.deleted: set[str] = set()  # private names the body `del`s
         self.targets = targets
         self.reductions = reductions
         self.found: list[Mutation] = []
@@ -65,7 +81,8 @@ class Mutations:
             raise LoopAnalysisError(
                 f"cannot tell which object `{ast.unparse(node)}` {what}: write through a "
                 "name (assign the object to a variable first)",
-                lineno=getattr(node, "lineno", None))
+                lineno=getattr(node, "lineno", None),
+            )
         if root in self.private:
             return None
         return root
@@ -89,7 +106,9 @@ class Mutations:
                 f"`{ast.unparse(target)}` writes through a call's result on `{root}`; "
                 "parloop replays only subscript and attribute chains: bind the call's "
                 "result to a name before the loop and write through that name",
-                lineno=lineno, name=root)
+                lineno=lineno,
+                name=root,
+            )
         self.found.append(Mutation(kind, root, lineno, root in self.targets))
 
     def _stores_targets(self, st: ast.stmt) -> None:
@@ -100,16 +119,21 @@ class Mutations:
             if isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.value, ast.Name):
                 through.add(id(n.value))
         for n in ast.walk(st):
-            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) \
-                    and n.id in self.targets and id(n) not in through:
+            if (
+                isinstance(n, ast.Name)
+                and isinstance(n.ctx, ast.Load)
+                and n.id in self.targets
+                and id(n) not in through
+            ):
                 self.stored_targets.add(n.id)
 
     def stmt(self, st: ast.stmt) -> None:
         before = len(self.found)
         self._stmt(st)
         if any(not m.through_target for m in self.found[before:]) and not isinstance(
-                st, (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor,
-                     ast.AsyncWith, ast.Match)):
+            st,
+            (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor, ast.AsyncWith, ast.Match),
+        ):
             self._stores_targets(st)
             self._escaping_closures(st)
         if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -147,7 +171,10 @@ class Mutations:
                     f"`{late[0]}` when called: serial Python would show it the last "
                     f"iteration's `{late[0]}` (late binding), parallel iterations their "
                     f"own; bind the value now with a default argument "
-                    f"(`lambda {late[0]}={late[0]}: ...`)", lineno=st.lineno, name=late[0])
+                    f"(`lambda {late[0]}={late[0]}: ...`)",
+                    lineno=st.lineno,
+                    name=late[0],
+                )
 
     def _stmt(self, st: ast.stmt) -> None:
         if isinstance(st, ast.Assign):
@@ -163,11 +190,14 @@ class Mutations:
         elif isinstance(st, ast.Delete):
             for t in st.targets:
                 if isinstance(t, ast.Name):
-                    self.deleted.add(t.id)   # a private: unbound after the loop as in serial
+                    self.deleted.add(t.id)  # a private: unbound after the loop as in serial
                     continue
                 self._write(t, "del", st.lineno)
-        elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) \
-                and isinstance(st.value.func, ast.Attribute):
+        elif (
+            isinstance(st, ast.Expr)
+            and isinstance(st.value, ast.Call)
+            and isinstance(st.value.func, ast.Attribute)
+        ):
             root, _ = chain_root(st.value)
             if root is not None and root not in self.private:
                 if root in self.targets:
@@ -210,24 +240,37 @@ class Mutations:
                 root = chain_root(n.func)[0]
                 if root in self.stateful and root not in self.private:
                     from .hidden import STATEFUL_ADVICE
-                    advice = STATEFUL_ADVICE.get(self.stateful[root],
-                                                 "call it on its own line")
+
+                    advice = STATEFUL_ADVICE.get(self.stateful[root], "call it on its own line")
                     raise LoopAnalysisError(
                         f"`{ast.unparse(n)}` uses the global state of `{self.stateful[root]}` "
                         "(its current figure) and the body needs its result: calls through it "
                         f"are replayed in the kernel in iteration order only as statements; "
-                        f"{advice}", lineno=n.lineno, name=root)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) \
-                    and n.func.attr in MUTATING_METHODS:
+                        f"{advice}",
+                        lineno=n.lineno,
+                        name=root,
+                    )
+            if (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute)
+                and n.func.attr in MUTATING_METHODS
+            ):
                 root, _ = chain_root(n.func)
-                if root is not None and root not in self.private and root not in self.targets \
-                        and root not in self.plain_roots:
+                if (
+                    root is not None
+                    and root not in self.private
+                    and root not in self.targets
+                    and root not in self.plain_roots
+                ):
                     raise LoopAnalysisError(
                         f"`{ast.unparse(n)}` changes `{root}` inside an expression; only a "
                         f"statement such as `{root}.{n.func.attr}(...)` on its own line can "
                         f"be replayed in iteration order: call it on its own line and read "
                         f"the result afterwards, or give each iteration its own copy with "
-                        f"`private={root}`", lineno=n.lineno, name=root)
+                        f"`private={root}`",
+                        lineno=n.lineno,
+                        name=root,
+                    )
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 self._nested_scope(n)
 
@@ -254,12 +297,16 @@ class Mutations:
             for tgt in tgts:
                 if isinstance(tgt, (ast.Subscript, ast.Attribute)):
                     root, _ = chain_root(tgt)
-                    if root and root not in local and root not in self.private \
-                            and root not in self.targets:
+                    if (
+                        root
+                        and root not in local
+                        and root not in self.private
+                        and root not in self.targets
+                    ):
                         raise LoopAnalysisError(
                             f"a function defined in the loop body writes to the outside "
                             f"object `{root}` (`{ast.unparse(tgt)}`); write it in the loop "
                             "body itself so it can be replayed in order",
-                            lineno=getattr(n, "lineno", None), name=root)
-
-
+                            lineno=getattr(n, "lineno", None),
+                            name=root,
+                        )

@@ -1,6 +1,7 @@
 """The one small interface every backend implements (threads, in-kernel
 serial, ipyparallel engines), after joblib's backends: a documented life cycle
 (prepare, submit, cancel_after, interrupt, finish) and capability facts."""
+
 from __future__ import annotations
 
 import ast
@@ -15,19 +16,19 @@ from ..runtime import ChunkResult, LoopShape
 class Job:
     """Everything a backend needs to run the chunks of one loop."""
 
-    chunk_module: ast.Module        # defines the chunk function (rewrite.build_chunk_function)
-    filename: str                   # the cell's name in linecache: tracebacks show its lines
-    cell_source: str                # the cell's text, for workers that have no linecache of it
-    ns: dict[str, Any]              # the notebook namespace
-    inputs: set[str]                # names the body reads from the notebook
-    private: set[str]               # names whose last values come back
+    chunk_module: ast.Module  # defines the chunk function (rewrite.build_chunk_function)
+    filename: str  # the cell's name in linecache: tracebacks show its lines
+    cell_source: str  # the cell's text, for workers that have no linecache of it
+    ns: dict[str, Any]  # the notebook namespace
+    inputs: set[str]  # names the body reads from the notebook
+    private: set[str]  # names whose last values come back
     on_error: str
     seed: int | None
-    timeout: float | None = None    # per iteration (engines)
-    live: bool = False              # workers report progress while a chunk runs
+    timeout: float | None = None  # per iteration (engines)
+    live: bool = False  # workers report progress while a chunk runs
     facts: dict[str, Any] = field(default_factory=dict)  # what the backend reports
     shape: LoopShape | None = None  # shared objects, checked privates... (runtime)
-    lock: Any = None                # threads: reads of shared objects vs the replay
+    lock: Any = None  # threads: reads of shared objects vs the replay
     #: submodules the body reaches through an input module (``xml.dom.minidom``
     #: after ``import xml.dom.minidom``): engines import them too
     imports: tuple[str, ...] = ()
@@ -43,7 +44,6 @@ class Backend(Protocol):
     shares_memory: bool
 
     def worker_count(self) -> int: ...
-
 
     def max_in_flight(self) -> int:
         """Chunks to keep handed out: the worker count for threads, more for

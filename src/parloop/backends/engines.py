@@ -12,6 +12,7 @@ ipyparallel task per engine per run pulls its chunks over
 chunk as an ipyparallel task of its own, sent to the engine directly (2-5 ms
 a chunk, which the chunk sizes make up for).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,9 @@ import os
 import pickle
 import signal
 import sys
-import types
 import threading
 import time
+import types
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ CLIENTS: dict[int, ClientState] = {}
 
 def _state_for(client: Any) -> ClientState:
     from ..transport import Transport
+
     state = CLIENTS.get(id(client))
     if state is None or state.client is not client:
         if state is not None:
@@ -73,6 +75,7 @@ def _state_for(client: Any) -> ClientState:
 def stop_managed() -> bool:
     """``%parallel_stop`` / ``%unload_ext``: stop the cluster parloop started."""
     from ..cluster import MANAGER
+
     global _last_client
     _last_client = None
     for state in CLIENTS.values():
@@ -83,6 +86,7 @@ def stop_managed() -> bool:
 
 def status() -> dict | None:
     from ..cluster import MANAGER
+
     info = MANAGER.status()
     return info if info.get("engines") or info.get("managed") else None
 
@@ -121,9 +125,10 @@ class EngineBackend:
         self.opts = opts
         self.ids = list(client.ids)
         self.views = {eid: client[eid] for eid in self.ids}
-        self.load = {eid: 0 for eid in self.ids}   # chunks queued on each engine
+        self.load = {eid: 0 for eid in self.ids}  # chunks queued on each engine
         self.sent = {eid: 0 for eid in self.ids}
         from ..cluster import MANAGER
+
         self._labels: dict[int, str] = {}
         info = MANAGER.engine_info(client)
         for e in info:
@@ -148,22 +153,23 @@ class EngineBackend:
         self._pending: dict[str, tuple[Any, int, int]] = {}
         self._lock = threading.Lock()
         self._cancel_from: int | None = None
-        self.events: list[str] = []     # what happened (lost engines), for last_run
+        self.events: list[str] = []  # what happened (lost engines), for last_run
         self.retried: set[int] = set()  # chunk starts that were re-run
         self._polled = time.monotonic()
 
     @classmethod
     def for_options(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
         from ..cluster import MANAGER
+
         global _last_client
-        client = MANAGER.client(processes=opts.processes, profile=opts.profile,
-                                cluster_id=opts.cluster_id)
+        client = MANAGER.client(
+            processes=opts.processes, profile=opts.profile, cluster_id=opts.cluster_id
+        )
         _last_client = client
         return cls(client, opts)
 
     def worker_count(self) -> int:
         return max(len(self.ids), 1)
-
 
     def max_in_flight(self) -> int:
         # two chunks per engine: one running, one queued on it, so no engine
@@ -175,20 +181,29 @@ class EngineBackend:
         notebook must be able to travel (a lock, an open file, a generator
         is reported by name, nothing having run)."""
         from ..transport import check_picklable
+
         check_picklable({n: ns[n] for n in sorted(names) if n in ns})
 
     def prepare(self, job: Job) -> None:
         from .. import transport
         from ..transport import check_picklable
+
         transport.KERNEL_NS[0] = job.ns  # results refer to the kernel's own objects
         inputs = {name: job.ns[name] for name in sorted(job.inputs)}
         check_picklable(inputs)
-        program = Program(chunk_module=job.chunk_module, filename=job.filename,
-                          cell_lines=[line + "\n" for line in
-                                      ("\n" + job.cell_source).splitlines()],
-                          private=job.private, on_error=job.on_error, seed=job.seed,
-                          timeout=job.timeout, live=job.live, shape=job.shape,
-                          imports=job.imports, sources=job.sources)
+        program = Program(
+            chunk_module=job.chunk_module,
+            filename=job.filename,
+            cell_lines=[line + "\n" for line in ("\n" + job.cell_source).splitlines()],
+            private=job.private,
+            on_error=job.on_error,
+            seed=job.seed,
+            timeout=job.timeout,
+            live=job.live,
+            shape=job.shape,
+            imports=job.imports,
+            sources=job.sources,
+        )
         inputs["___program"] = program
         # sent with the first chunk: a loop that runs natively needs none of it
         self._inputs = inputs
@@ -230,8 +245,9 @@ class EngineBackend:
         run = self.run = channel.begin(list(self.ids), self._channel_result, self._retried)
         self.channel = channel
         for eid in list(self.ids):
-            ar = self.views[eid].apply_async(serve_chunks, channel.address, channel.key,
-                                             channel.ident(run, eid), self.keys)
+            ar = self.views[eid].apply_async(
+                serve_chunks, channel.address, channel.key, channel.ident(run, eid), self.keys
+            )
             self._serving[eid] = ar
             ar.add_done_callback(lambda ar_, eid=eid: self._serve_ended(eid, ar_))
 
@@ -244,8 +260,9 @@ class EngineBackend:
         self._deliver(fut, res, eid)
 
     def _retried(self, start: int) -> None:
-        self.events.append(f"the engine running iterations from {start} died; "
-                           "they were re-run on another engine")
+        self.events.append(
+            f"the engine running iterations from {start} died; they were re-run on another engine"
+        )
         self.retried.add(start)
 
     def _serve_ended(self, eid: int, ar: Any) -> None:
@@ -262,9 +279,15 @@ class EngineBackend:
         self._forget(ar)
         if self.channel is not None:
             self.channel.engine_gone(
-                self.run, eid, retry=lost,
-                make_error=lambda s: _as_local(error, s) if error is not None
-                else WorkerLostError(f"the engines stopped before iterations from {s} ran"))
+                self.run,
+                eid,
+                retry=lost,
+                make_error=lambda s: (
+                    _as_local(error, s)
+                    if error is not None
+                    else WorkerLostError(f"the engines stopped before iterations from {s} ran")
+                ),
+            )
 
     def label(self, eid: int) -> str:
         """``engine 3 (host:pid)``: the worker's name in the live view and report."""
@@ -356,6 +379,7 @@ class EngineBackend:
         are re-run, rather than after the controller's heartbeat timeout.
         (A pid check; at most twice a second.)"""
         from ..cluster import MANAGER
+
         now = time.monotonic()
         if now - self._polled < 0.5:
             return
@@ -388,8 +412,7 @@ class EngineBackend:
         ar._done_callbacks = []  # the list being run now is not this new one
 
     def cancel_after(self, index: int) -> None:
-        self._cancel_from = index if self._cancel_from is None else min(index,
-                                                                        self._cancel_from)
+        self._cancel_from = index if self._cancel_from is None else min(index, self._cancel_from)
         if self.channel is not None:
             self.channel.cancel_after(index, lambda s: WorkerLostError(f"chunk at {s} cancelled"))
             return
@@ -402,8 +425,10 @@ class EngineBackend:
                 pass
 
     def interrupt(self) -> None:
-        from ..cluster import MANAGER
         import sys
+
+        from ..cluster import MANAGER
+
         print("parloop: interrupting the engines (SIGINT)", file=sys.stderr)
         self.cancel_after(-1)
         MANAGER.signal_engines(self.client, signal.SIGINT)
@@ -416,6 +441,7 @@ class EngineBackend:
 @functools.lru_cache(maxsize=None)
 def _installed_roots() -> tuple[str, ...]:
     import sysconfig
+
     paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     return tuple(os.path.realpath(p) + os.sep for p in paths)
 
@@ -433,8 +459,11 @@ def _local_modules(values: Any) -> list[types.ModuleType]:
     roots = _installed_roots()
     found: dict[str, types.ModuleType] = {}
     for v in values:
-        module = v if isinstance(v, types.ModuleType) else sys.modules.get(
-            getattr(v, "__module__", None) or "")
+        module = (
+            v
+            if isinstance(v, types.ModuleType)
+            else sys.modules.get(getattr(v, "__module__", None) or "")
+        )
         name = getattr(module, "__name__", "")
         path = getattr(module, "__file__", None)
         if module is None or not path or name == "__main__" or name.startswith("parloop"):
@@ -446,12 +475,14 @@ def _local_modules(values: Any) -> list[types.ModuleType]:
 
 def _engine_lost(e: BaseException) -> bool:
     from ipyparallel.error import EngineError
+
     return isinstance(e, EngineError) or getattr(e, "ename", None) == "EngineError"
 
 
 def _retries_used_up(start: int) -> WorkerLostError:
-    return WorkerLostError(f"the engine running iterations from {start} died and the "
-                           "retries are used up")
+    return WorkerLostError(
+        f"the engine running iterations from {start} died and the retries are used up"
+    )
 
 
 def _as_local(e: BaseException, start: int) -> BaseException:
@@ -460,7 +491,9 @@ def _as_local(e: BaseException, start: int) -> BaseException:
     if _engine_lost(e):
         return _retries_used_up(start)
     from ipyparallel.error import RemoteError
+
     if isinstance(e, RemoteError):
-        return RuntimeError(f"parloop engine-side failure: {e.ename}: {e.evalue}\n"
-                            f"{getattr(e, 'traceback', '')}")
+        return RuntimeError(
+            f"parloop engine-side failure: {e.ename}: {e.evalue}\n{getattr(e, 'traceback', '')}"
+        )
     return e

@@ -7,6 +7,7 @@ calls) want coroutines: one thread, no switching cost.  The dispatcher sees
 the same chunks as with threads; a chunk here is a batch of iterations whose
 tasks run concurrently, merged back in iteration order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,14 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from ..runtime import (HELPERS, ChunkControl, ChunkResult, IterationError, capture_into,
-                       private_values)
+from ..runtime import (
+    HELPERS,
+    ChunkControl,
+    ChunkResult,
+    IterationError,
+    capture_into,
+    private_values,
+)
 from .base import Job
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -103,7 +110,6 @@ class TaskBackend:
     def worker_count(self) -> int:
         return self.tasks
 
-
     def in_flight(self) -> int:
         """Iterations running right now (for the live view)."""
         return self._active
@@ -113,6 +119,7 @@ class TaskBackend:
 
     def prepare(self, job: Job) -> None:
         from .threads import compile_chunk_function
+
         self._job = job
         self._fn = compile_chunk_function(job, job.ns, "___parloop_iter")
 
@@ -155,10 +162,14 @@ class TaskBackend:
                     out = await asyncio.shield(task) if failed_at is None else None
                 except asyncio.CancelledError:
                     out = None
-                if out is not None and out[3] is not None and job.on_error == "raise" \
-                        and not isinstance(out[3], (asyncio.CancelledError, KeyboardInterrupt)):
+                if (
+                    out is not None
+                    and out[3] is not None
+                    and job.on_error == "raise"
+                    and not isinstance(out[3], (asyncio.CancelledError, KeyboardInterrupt))
+                ):
                     failed_at = n
-                    for later in tasks[n + 1:]:
+                    for later in tasks[n + 1 :]:
                         later.cancel()
             # every task is awaited: no "Task was destroyed but it is pending"
             results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -166,8 +177,9 @@ class TaskBackend:
             self._running.difference_update(tasks)
         return self._merge(ctl, items, start, results, t0, c0)
 
-    def _merge(self, ctl: ChunkControl, items: list, start: int, results: list,
-               t0: float, c0: float) -> ChunkResult:
+    def _merge(
+        self, ctl: ChunkControl, items: list, start: int, results: list, t0: float, c0: float
+    ) -> ChunkResult:
         """The iterations' logs, output and last values in iteration order, up
         to the first iteration that did not complete (or the first failure
         with on_error=raise)."""
@@ -207,15 +219,24 @@ class TaskBackend:
                     continue
             log.extend(it_log)
             snapshot.update(snap)
-        return ChunkResult(start=start, done=done, log=log, marks=marks, parts=parts,
-                           snapshot=snapshot, errors=errors, raised=raised,
-                           halted=halted and raised is None, worker="asyncio tasks",
-                           t_start=t0, t_end=time.perf_counter(),
-                           cpu=time.thread_time() - c0)
+        return ChunkResult(
+            start=start,
+            done=done,
+            log=log,
+            marks=marks,
+            parts=parts,
+            snapshot=snapshot,
+            errors=errors,
+            raised=raised,
+            halted=halted and raised is None,
+            worker="asyncio tasks",
+            t_start=t0,
+            t_end=time.perf_counter(),
+            cpu=time.thread_time() - c0,
+        )
 
     def cancel_after(self, index: int) -> None:
-        self._cancel_from = index if self._cancel_from is None else min(index,
-                                                                        self._cancel_from)
+        self._cancel_from = index if self._cancel_from is None else min(index, self._cancel_from)
 
     def interrupt(self) -> None:
         self._cancel_from = -1
@@ -229,4 +250,3 @@ class TaskBackend:
 
     def finish(self) -> None:
         pass
-

@@ -4,6 +4,7 @@ serial backend behind the ``serial`` flag.
 The workers share the kernel's objects, so inputs need no copying; the cell's
 own writes still go through the ordered replay (docs/design.md §3).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -45,8 +46,9 @@ def shutdown_pool() -> None:
         _executor_size = 0
 
 
-def compile_chunk_function(job: Job, globals_: dict[str, Any],
-                           name: str = "___parloop_chunk") -> Callable:
+def compile_chunk_function(
+    job: Job, globals_: dict[str, Any], name: str = "___parloop_chunk"
+) -> Callable:
     code = compile(job.chunk_module, job.filename, "exec")
     scratch: dict[str, Any] = {}
     exec(code, globals_, scratch)
@@ -77,8 +79,7 @@ class _Tracker:
 
     def cancel_after(self, index: int) -> None:
         with self.lock:
-            self.cancel_from = index if self.cancel_from is None else min(index,
-                                                                         self.cancel_from)
+            self.cancel_from = index if self.cancel_from is None else min(index, self.cancel_from)
             for start, ctl in self.ctls.items():
                 if start > index:
                     ctl.stop = True
@@ -91,8 +92,9 @@ class _Tracker:
             idents = list(self.threads.values())
         for ident in idents:
             # wake a thread that is inside an iteration (not one blocked in C)
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
-                                                       ctypes.py_object(KeyboardInterrupt))
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
+            )
 
 
 class ThreadBackend:
@@ -119,15 +121,13 @@ class ThreadBackend:
         """chunk start -> (worker, iterations done in it so far), for the live view."""
         with self._tracker.lock:
             ctls = list(self._tracker.ctls.items())
-        return {start: (self._names.get(start, "thread"), len(ctl.marks))
-                for start, ctl in ctls}
+        return {start: (self._names.get(start, "thread"), len(ctl.marks)) for start, ctl in ctls}
 
     def worker_count(self) -> int:
         return self.threads
 
     def max_in_flight(self) -> int:
         return self.threads
-
 
     def prepare(self, job: Job) -> None:
         self._job = job
@@ -142,9 +142,18 @@ class ThreadBackend:
             self._next_slot = max(self._next_slot, slot + 1)
         self._names[start] = name = f"thread {slot}"
         try:
-            return run_chunk(self._fn, items, start, job.on_error, job.private, job.seed,
-                             worker=name, register=self._tracker.register, shape=job.shape,
-                             lock=job.lock)
+            return run_chunk(
+                self._fn,
+                items,
+                start,
+                job.on_error,
+                job.private,
+                job.seed,
+                worker=name,
+                register=self._tracker.register,
+                shape=job.shape,
+                lock=job.lock,
+            )
         finally:
             self._tracker.done(start)
             self._names.pop(start, None)
@@ -185,7 +194,6 @@ class SerialBackend:
     def max_in_flight(self) -> int:
         return 1
 
-
     def prepare(self, job: Job) -> None:
         self._job = job
         self._fn = compile_chunk_function(job, job.ns)
@@ -195,8 +203,18 @@ class SerialBackend:
         assert job is not None and self._fn is not None
         fut: Future[ChunkResult] = Future()
         try:
-            fut.set_result(run_chunk(self._fn, items, start, job.on_error, job.private,
-                                     job.seed, worker="kernel", shape=job.shape))
+            fut.set_result(
+                run_chunk(
+                    self._fn,
+                    items,
+                    start,
+                    job.on_error,
+                    job.private,
+                    job.seed,
+                    worker="kernel",
+                    shape=job.shape,
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - handed to the dispatcher as is
             fut.set_exception(e)
         return fut

@@ -7,6 +7,7 @@ privates) each iteration is committed on its own: one whose reads meet a
 location an earlier iteration wrote (parloop.log.conflicts), or that its
 worker could not run serially, is re-executed in the kernel on the committed
 state instead; when conflicts dominate, the rest of the loop runs there."""
+
 from __future__ import annotations
 
 import ast
@@ -98,8 +99,16 @@ class Committer:
     """Commits chunk results in iteration order: replays logs, writes output,
     keeps last values, and records errors."""
 
-    def __init__(self, ns: dict[str, Any], targets: TargetBinder, record: LastRun,
-                 on_error: str, t0: float, synced: bool, spec: Speculation | None = None):
+    def __init__(
+        self,
+        ns: dict[str, Any],
+        targets: TargetBinder,
+        record: LastRun,
+        on_error: str,
+        t0: float,
+        synced: bool,
+        spec: Speculation | None = None,
+    ):
         self.spec = spec
         #: the body's break ran in a committed iteration: nothing after it commits
         self.broke = False
@@ -141,8 +150,7 @@ class Committer:
         pos = 0
         while True:
             try:
-                replay(self.ns, res.log, target_env if self.synced else None, pos,
-                       flush=parts.upto)
+                replay(self.ns, res.log, target_env if self.synced else None, pos, flush=parts.upto)
                 break
             except Exception as exc:  # noqa: BLE001 - the iteration raised it, as serial would
                 # an entry raised in the kernel (``out[k] = v`` on a list too
@@ -153,15 +161,15 @@ class Committer:
                     parts.upto(len(res.parts))
                     self._finish_chunk(chunk, res, n + 1)
                     raise IterationFailed(chunk.start + n, exc, chunk.items[n]) from None
-                self.record.errors.append(ErrorRecord(
-                    chunk.start + n, self.targets.describe(chunk.items[n]), exc))
+                self.record.errors.append(
+                    ErrorRecord(chunk.start + n, self.targets.describe(chunk.items[n]), exc)
+                )
                 pos = res.marks[n + 1] if n + 1 < len(res.marks) else len(res.log)
         parts.upto(len(res.parts))
         self._finish_chunk(chunk, res, res.done)
         for err in res.errors:
             item = chunk.items[err.index - chunk.start]
-            self.record.errors.append(ErrorRecord(err.index, self.targets.describe(item),
-                                                  err.exc))
+            self.record.errors.append(ErrorRecord(err.index, self.targets.describe(item), err.exc))
         if res.broke is not None:
             self._broke(chunk.start + res.broke)
 
@@ -178,6 +186,7 @@ class Committer:
             if e is None:
                 e = cache[n] = self.targets.bind(chunk.items[n])
             return e
+
         return env
 
     def _commit_iterations(self, chunk: Chunk, res: ChunkResult) -> None:
@@ -217,7 +226,7 @@ class Committer:
                 if res.broke == n:
                     # the worker's run broke here, the kernel's did not: the
                     # rest of the chunk never ran on the worker
-                    self.run_direct(chunk.items[n + 1:], index + 1)
+                    self.run_direct(chunk.items[n + 1 :], index + 1)
                     return
                 continue
             if err is None or self.on_error != "skip":
@@ -241,9 +250,17 @@ class Committer:
             if res.broke == n:
                 self._broke(index)
                 break
-        self.record.chunks.append(ChunkRecord(
-            chunk.start, res.done, res.worker, res.t_start - self.t0, res.t_end - self.t0,
-            res.cpu, sorted(chunk.start + k for k in it.failed)))
+        self.record.chunks.append(
+            ChunkRecord(
+                chunk.start,
+                res.done,
+                res.worker,
+                res.t_start - self.t0,
+                res.t_end - self.t0,
+                res.cpu,
+                sorted(chunk.start + k for k in it.failed),
+            )
+        )
         if res.halted and self.next < chunk.start + len(chunk.items) and not self.broke:
             raise KeyboardInterrupt
 
@@ -259,8 +276,7 @@ class Committer:
             return "raised, and may have read a key an earlier iteration wrote"
         for e in entries:
             if e[1] in same and e[0] in (SET_ITEM, PATH):
-                reads = [(e[1], loc) for loc in write_locations(self.ns[e[1]], e)
-                         if loc != LENGTH]
+                reads = [(e[1], loc) for loc in write_locations(self.ns[e[1]], e) if loc != LENGTH]
                 found = spec.writes.conflict(index, reads)
                 if found is not None:
                     return found
@@ -277,17 +293,25 @@ class Committer:
     def _conflict(self, index: int, conflict: Conflict | str) -> None:
         rec = self.record
         rec.reruns.append(index)
-        text = (conflict.describe() if isinstance(conflict, Conflict)
-                else f"iteration {index} {conflict}")
+        text = (
+            conflict.describe()
+            if isinstance(conflict, Conflict)
+            else f"iteration {index} {conflict}"
+        )
         rec.conflicts.append(text)
         if not rec.hint and self.spec is not None:
             for name in sorted(self.spec.suggest):
                 if f"`{name}" in text:
-                    rec.hint = (f"`private={name}` would give each iteration its own copy "
-                                f"of `{name}` and let the loop run in parallel")
+                    rec.hint = (
+                        f"`private={name}` would give each iteration its own copy "
+                        f"of `{name}` and let the loop run in parallel"
+                    )
         conflicts = len(rec.reruns)
-        if self.checked >= MIN_CHECKED and conflicts > SERIAL_RATE * self.checked \
-                and not self.serial:
+        if (
+            self.checked >= MIN_CHECKED
+            and conflicts > SERIAL_RATE * self.checked
+            and not self.serial
+        ):
             self.serial = True
             rec.serial_from = index + 1
 
@@ -311,12 +335,22 @@ class Committer:
             return
         log = ApplyingLog(self.ns, spec.shape.shared, spec.writes, spec.lock)
         log.index = start
-        res = run_chunk(spec.kernel_fn, list(items), start, spec.on_error,
-                        spec.shape.private, spec.seed, worker="kernel", shape=spec.shape,
-                        direct=log, init=self.private_init(), originals=spec.originals)
+        res = run_chunk(
+            spec.kernel_fn,
+            list(items),
+            start,
+            spec.on_error,
+            spec.shape.private,
+            spec.seed,
+            worker="kernel",
+            shape=spec.shape,
+            direct=log,
+            init=self.private_init(),
+            originals=spec.originals,
+        )
         write_parts(res.parts)
         if res.iters is not None:
-            for values in res.iters.privates[:res.done]:
+            for values in res.iters.privates[: res.done]:
                 self._private_values(values)
         elif res.done:
             self._private_values(res.snapshot)
@@ -324,17 +358,25 @@ class Committer:
             self.last_item = (items[res.done - 1],)
         self.next = start + res.done
         self.record.done = self.next
-        self.record.chunks.append(ChunkRecord(
-            start, res.done, "kernel", res.t_start - self.t0, res.t_end - self.t0, res.cpu,
-            [e.index for e in res.errors] + ([res.raised.index] if res.raised else [])))
+        self.record.chunks.append(
+            ChunkRecord(
+                start,
+                res.done,
+                "kernel",
+                res.t_start - self.t0,
+                res.t_end - self.t0,
+                res.cpu,
+                [e.index for e in res.errors] + ([res.raised.index] if res.raised else []),
+            )
+        )
         for e in res.errors:
-            self.record.errors.append(ErrorRecord(
-                e.index, self.targets.describe(items[e.index - start]), e.exc))
+            self.record.errors.append(
+                ErrorRecord(e.index, self.targets.describe(items[e.index - start]), e.exc)
+            )
         if res.raised is not None:
             if res.raised.snapshot:
                 self._private_values(res.raised.snapshot)
-            raise IterationFailed(res.raised.index, res.raised.exc,
-                                  items[res.raised.index - start])
+            raise IterationFailed(res.raised.index, res.raised.exc, items[res.raised.index - start])
         if res.broke is not None:
             self._broke(start + res.broke)
         elif res.halted:
@@ -346,9 +388,17 @@ class Committer:
             self.last_item = (chunk.items[done - 1],)
         self.next = chunk.start + done
         self.record.done = self.next
-        self.record.chunks.append(ChunkRecord(
-            chunk.start, done, res.worker, res.t_start - self.t0, res.t_end - self.t0, res.cpu,
-            [e.index for e in res.errors] + ([res.raised.index] if res.raised else [])))
+        self.record.chunks.append(
+            ChunkRecord(
+                chunk.start,
+                done,
+                res.worker,
+                res.t_start - self.t0,
+                res.t_end - self.t0,
+                res.cpu,
+                [e.index for e in res.errors] + ([res.raised.index] if res.raised else []),
+            )
+        )
 
     def finish(self) -> None:
         """Bind the loop variables and the private names' last values (a
@@ -388,5 +438,5 @@ class _PartsWriter:
 
     def upto(self, k: int) -> None:
         if k > self.done:
-            write_parts(self.parts[self.done:k])
+            write_parts(self.parts[self.done : k])
             self.done = k

@@ -10,6 +10,7 @@ execution would have shown it; when one did, it is re-executed in the kernel
 on the committed state (conservative under threads, where the write may
 already have been visible: a needless re-run, never a wrong answer).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ class Conflict:
     writer: int
 
     def describe(self) -> str:
-        return (f"iteration {self.index} reads {describe_location(self.name, self.location)}, "
-                f"written by iteration {self.writer}")
+        return (
+            f"iteration {self.index} reads {describe_location(self.name, self.location)}, "
+            f"written by iteration {self.writer}"
+        )
 
 
 def describe_location(name: str, loc: tuple) -> str:
@@ -94,4 +97,3 @@ class WriteSet:
             if w is not None:
                 return Conflict(index, name, loc, w)
         return None
-

@@ -37,6 +37,7 @@ value)``, ``(FINAL_SET_ATTR, name, value)``, ``(FINAL_DEL_ITEM, key)``,
 ``(FINAL_DEL_ATTR, name)``, ``(STEP_CALL, args, kwargs)``, ``(FINAL_AUG_ITEM,
 key, op, value)``, ``(FINAL_AUG_ATTR, name, op, value)``.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -58,18 +59,36 @@ FINAL_AUG_ATTR = "ra"
 
 #: the augmented assignments (``total += v``): in place, as Python does
 INPLACE: dict[str, Callable[[Any, Any], Any]] = {
-    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul,
-    "/=": operator.itruediv, "//=": operator.ifloordiv, "%=": operator.imod,
-    "**=": operator.ipow, "<<=": operator.ilshift, ">>=": operator.irshift,
-    "|=": operator.ior, "^=": operator.ixor, "&=": operator.iand, "@=": operator.imatmul,
+    "+=": operator.iadd,
+    "-=": operator.isub,
+    "*=": operator.imul,
+    "/=": operator.itruediv,
+    "//=": operator.ifloordiv,
+    "%=": operator.imod,
+    "**=": operator.ipow,
+    "<<=": operator.ilshift,
+    ">>=": operator.irshift,
+    "|=": operator.ior,
+    "^=": operator.ixor,
+    "&=": operator.iand,
+    "@=": operator.imatmul,
 }
 
 #: the binary operators of reductions written by rebinding (``acc = acc + v``:
 #: a new object, not an in-place update, exactly as the expression makes one)
 BINARY: dict[str, Callable[[Any, Any], Any]] = {
-    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
-    "//": operator.floordiv, "%": operator.mod, "**": operator.pow, "<<": operator.lshift,
-    ">>": operator.rshift, "|": operator.or_, "^": operator.xor, "&": operator.and_,
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "//": operator.floordiv,
+    "%": operator.mod,
+    "**": operator.pow,
+    "<<": operator.lshift,
+    ">>": operator.rshift,
+    "|": operator.or_,
+    "^": operator.xor,
+    "&": operator.and_,
     "@": operator.matmul,
 }
 
@@ -77,6 +96,7 @@ BINARY: dict[str, Callable[[Any, Any], Any]] = {
 def _flipped(f: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def flipped(acc: Any, v: Any) -> Any:
         return f(v, acc)
+
     return flipped
 
 
@@ -97,7 +117,10 @@ OPS: dict[str, Callable[[Any, Any], Any]] = {
 
 #: the comparisons of a GROUP entry: ``CMP[cmp](candidate, kept)``
 CMP: dict[str, Callable[[Any, Any], Any]] = {
-    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
 }
 
 #: value types that cannot be written through (a loop target bound to one is

@@ -18,21 +18,22 @@ Granularity is chosen per type so that two different locations can never
 alias: where parloop cannot be sure (a custom ``__getitem__``, a pandas
 Series indexed by label or by position), the location is WHOLE.
 """
+
 from __future__ import annotations
 
 import sys
 from typing import Any, Iterable
 
-from .entries import (CALL, FINAL_SET_ITEM, PATH, SET_ATTR, SET_ITEM, STEP_ATTR, STEP_CALL,
-                      STEP_ITEM)
+from .entries import CALL, FINAL_SET_ITEM, PATH, SET_ATTR, SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM
 
 ITEM, ATTR = 0, 1
 LENGTH: tuple = (2,)
 WHOLE: tuple = (3,)
 
 #: methods that write one key of a dict / set (and may change its size)
-_KEYED_METHODS = frozenset({"setdefault", "pop", "add", "discard", "remove",
-                            "__setitem__", "__delitem__"})
+_KEYED_METHODS = frozenset(
+    {"setdefault", "pop", "add", "discard", "remove", "__setitem__", "__delitem__"}
+)
 
 
 def _is_array(obj: Any) -> bool:

@@ -1,14 +1,35 @@
 """Replay of mutation-log entries (:mod:`parloop.log.entries`) on the
 kernel's objects, in iteration order (the ordered commit of docs/design.md §3)."""
+
 from __future__ import annotations
 
 import itertools
 from typing import Any, Callable, Iterable, MutableMapping
 
-from .entries import (CALL, CMP, FINAL_AUG_ATTR, FINAL_AUG_ITEM, FINAL_DEL_ATTR,
-                      FINAL_DEL_ITEM, FINAL_SET_ATTR, FINAL_SET_ITEM, GROUP, INPLACE, OPS, PATH,
-                      REDUCE, SCALARS, SET_ATTR, SET_ITEM, STEP_ATTR, STEP_CALL, STEP_ITEM,
-                      TARGET, TARGET_WRITE, FLUSH)
+from .entries import (
+    CALL,
+    CMP,
+    FINAL_AUG_ATTR,
+    FINAL_AUG_ITEM,
+    FINAL_DEL_ATTR,
+    FINAL_DEL_ITEM,
+    FINAL_SET_ATTR,
+    FINAL_SET_ITEM,
+    FLUSH,
+    GROUP,
+    INPLACE,
+    OPS,
+    PATH,
+    REDUCE,
+    SCALARS,
+    SET_ATTR,
+    SET_ITEM,
+    STEP_ATTR,
+    STEP_CALL,
+    STEP_ITEM,
+    TARGET,
+    TARGET_WRITE,
+)
 
 
 def _walk(obj: Any, steps: Iterable[tuple]) -> Any:
@@ -63,12 +84,16 @@ def apply_entry(obj: Any, e: tuple) -> None:
 def _syncable(dst: Any, src: Any) -> bool:
     if type(dst) is not type(src) or isinstance(dst, SCALARS):
         return False
-    return isinstance(dst, (dict, list, set)) or _is_array(dst) or (
-        hasattr(dst, "__dict__") and not isinstance(dst, type) and not callable(dst))
+    return (
+        isinstance(dst, (dict, list, set))
+        or _is_array(dst)
+        or (hasattr(dst, "__dict__") and not isinstance(dst, type) and not callable(dst))
+    )
 
 
 def _is_pandas(x: Any) -> bool:
     import sys
+
     pd = sys.modules.get("pandas")
     return pd is not None and isinstance(x, (pd.DataFrame, pd.Series))
 
@@ -180,8 +205,7 @@ def _substituted(e: tuple, subst: dict[int, Any]) -> tuple:
     return e
 
 
-def target_substitutions(log: list, target_env: Callable[[int], dict] | None
-                         ) -> dict[int, Any]:
+def target_substitutions(log: list, target_env: Callable[[int], dict] | None) -> dict[int, Any]:
     """id(worker's copy of a loop item) -> the kernel's own item (engines)."""
     subst: dict[int, Any] = {}
     if target_env is not None:
@@ -191,10 +215,15 @@ def target_substitutions(log: list, target_env: Callable[[int], dict] | None
     return subst
 
 
-def replay(ns: MutableMapping[str, Any], log: list,
-           target_env: Callable[[int], dict] | None = None, start: int = 0,
-           stop: int | None = None, subst: dict[int, Any] | None = None,
-           flush: Callable[[int], None] | None = None) -> None:
+def replay(
+    ns: MutableMapping[str, Any],
+    log: list,
+    target_env: Callable[[int], dict] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    subst: dict[int, Any] | None = None,
+    flush: Callable[[int], None] | None = None,
+) -> None:
     """Apply a log to the namespace, in order.
 
     ``target_env(n)`` gives the kernel-side binding of the loop target for the
@@ -206,7 +235,7 @@ def replay(ns: MutableMapping[str, Any], log: list,
         subst = target_substitutions(log, target_env)
     e: tuple = ()
     try:
-        for e in (log if not start and stop is None else itertools.islice(log, start, stop)):
+        for e in log if not start and stop is None else itertools.islice(log, start, stop):
             if subst:
                 e2 = _substituted(e, subst)
             else:
@@ -231,8 +260,9 @@ def replay(ns: MutableMapping[str, Any], log: list,
             else:
                 apply_entry(ns[e2[1]], e2)
     except Exception as err:
-        err.parloop_log_pos = next(i for i in range(start, len(log) if stop is None else stop)  # type: ignore
-                                   if log[i] is e)
+        err.parloop_log_pos = next(  # type: ignore[attr-defined]
+            i for i in range(start, len(log) if stop is None else stop) if log[i] is e
+        )
         raise
 
 

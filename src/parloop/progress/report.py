@@ -7,6 +7,7 @@ with the per-chunk timings that the JupyterLab extension draws as a timeline.
 Being plain outputs, all three survive saving and reopening the notebook (a
 widget would turn into "Error displaying widget").
 """
+
 from __future__ import annotations
 
 import html
@@ -24,6 +25,7 @@ SHOWN_ERRORS = 10
 #: beyond this many workers the HTML table scrolls
 SCROLL_ROWS = 16
 
+
 def natural_key(name: str) -> list[Any]:
     """``thread 2`` before ``thread 10``."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -39,8 +41,9 @@ def report_data(record: LastRun) -> dict[str, Any]:
     times in seconds from the run's start)."""
     workers: dict[str, dict[str, Any]] = {}
     for c in record.chunks:
-        w = workers.setdefault(c.worker, {"name": c.worker, "iterations": 0, "busy": 0.0,
-                                          "chunks": 0, "failed": 0})
+        w = workers.setdefault(
+            c.worker, {"name": c.worker, "iterations": 0, "busy": 0.0, "chunks": 0, "failed": 0}
+        )
         w["iterations"] += c.count
         w["busy"] += c.seconds
         w["chunks"] += 1
@@ -49,10 +52,17 @@ def report_data(record: LastRun) -> dict[str, Any]:
     # interrupt or an earlier failure) still gets its row
     for name, state in record.live.items():
         if name not in workers and (state.done or state.chunks):
-            workers[name] = {"name": name, "iterations": 0, "busy": 0.0, "chunks": 0,
-                             "failed": state.failed}
-    rows = [dict(w, busy=_num(w["busy"])) for w in
-            sorted(workers.values(), key=lambda w: natural_key(w["name"]))]
+            workers[name] = {
+                "name": name,
+                "iterations": 0,
+                "busy": 0.0,
+                "chunks": 0,
+                "failed": state.failed,
+            }
+    rows = [
+        dict(w, busy=_num(w["busy"]))
+        for w in sorted(workers.values(), key=lambda w: natural_key(w["name"]))
+    ]
     busy = sum(w["busy"] for w in workers.values())
     return {
         "version": VERSION,
@@ -67,13 +77,27 @@ def report_data(record: LastRun) -> dict[str, Any]:
         "interrupted": bool(record.interrupted),
         "notes": [str(n) for n in record.notes],
         "workers": rows,
-        "chunks": [{"worker": c.worker, "start": c.start, "count": c.count,
-                    "t_start": _num(c.t_start), "t_end": _num(c.t_end),
-                    "failed": list(c.failed), "retried": bool(c.retried)}
-                   for c in sorted(record.chunks, key=lambda c: c.start)],
-        "errors": [{"index": e.index, "values": e.values,
-                    "type": type(e.exception).__name__, "message": str(e.exception)}
-                   for e in record.errors],
+        "chunks": [
+            {
+                "worker": c.worker,
+                "start": c.start,
+                "count": c.count,
+                "t_start": _num(c.t_start),
+                "t_end": _num(c.t_end),
+                "failed": list(c.failed),
+                "retried": bool(c.retried),
+            }
+            for c in sorted(record.chunks, key=lambda c: c.start)
+        ],
+        "errors": [
+            {
+                "index": e.index,
+                "values": e.values,
+                "type": type(e.exception).__name__,
+                "message": str(e.exception),
+            }
+            for e in record.errors
+        ],
     }
 
 
@@ -107,18 +131,21 @@ def workers_phrase(backend: str, n: int) -> str:
 
 def _head(d: dict[str, Any]) -> str:
     failed = f", {len(d['errors'])} failed" if d["errors"] else ""
-    return (f"%%{d['magic']} on {workers_phrase(d['backend'], len(d['workers']))}: "
-            f"{_progress_words(d)} in {d['wall']:.2f} s{failed}; "
-            f"speedup {d['speedup']:.2f}× (busy {d['busy']:.2f} s / wall), "
-            f"imbalance {d['imbalance']:.0%}")
+    return (
+        f"%%{d['magic']} on {workers_phrase(d['backend'], len(d['workers']))}: "
+        f"{_progress_words(d)} in {d['wall']:.2f} s{failed}; "
+        f"speedup {d['speedup']:.2f}× (busy {d['busy']:.2f} s / wall), "
+        f"imbalance {d['imbalance']:.0%}"
+    )
 
 
 def _error_lines(d: dict[str, Any]) -> list[str]:
-    out = [f"iteration {e['index']} ({e['values']}): {e['type']}: {e['message']}"
-           for e in d["errors"][:SHOWN_ERRORS]]
+    out = [
+        f"iteration {e['index']} ({e['values']}): {e['type']}: {e['message']}"
+        for e in d["errors"][:SHOWN_ERRORS]
+    ]
     if len(d["errors"]) > SHOWN_ERRORS:
-        out.append(f"... and {len(d['errors']) - SHOWN_ERRORS} more "
-                   "(parloop.last_run.errors)")
+        out.append(f"... and {len(d['errors']) - SHOWN_ERRORS} more (parloop.last_run.errors)")
     return out
 
 
@@ -132,8 +159,10 @@ def render_text(d: dict[str, Any]) -> str:
     for w in d["workers"]:
         share = w["busy"] / d["wall"] if d["wall"] > 0 else 0.0
         failed = f", {w['failed']} failed" if w["failed"] else ""
-        lines.append(f"  {w['name']:<{width}}  {w['iterations']:>8,} it  "
-                     f"{w['busy']:8.2f} s busy ({share:4.0%})  {_chunks(w['chunks'])}{failed}")
+        lines.append(
+            f"  {w['name']:<{width}}  {w['iterations']:>8,} it  "
+            f"{w['busy']:8.2f} s busy ({share:4.0%})  {_chunks(w['chunks'])}{failed}"
+        )
     lines += ["  " + e for e in _error_lines(d)]
     lines += [f"  note: {n}" for n in d["notes"]]
     return "\n".join(lines)
@@ -153,8 +182,9 @@ def render_html(d: dict[str, Any]) -> str:
     for w in d["workers"]:
         share = min(w["busy"] / d["wall"], 1.0) if d["wall"] > 0 else 0.0
         colour = _FAIL if w["failed"] else _OK
-        failed = f'<td style="color:{_FAIL}">{w["failed"]} failed</td>' if w["failed"] \
-            else "<td></td>"
+        failed = (
+            f'<td style="color:{_FAIL}">{w["failed"]} failed</td>' if w["failed"] else "<td></td>"
+        )
         rows.append(
             f'<tr><td style="text-align:left;white-space:nowrap">{e(w["name"])}</td>'
             f'<td style="width:40%;min-width:8em"><div style="background:{_TRACK};'
@@ -162,20 +192,30 @@ def render_html(d: dict[str, Any]) -> str:
             f'width:{share * 100:.1f}%"></div></div></td>'
             f'<td style="text-align:right">{w["iterations"]:,} it</td>'
             f'<td style="text-align:right">{w["busy"]:.2f} s busy ({share:.0%})</td>'
-            f'<td style="text-align:right">{_chunks(w["chunks"])}</td>{failed}</tr>')
+            f'<td style="text-align:right">{_chunks(w["chunks"])}</td>{failed}</tr>'
+        )
     scroll = ' style="max-height:24em;overflow-y:auto"' if len(rows) > SCROLL_ROWS else ""
-    parts = ['<div class="parloop-report" style="font-family:var(--jp-ui-font-family,'
-             'sans-serif);font-size:0.9em">',
-             f'<div style="margin-bottom:0.3em"><b>parloop</b> · {head}</div>',
-             f'<div{scroll}><table style="border-collapse:collapse;width:100%">',
-             *rows, "</table></div>"]
+    parts = [
+        '<div class="parloop-report" style="font-family:var(--jp-ui-font-family,'
+        'sans-serif);font-size:0.9em">',
+        f'<div style="margin-bottom:0.3em"><b>parloop</b> · {head}</div>',
+        f'<div{scroll}><table style="border-collapse:collapse;width:100%">',
+        *rows,
+        "</table></div>",
+    ]
     errors = _error_lines(d)
     if errors:
-        parts.append(f'<ul style="color:{_FAIL};margin:0.3em 0">'
-                     + "".join(f"<li>{e(x)}</li>" for x in errors) + "</ul>")
+        parts.append(
+            f'<ul style="color:{_FAIL};margin:0.3em 0">'
+            + "".join(f"<li>{e(x)}</li>" for x in errors)
+            + "</ul>"
+        )
     if d["notes"]:
-        parts.append('<ul style="margin:0.3em 0">'
-                     + "".join(f"<li>{e(n)}</li>" for n in d["notes"]) + "</ul>")
+        parts.append(
+            '<ul style="margin:0.3em 0">'
+            + "".join(f"<li>{e(n)}</li>" for n in d["notes"])
+            + "</ul>"
+        )
     parts.append("</div>")
     return "".join(parts)
 

@@ -3,6 +3,7 @@
 Quiet for quick cells (tqdm's ``delay``), throttled by tqdm's own
 ``mininterval``; in a notebook without widgets, in terminal IPython, under
 nbclient or ``jupyter nbconvert --execute``."""
+
 from __future__ import annotations
 
 from tqdm.std import tqdm
@@ -21,9 +22,16 @@ class TextProgress(Progress):
         self._shown = 0
 
     def start(self, record: LastRun) -> None:
-        self._bar = tqdm(total=record.total, file=OutputCapture.real_streams()[1],
-                         desc=f"{record.magic} ({record.backend})", unit="it",
-                         delay=DELAY, mininterval=0.25, leave=True, dynamic_ncols=False)
+        self._bar = tqdm(
+            total=record.total,
+            file=OutputCapture.real_streams()[1],
+            desc=f"{record.magic} ({record.backend})",
+            unit="it",
+            delay=DELAY,
+            mininterval=0.25,
+            leave=True,
+            dynamic_ncols=False,
+        )
 
     def update(self, record: LastRun) -> None:
         if self._bar is None:

@@ -21,6 +21,7 @@ state shown by ``bar_style``), quiet for quick cells like ipyparallel's
   (:mod:`.report`): plain MIME output that survives saving, reopening and
   nbconvert.
 """
+
 from __future__ import annotations
 
 import html
@@ -36,7 +37,7 @@ from ipywidgets.widgets.widget_string import HTMLStyle
 
 from ..record import LastRun, WorkerState
 from ..schedule import Progress
-from .report import workers_phrase, natural_key, report_bundle
+from .report import natural_key, report_bundle, workers_phrase
 
 #: seconds before the widget appears: quick cells stay quiet
 DELAY = 1.0
@@ -94,8 +95,7 @@ class _Shared:
         return W.HTML(style=self.html, layout=layout or self.plain)
 
     def bar_widget(self, max_: int = 1) -> W.IntProgress:
-        return W.IntProgress(min=0, max=max_, value=0, style=self.progress,
-                             layout=self.bar)
+        return W.IntProgress(min=0, max=max_, value=0, style=self.progress, layout=self.bar)
 
 
 class _Row:
@@ -157,8 +157,10 @@ class WidgetProgress(Progress):
 
     def _give_up(self, exc: Exception) -> None:
         self._next = math.inf
-        print(f"parloop: the progress widget stopped ({type(exc).__name__}: {exc}); "
-              "the run goes on", file=sys.stderr)
+        print(
+            f"parloop: the progress widget stopped ({type(exc).__name__}: {exc}); the run goes on",
+            file=sys.stderr,
+        )
 
     # -- building -------------------------------------------------------------
     def _build(self, record: LastRun) -> None:
@@ -181,7 +183,7 @@ class WidgetProgress(Progress):
             return []  # no worker rows: tasks in flight are in the header
         workers = sorted(record.live.values(), key=lambda w: natural_key(w.name))
         size = max(1, math.ceil(len(workers) / MAX_ROWS))
-        return [workers[i:i + size] for i in range(0, len(workers), size)]
+        return [workers[i : i + size] for i in range(0, len(workers), size)]
 
     # -- rendering ------------------------------------------------------------
     def _render(self, record: LastRun, now: float, final: bool) -> int:
@@ -231,7 +233,7 @@ class WidgetProgress(Progress):
         while len(self._rows) < len(groups):
             self._rows.append(_Row(self._shared))
         if len(self._rowbox.children) != len(groups):
-            self._rowbox.children = tuple(r.box for r in self._rows[:len(groups)])
+            self._rowbox.children = tuple(r.box for r in self._rows[: len(groups)])
             sent += 1
         workers = max(record.workers, len(live), 1)
         remaining = None if total is None else max(total - shown, 0)
@@ -240,8 +242,16 @@ class WidgetProgress(Progress):
         self.messages += sent
         return sent
 
-    def _render_row(self, k: int, row: _Row, group: list[WorkerState], elapsed: float,
-                    final: bool, remaining: int | None, workers: int) -> int:
+    def _render_row(
+        self,
+        k: int,
+        row: _Row,
+        group: list[WorkerState],
+        elapsed: float,
+        final: bool,
+        remaining: int | None,
+        workers: int,
+    ) -> int:
         e = html.escape
         done = sum(w.done if final else w.shown_done for w in group)
         failed = sum(w.failed for w in group)
@@ -264,7 +274,7 @@ class WidgetProgress(Progress):
                 w = running[0]
                 values = w.current_values
                 if len(values) > VALUES_CHARS:
-                    values = values[:VALUES_CHARS - 1] + "…"
+                    values = values[: VALUES_CHARS - 1] + "…"
                 info.append(f"on #{w.current:,}" + (f" ({e(values)})" if values else ""))
             elif len(group) > 1:
                 info.append(f"{len(running)}/{len(group)} running")
@@ -278,9 +288,11 @@ class WidgetProgress(Progress):
         else:
             bar_max = max(done + math.ceil(remaining * len(group) / workers), 1)
         style = "danger" if red else ("success" if final else "")
-        return (_set(row.name, value=name)
-                + _set(row.info, value=" · ".join(info))
-                + _set(row.bar, max=bar_max, value=min(done, bar_max), bar_style=style))
+        return (
+            _set(row.name, value=name)
+            + _set(row.info, value=" · ".join(info))
+            + _set(row.bar, max=bar_max, value=min(done, bar_max), bar_style=style)
+        )
 
     # -- the end ----------------------------------------------------------------
     def _replace_by_report(self, record: LastRun) -> None:
