@@ -13,7 +13,7 @@ import { OutputArea } from '@jupyterlab/outputarea';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { Magic, explainSource, minimalEdit, setMagicLine } from './format';
+import { Magic, explainSource, minimalEdit, setMagicLine } from './magicLine';
 
 const PLUGIN_ID = 'parloop:plugin';
 

@@ -7,7 +7,7 @@
  */
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 
-import { REPORT_MIME } from './format';
+import { REPORT_MIME } from './report';
 import { ReportWidget } from './widget';
 
 export const rendererFactory: IRenderMime.IRendererFactory = {

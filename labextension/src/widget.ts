@@ -3,22 +3,14 @@
  * canvas (one lane per worker, one block per chunk), the notes and the first
  * errors.  One canvas rather than an element per chunk, so 64 workers ×
  * thousands of chunks draw in milliseconds; hovering finds the chunk by
- * binary search (format.ts hitTest) and shows its text in a small overlay.
+ * binary search (timelineLayout.ts hitTest) and shows its text in a small overlay.
  */
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 import { Widget } from '@lumino/widgets';
 
-import {
-  Layout,
-  Report,
-  chunkTooltip,
-  formatCount,
-  formatTick,
-  headerParts,
-  hitTest,
-  layoutTimeline,
-  parseReport
-} from './format';
+import { Report, parseReport } from './report';
+import { chunkTooltip, formatCount, headerParts } from './reportText';
+import { Layout, formatTick, hitTest, layoutTimeline } from './timelineLayout';
 
 const LABEL_WIDTH = 110;
 const STATS_WIDTH = 90;
