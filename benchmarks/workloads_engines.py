@@ -45,7 +45,7 @@ def _peers():
     parloop's own 2 engines.  ``stop()`` ends the pools."""
     import joblib
 
-    from parloop.cluster import MANAGER
+    from parloop.backends.engines.cluster import MANAGER
 
     pool = mp.get_context("fork").Pool(2)
     pool.map(work.tiny, range(4))
@@ -265,7 +265,7 @@ def big_input(ip, rounds: int) -> Result:
     import numpy as np  # noqa: F401
 
     run_cell(ip, "%%parallel processes=2 progress=off\nfor i in range(2):\n    pass")
-    from parloop.cluster import MANAGER
+    from parloop.backends.engines.cluster import MANAGER
 
     rc = MANAGER.client(processes=2)
     dview = rc[:]
@@ -294,7 +294,7 @@ def big_input(ip, rounds: int) -> Result:
 
     def bytes_sent() -> tuple[int, int]:
         """(bytes over the sockets, bytes copied into shared memory) by the last broadcast."""
-        from parloop.backends.engines import CLIENTS
+        from parloop.backends.engines.backend import CLIENTS
 
         last = [s.transport.last for s in CLIENTS.values() if s.transport.last is not None]
         return sum(s.bytes for s in last), sum(s.shm_bytes for s in last)

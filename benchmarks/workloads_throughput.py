@@ -52,7 +52,7 @@ def _fmt(x: float) -> str:
 
 def throughput(ip, rounds: int) -> Result:
     import parloop
-    from parloop.cluster import MANAGER
+    from parloop.backends.engines.cluster import MANAGER
 
     merged = Result("W7 scheduler throughput: `out[i] = i` on engines that do nothing")
     resize: dict[int, float] = {}

@@ -252,9 +252,9 @@ def engine_call(keys, fname, *args):
     """On an engine: resolve a broadcast's inputs, call one of them, send the
     result back with transport.dumps() (travels by value: engines cannot
     import the tests)."""
-    from parloop import transport
+    from parloop.backends.engines import transport, worker
 
-    ns = transport.engine_resolve(keys)
+    ns = worker.engine_resolve(keys)
     return transport.dumps(ns[fname](*args))
 
 

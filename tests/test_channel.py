@@ -1,4 +1,4 @@
-"""The chunk channel (parloop.channel) on its own: the kernel side against the
+"""The chunk channel (parloop.backends.engines.channel) on its own: the kernel side against the
 real engine side (EngineLink) in threads of this process -- flow control,
 signatures, runs that follow each other, lost engines, a kernel that vanishes.
 The whole path through engines is tested in test_parallel.py."""
@@ -12,8 +12,10 @@ from concurrent.futures import wait
 import pytest
 import zmq
 
-from parloop import channel as ch
-from parloop.channel import ChunkChannel, EngineLink
+from parloop.backends.engines import channel as ch
+from parloop.backends.engines import worker
+from parloop.backends.engines.channel import ChunkChannel
+from parloop.backends.engines.worker import EngineLink
 
 
 class Engines:
@@ -175,6 +177,7 @@ def test_lost_engine_chunks_are_retried_then_fail(chan):
 @pytest.mark.timeout(30)
 def test_engine_gives_up_when_the_kernel_is_gone(monkeypatch):
     monkeypatch.setattr(ch, "PING_AFTER", 0.1)
+    monkeypatch.setattr(worker, "PING_AFTER", 0.1)  # the engine end reads it there
     chan = ChunkChannel()
     run = chan.begin([0], lambda *a: None, lambda s: None)
     link = EngineLink(chan.address, chan.key, chan.ident(run, 0))

@@ -1,4 +1,4 @@
-"""The managed and external ipyparallel clusters (parloop.cluster), with real processes."""
+"""The managed and external ipyparallel clusters (parloop.backends.engines.cluster), with real processes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 ipp = pytest.importorskip("ipyparallel")
 
-from parloop.cluster import MANAGER  # noqa: E402
+from parloop.backends.engines.cluster import MANAGER  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -210,7 +210,7 @@ def test_stop_leaves_no_process():
 def test_atexit_stops_the_cluster(tmp_path):
     script = textwrap.dedent(
         """
-        from parloop.cluster import MANAGER
+        from parloop.backends.engines.cluster import MANAGER
         c = MANAGER.client(processes=1)
         print(" ".join(map(str, MANAGER.owned_pids())), flush=True)
         # no stop(): the atexit handler must do it
@@ -230,7 +230,7 @@ def test_killed_kernel_leaves_no_orphans():
     script = textwrap.dedent(
         """
         import time
-        from parloop.cluster import MANAGER
+        from parloop.backends.engines.cluster import MANAGER
         c = MANAGER.client(processes=2)
         print(MANAGER._profile_dir, " ".join(map(str, MANAGER.owned_pids())), flush=True)
         time.sleep(60)

@@ -27,7 +27,7 @@ from helpers import (  # noqa: E402
     stop_processes,
     wait_gone,
 )
-from parloop.cluster import MANAGER  # noqa: E402
+from parloop.backends.engines.cluster import MANAGER  # noqa: E402
 from test_differential import CASES as THREAD_CASES  # noqa: E402
 
 P2 = "%%parallel processes=2 progress=off"
@@ -489,7 +489,7 @@ def broadcasts(monkeypatch):
     """Records ``Transport.last`` after every real broadcast (a spy: the
     broadcast itself is unchanged).  The backend and its Transport are not
     kept anywhere after a run, so this is the way to see them."""
-    from parloop.transport import Transport
+    from parloop.backends.engines.transport import Transport
 
     seen = []
     real = Transport.broadcast
@@ -812,7 +812,7 @@ def test_profile_run_has_no_stall_and_names_engines(ip, external):
 # ----------------------------------------------------------------- 7. orphans
 @pytest.mark.timeout(120)
 def test_no_orphans_after_stop_and_unload(ip, cluster):
-    from parloop import shm
+    from parloop.backends.engines import shm
 
     reset(ip)
     ok(ip, "import numpy as np\nbig = np.arange(1_000_000)")  # 8 MB: through shared memory

@@ -1,5 +1,5 @@
 """Big inputs through POSIX shared memory to the engines on the kernel's host
-(parloop.shm, parloop.transport): one copy, read-only maps, never stale, no leaks."""
+(parloop.backends.engines.shm, parloop.backends.engines.transport): one copy, read-only maps, never stale, no leaks."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ ipp = pytest.importorskip("ipyparallel")
 np = pytest.importorskip("numpy")
 
 from helpers import engine_call as call  # noqa: E402
-from parloop import shm  # noqa: E402
-from parloop.cluster import MANAGER  # noqa: E402
-from parloop.transport import SHM_THRESHOLD, Transport, loads  # noqa: E402
+from parloop.backends.engines import shm  # noqa: E402
+from parloop.backends.engines.cluster import MANAGER  # noqa: E402
+from parloop.backends.engines.transport import SHM_THRESHOLD, Transport, loads  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="no POSIX shared memory in /dev/shm")
 
@@ -43,9 +43,9 @@ def inspect_input(keys, name):
     """On an engine: (sha1, writeable, how a write fails, the mapping the data lies in)."""
     import hashlib
 
-    from parloop import transport
+    from parloop.backends.engines import worker
 
-    v = transport.engine_resolve(keys)[name]
+    v = worker.engine_resolve(keys)[name]
     writes = []
     try:
         v[0] = 1
@@ -76,16 +76,16 @@ def inspect_input(keys, name):
 
 @ipp.interactive
 def get(keys, name):
-    from parloop import transport
+    from parloop.backends.engines import transport, worker
 
-    return transport.dumps(transport.engine_resolve(keys)[name])
+    return transport.dumps(worker.engine_resolve(keys)[name])
 
 
 @ipp.interactive
 def stored_keys():
-    from parloop import transport
+    from parloop.backends.engines import worker
 
-    return sorted(transport._STORE)
+    return sorted(worker._STORE)
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def test_broadcast_after_close_sends_again(client, tr):
 def test_segments_are_unlinked_at_interpreter_exit():
     code = (
         "import os\n"
-        "from parloop import shm\n"
+        "from parloop.backends.engines import shm\n"
         "pool = shm.SegmentPool('exit')\n"
         "key, copied = pool.key_for(memoryview(bytes(2 << 20)))\n"
         "assert copied == 2 << 20 and shm.segments_of(os.getpid()) == [key[1:]]\n"
@@ -342,7 +342,7 @@ def test_pool_compares_bytes_not_identity():
 def test_forked_child_leaves_the_parents_segments_alone():
     code = (
         "import os, sys\n"
-        "from parloop import shm\n"
+        "from parloop.backends.engines import shm\n"
         "pool = shm.SegmentPool('fork')\n"
         "key, _ = pool.key_for(memoryview(bytes(2 << 20)))\n"
         "pid = os.fork()\n"
@@ -359,7 +359,7 @@ def test_forked_child_leaves_the_parents_segments_alone():
 def test_segments_of_a_killed_kernel_are_unlinked_by_the_resource_tracker():
     code = (
         "import os, signal\n"
-        "from parloop import shm\n"
+        "from parloop.backends.engines import shm\n"
         "pool = shm.SegmentPool('kill')\n"
         "key, _ = pool.key_for(memoryview(bytes(2 << 20)))\n"
         "print(key[1:], flush=True)\n"
@@ -418,7 +418,7 @@ def test_small_inputs_do_not_probe(client):
 
 _TWO_POOLS = r"""
 import os, time
-from parloop import shm
+from parloop.backends.engines import shm
 a, b = shm.SegmentPool("a"), shm.SegmentPool("b")
 ka, _ = a.key_for(memoryview(b"x" * (2 << 20)))
 kb, _ = b.key_for(memoryview(b"y" * (2 << 20)))

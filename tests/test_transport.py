@@ -1,4 +1,4 @@
-"""Inputs by value: broadcast once per engine, cached, never stale (parloop.transport)."""
+"""Inputs by value: broadcast once per engine, cached, never stale (parloop.backends.engines.transport)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ ipp = pytest.importorskip("ipyparallel")
 np = pytest.importorskip("numpy")
 
 from helpers import engine_call as call  # noqa: E402
-from parloop.cluster import MANAGER  # noqa: E402
+from parloop.backends.engines.cluster import MANAGER  # noqa: E402
+from parloop.backends.engines.transport import (  # noqa: E402
+    Transport,
+    TransportError,
+    check_picklable,
+    dumps,
+    loads,
+)
 from parloop.errors import LoopAnalysisError  # noqa: E402
-from parloop.transport import Transport, TransportError, check_picklable, dumps, loads  # noqa: E402
 
 
 # -- helpers -------------------------------------------------------------------
@@ -34,9 +40,9 @@ def notebook(source: str) -> types.ModuleType:
 def describe(keys, name):
     import hashlib
 
-    from parloop import transport
+    from parloop.backends.engines import worker
 
-    v = transport.engine_resolve(keys)[name]
+    v = worker.engine_resolve(keys)[name]
     return (
         type(v).__name__,
         v.shape,
@@ -48,25 +54,25 @@ def describe(keys, name):
 
 @ipp.interactive
 def get(keys, name):
-    from parloop import transport
+    from parloop.backends.engines import transport, worker
 
-    return transport.dumps(transport.engine_resolve(keys)[name])
+    return transport.dumps(worker.engine_resolve(keys)[name])
 
 
 @ipp.interactive
 def append_to(keys, name, item):
-    from parloop import transport
+    from parloop.backends.engines import worker
 
-    v = transport.engine_resolve(keys)[name]
+    v = worker.engine_resolve(keys)[name]
     v.append(item)
     return len(v)
 
 
 @ipp.interactive
 def stored_keys():
-    from parloop import transport
+    from parloop.backends.engines import worker
 
-    return sorted(transport._STORE)
+    return sorted(worker._STORE)
 
 
 @pytest.fixture(scope="module")

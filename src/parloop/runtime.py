@@ -205,7 +205,7 @@ class LoopShape:
     #: Engines fingerprint them around each chunk (see parloop.fingerprint)
     watch: tuple[tuple[str, ...], ...] = ()
     #: inputs whose objects a write may store: engines send such values back
-    #: as references to the kernel's own objects (see parloop.engine)
+    #: as references to the kernel's own objects (see parloop.backends.engines.worker)
     stored: tuple[str, ...] = ()
     #: random generator objects the body draws from (``rng.normal()``): with
     #: ``seed=`` each iteration has its own, derived from (seed, index)

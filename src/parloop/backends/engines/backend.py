@@ -1,14 +1,14 @@
 """``%%parallel``: chunks on ipyparallel engines (docs/design.md §4, §7).
 
-The cluster's life cycle lives in :mod:`parloop.cluster`, the inputs' journey
-in :mod:`parloop.transport`, the engine side in :mod:`parloop.engine`; this
+The cluster's life cycle lives in :mod:`parloop.backends.engines.cluster`, the inputs' journey
+in :mod:`parloop.backends.engines.transport`, the engine side in :mod:`parloop.backends.engines.worker`; this
 module hands chunks out, re-runs the chunks of a lost engine (``retries``),
 and turns what comes back into :class:`~parloop.runtime.ChunkResult` futures
 for the dispatcher.
 
 Two ways to the engines: when every engine shares the kernel's host, one
 ipyparallel task per engine per run pulls its chunks over
-:mod:`parloop.channel` (a chunk costs ~0.1 ms); engines elsewhere get each
+:mod:`parloop.backends.engines.channel` (a chunk costs ~0.1 ms); engines elsewhere get each
 chunk as an ipyparallel task of its own, sent to the engine directly (2-5 ms
 a chunk, which the chunk sizes make up for).
 """
@@ -29,14 +29,14 @@ from typing import Any
 
 import cloudpickle
 
-from ..analysis import LoopPlan
-from ..channel import ChunkChannel
-from ..engine import Program, run_remote, serve_chunks
-from ..errors import WorkerLostError
-from ..options import Options
-from ..runtime import ChunkResult
-from ..transport import loads as transport_loads
-from .base import Job
+from ...analysis import LoopPlan
+from ...errors import WorkerLostError
+from ...options import Options
+from ...runtime import ChunkResult
+from ..base import Job
+from .channel import ChunkChannel
+from .transport import loads as transport_loads
+from .worker import Program, run_remote, serve_chunks
 
 _last_client: Any = None
 
@@ -62,7 +62,7 @@ CLIENTS: dict[int, ClientState] = {}
 
 
 def _state_for(client: Any) -> ClientState:
-    from ..transport import Transport
+    from .transport import Transport
 
     state = CLIENTS.get(id(client))
     if state is None or state.client is not client:
@@ -74,7 +74,7 @@ def _state_for(client: Any) -> ClientState:
 
 def stop_managed() -> bool:
     """``%parallel_stop`` / ``%unload_ext``: stop the cluster parloop started."""
-    from ..cluster import MANAGER
+    from .cluster import MANAGER
 
     global _last_client
     _last_client = None
@@ -85,7 +85,7 @@ def stop_managed() -> bool:
 
 
 def status() -> dict | None:
-    from ..cluster import MANAGER
+    from .cluster import MANAGER
 
     info = MANAGER.status()
     return info if info.get("engines") or info.get("managed") else None
@@ -127,7 +127,7 @@ class EngineBackend:
         self.views = {eid: client[eid] for eid in self.ids}
         self.load = {eid: 0 for eid in self.ids}  # chunks queued on each engine
         self.sent = {eid: 0 for eid in self.ids}
-        from ..cluster import MANAGER
+        from .cluster import MANAGER
 
         self._labels: dict[int, str] = {}
         info = MANAGER.engine_info(client)
@@ -159,7 +159,7 @@ class EngineBackend:
 
     @classmethod
     def for_options(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
-        from ..cluster import MANAGER
+        from .cluster import MANAGER
 
         global _last_client
         client = MANAGER.client(
@@ -180,13 +180,13 @@ class EngineBackend:
         """Before the cell runs at all: the inputs already bound in the
         notebook must be able to travel (a lock, an open file, a generator
         is reported by name, nothing having run)."""
-        from ..transport import check_picklable
+        from .transport import check_picklable
 
         check_picklable({n: ns[n] for n in sorted(names) if n in ns})
 
     def prepare(self, job: Job) -> None:
-        from .. import transport
-        from ..transport import check_picklable
+        from . import transport
+        from .transport import check_picklable
 
         transport.KERNEL_NS[0] = job.ns  # results refer to the kernel's own objects
         inputs = {name: job.ns[name] for name in sorted(job.inputs)}
@@ -233,7 +233,7 @@ class EngineBackend:
         return "channel" if self.channel is not None else "tasks"
 
     def tail(self) -> None:
-        """The dispatcher handed out its last chunk (see parloop.channel)."""
+        """The dispatcher handed out its last chunk (see parloop.backends.engines.channel)."""
         if self.channel is not None:
             self.channel.tail()
 
@@ -378,7 +378,7 @@ class EngineBackend:
         process is gone is unregistered now, so its chunks fail at once and
         are re-run, rather than after the controller's heartbeat timeout.
         (A pid check; at most twice a second.)"""
-        from ..cluster import MANAGER
+        from .cluster import MANAGER
 
         now = time.monotonic()
         if now - self._polled < 0.5:
@@ -427,7 +427,7 @@ class EngineBackend:
     def interrupt(self) -> None:
         import sys
 
-        from ..cluster import MANAGER
+        from .cluster import MANAGER
 
         print("parloop: interrupting the engines (SIGINT)", file=sys.stderr)
         self.cancel_after(-1)

@@ -1,12 +1,12 @@
 """POSIX shared-memory segments for big input buffers (engines on the kernel's host).
 
-One concern: the segments that :mod:`parloop.transport` uses to hand a big
+One concern: the segments that :mod:`parloop.backends.engines.transport` uses to hand a big
 out-of-band buffer (a NumPy array's data, a big ``bytes``) to every engine that
 can see the kernel's ``/dev/shm``, instead of sending it once per engine over
 the sockets.
 
 Kernel side, a :class:`SegmentPool` owns the segments of one
-:class:`~parloop.transport.Transport`.  :meth:`SegmentPool.key_for` compares a
+:class:`~parloop.backends.engines.transport.Transport`.  :meth:`SegmentPool.key_for` compares a
 buffer byte for byte (libc ``memcmp``, GIL released) with the pool's segments
 of the same size -- and the same cheap fingerprint (16 KiB of samples), which
 spares comparing buffers that obviously differ -- and returns the key of an

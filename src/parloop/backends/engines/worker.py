@@ -1,13 +1,22 @@
-"""Runs ON AN ENGINE: the entry point that ipyparallel calls for each chunk.
+"""Everything that runs ON AN ENGINE: the contract an external cluster's
+engines execute (they need parloop installed, nothing of the kernel's state).
+
+* the chunk entry points ipyparallel calls: :func:`run_remote` (one task per
+  chunk) and :func:`serve_chunks` (one task per run, pulling chunks over the
+  channel);
+* the broadcast store: :func:`_engine_store` receives the payloads of
+  :class:`~parloop.backends.engines.transport.Transport`, :func:`engine_resolve`
+  hands the inputs out, unpickled once per cell;
+* :class:`EngineLink`, the engine's end of the chunk channel;
+* :func:`_whoami`, where the engine is (host, pid, network namespace).
 
 Engines share nothing with the kernel but the installed packages: the chunk
 function arrives as an AST (compiled here under the cell's name, with the
 cell's text put into linecache so tracebacks show the user's lines), the
-inputs arrive by value through :mod:`parloop.transport`, and payloads travel
-as cloudpickle bytes so instances of notebook classes survive the round trip
-(cloudpickle's class tracking gives the kernel back its own classes).
+inputs arrive by value, and payloads travel as cloudpickle bytes so instances
+of notebook classes survive the round trip (cloudpickle's class tracking gives
+the kernel back its own classes).
 """
-
 from __future__ import annotations
 
 import builtins
@@ -20,12 +29,28 @@ import socket
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import cloudpickle
+import zmq
 
-from . import seeding
-from .runtime import ChunkResult, LoopShape, OutputCapture, run_chunk
+from ... import seeding
+from ...runtime import ChunkResult, LoopShape, OutputCapture, run_chunk
+from . import shm as _shm
+from .channel import (
+    CHUNK,
+    CREDITS,
+    HELLO,
+    MISSED_PINGS,
+    PING,
+    PING_AFTER,
+    RESULT,
+    STOP,
+    pack,
+    send,
+    unpack,
+    verified,
+)
 
 #: compiled chunk functions by program key (a few runs' worth)
 _FUNCTIONS: dict[str, Callable] = {}
@@ -103,7 +128,7 @@ def _input_ids(fn: Callable, names: tuple[str, ...]) -> dict[int, tuple]:
     ids = fn.__dict__.get("___parloop_ids")
     if ids is not None:
         return ids
-    from .log.entries import SCALARS
+    from ...log.entries import SCALARS
 
     ids = {}
     for name in names:
@@ -243,7 +268,6 @@ class _ProgressPublisher:
 
 def _setup(keys: dict[str, str]) -> tuple[Callable, Program]:
     """The run's chunk function, compiled once per engine per run."""
-    from .transport import engine_resolve
 
     values = engine_resolve(keys)
     program = values.pop("___program")
@@ -305,13 +329,12 @@ def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
 
 def serve_chunks(address: str, key: bytes, ident: str, keys: dict[str, str]) -> int:
     """Run chunks until the kernel says stop: the one task of this engine in a
-    run on the kernel's host (see :mod:`parloop.channel`).  Returns the number
+    run on the kernel's host (see :mod:`parloop.backends.engines.channel`).  Returns the number
     of chunks it ran.
 
     It runs in the engine's main thread like any task, so a kernel interrupt
     (SIGINT) halts the running chunk, whose result still goes back, and ends
     the task; an interrupt while waiting for a chunk just ends it."""
-    from .channel import EngineLink
 
     fn, program = _setup(keys)
     publisher = _ProgressPublisher() if program.live else None
@@ -333,3 +356,158 @@ def serve_chunks(address: str, key: bytes, ident: str, keys: dict[str, str]) -> 
         if publisher is not None:
             publisher.stop()
         link.close()
+
+
+# ---------------------------------------------------------------------------
+# inputs: the payloads of the broadcasts (parloop.backends.engines.transport)
+# ---------------------------------------------------------------------------
+#: content key -> payload: ("pickle"|"bytes", pickle stream, buffer keys) or a read-only buffer
+#: (a received frame, or a map of one of the kernel's shared-memory segments)
+_STORE: dict[str, object] = {}
+#: (name, content key) -> (epoch, object): the objects handed out in the current epoch
+_LIVE: dict[tuple[str, str], tuple[str, object]] = {}
+_EPOCH: list[str | None] = [None]
+
+
+class TransportError(RuntimeError):
+    """An input could not be loaded on an engine (e.g. a module missing there)."""
+
+    def __init__(self, message: str, *, name: str | None = None):
+        self.name = name
+        super().__init__(message)
+
+
+def _materialize(key: str) -> object:
+    try:
+        entry: Any = _STORE[key]  # (kind, pickle stream, buffer keys)
+        kind, data, bkeys = entry
+    except KeyError:
+        raise TransportError(
+            f"parloop: input {key} is not on this engine (pid {os.getpid()}); "
+            "was the engine restarted? Transport.forget() resends everything"
+        ) from None
+    bufs = [_STORE[b] for b in bkeys]
+    if kind == "bytes":
+        return bytes(bufs[0])  # type: ignore[call-overload]
+    return pickle.loads(data, buffers=bufs)  # type: ignore[arg-type]
+
+
+def _enter_epoch(epoch: str) -> None:
+    if _EPOCH[0] != epoch:
+        _EPOCH[0] = epoch
+        _LIVE.clear()  # objects of earlier cells: a new cell starts from the kernel's values
+
+
+def engine_resolve(keys: Mapping[str, str]) -> dict[str, object]:
+    """Runs ON THE ENGINE: name -> value for the keys that :meth:`Transport.broadcast` returned."""
+    out = {}
+    for name, key in keys.items():
+        content, _, epoch = key.partition("@")
+        _enter_epoch(epoch)
+        live = _LIVE.get((name, content))
+        if live is None:
+            live = _LIVE[(name, content)] = (epoch, _materialize(content))
+        out[name] = live[1]
+    return out
+
+
+def _engine_store(index: dict, *blobs) -> dict:
+    """Runs ON THE ENGINE: store the payloads of one broadcast, load the new values once.
+
+    Returns ``{"pid", "stored", "errors": {name: "ExcType: message"}, "unmapped": [buffer keys]}``
+    (``unmapped``: segments this engine could not map; the values that need them
+    are in ``errors``, and the kernel sends those buffers again as frames).
+    """
+    for key in index["drop"]:
+        _STORE.pop(key, None)
+    if index["drop"]:
+        dropped = set(index["drop"])
+        for live_key in [k for k in _LIVE if k[1] in dropped]:
+            del _LIVE[live_key]
+    for bkey, i in index["buffers"].items():
+        # a read-only view of the received frame: zero-copy, and inputs cannot be corrupted
+        _STORE[bkey] = memoryview(blobs[i]).toreadonly()
+    unmapped = []
+    for bkey, size in index.get("segments", {}).items():
+        try:
+            # a read-only (PROT_READ) map of the kernel's segment: zero-copy too
+            _STORE[bkey] = _shm.attach(bkey[1:], size)
+        except (OSError, ValueError):  # the kernel sends it again as a frame
+            unmapped.append(bkey)
+    for vkey, (kind, i, bkeys) in index["values"].items():
+        _STORE[vkey] = (kind, None if i is None else blobs[i], tuple(bkeys))
+    errors = {}
+    if index["load"]:
+        _enter_epoch(index["epoch"])
+        for name, vkey in index["load"].items():
+            try:
+                _LIVE[(name, vkey)] = (index["epoch"], _materialize(vkey))
+            except Exception as e:  # noqa: BLE001 - reported in the kernel with the variable's name
+                errors[name] = f"{type(e).__name__}: {e}"
+    return {"pid": os.getpid(), "stored": len(_STORE), "errors": errors, "unmapped": unmapped}
+
+
+# ---------------------------------------------------------------------------
+# the chunk channel, engine side (parloop.backends.engines.channel)
+# ---------------------------------------------------------------------------
+class EngineLink:
+    """Engine side: the DEALER socket of one serve task."""
+
+    def __init__(self, address: str, key: bytes, ident: str):
+        self.key = key
+        self.sock: Any = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.IDENTITY, ident.encode())
+        self.sock.connect(address)
+        send(self.sock, key, HELLO, str(CREDITS).encode())
+
+    def next_chunk(self) -> tuple[int, memoryview] | None:
+        """The next ``(seq, payload)``, or None when the run is over (or the
+        kernel stopped answering)."""
+        missed = 0
+        while True:
+            if self.sock.poll(int(PING_AFTER * 1000)):
+                msg = verified(self.key, self.sock.recv_multipart(copy=False))
+                if msg is None:
+                    continue
+                kind, body = msg
+                if kind == CHUNK:
+                    return unpack(body)
+                if kind == STOP:
+                    return None
+                missed = 0  # a pong
+            else:
+                missed += 1
+                if missed > MISSED_PINGS:
+                    return None
+                send(self.sock, self.key, PING)
+
+    def result(self, seq: int, payload: bytes) -> None:
+        send(self.sock, self.key, RESULT, pack(seq, payload))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------
+# where this engine is (parloop.backends.engines.cluster asks)
+# ---------------------------------------------------------------------------
+def _whoami() -> tuple[str, int, object]:
+    """Runs on an engine: its host, pid, and which machine and network
+    namespace it is in (Linux boot id and ``/proc/self/ns/net``), which says
+    whether it can reach the kernel's 127.0.0.1."""
+    import os
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        place: object = (boot, os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        place = socket.gethostname()
+    return socket.gethostname(), os.getpid(), place
+
+
+# Travel by value (ipyparallel and cloudpickle both do that for __main__
+# functions): the engines of an external cluster need not have parloop.
+_whoami.__module__ = "__main__"

@@ -8,7 +8,7 @@ started (``profile=`` / ``cluster_id=``) are only connected to, never stopped.
 Engines are subprocesses of the kernel running ``python -m ipyparallel.engine``
 with the kernel's own interpreter (``sys.executable``) in the kernel's working
 directory.  They are not forked from the kernel and nothing in them depends on
-the kernel's ``__main__``: code and data travel by value (``parloop.transport``).
+the kernel's ``__main__``: code and data travel by value (``parloop.backends.engines.transport``).
 The controller listens on 127.0.0.1 only, and its files live in a private
 profile directory (removed by :meth:`ClusterManager.stop`), so neither the
 user's default profile configuration nor ``~/.ipython`` is involved.
@@ -65,6 +65,8 @@ import tempfile
 import threading
 import time
 from typing import Any
+
+from .worker import _whoami
 
 __all__ = ["ClusterManager", "MANAGER"]
 
@@ -147,25 +149,6 @@ def _command(module: str) -> list[str]:
     return [sys.executable, "-c", _EXEC_WATCHING_PARENT, str(os.getpid()), module]
 
 
-def _whoami() -> tuple[str, int, object]:
-    """Runs on an engine: its host, pid, and which machine and network
-    namespace it is in (Linux boot id and ``/proc/self/ns/net``), which says
-    whether it can reach the kernel's 127.0.0.1."""
-    import os
-    import socket
-
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        place: object = (boot, os.stat("/proc/self/ns/net").st_ino)
-    except OSError:
-        place = socket.gethostname()
-    return socket.gethostname(), os.getpid(), place
-
-
-# Travel by value (ipyparallel and cloudpickle both do that for __main__
-# functions): the engines of an external cluster need not have parloop.
-_whoami.__module__ = "__main__"
 _HERE = _whoami()[2]
 
 

@@ -15,7 +15,7 @@ bytes.  An unchanged buffer is not sent again even when the value around it
 changed (a function that closes over a big array and a new threshold only sends
 the small pickle), and a buffer shared by several inputs travels once.
 
-Shared memory (:mod:`parloop.shm`).  For engines that can map the kernel's
+Shared memory (:mod:`parloop.backends.engines.shm`).  For engines that can map the kernel's
 ``/dev/shm``, every out-of-band buffer of at least :data:`SHM_THRESHOLD` bytes is
 copied once into a ``parloop_*`` POSIX shared-memory segment, and all of them map
 that one segment instead of receiving the buffer over their sockets
@@ -44,7 +44,7 @@ that one segment instead of receiving the buffer over their sockets
   exit, and by the kernel's ``multiprocessing`` resource tracker if the kernel
   dies.
 
-Engine side, the payloads live in :data:`_STORE` of this module.  A value is
+Engine side (:mod:`.worker`), the payloads live in its :data:`_STORE`.  A value is
 unpickled once per engine per broadcast (per cell): every cell starts from the
 kernel's snapshot, and a mutation an engine made to its copy in one cell is not
 seen in the next.  Within a cell, the tasks that run on one engine share the
@@ -60,7 +60,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 import pickle
 import sys
 import time
@@ -71,15 +70,15 @@ from typing import Any, Iterable, Mapping
 
 import cloudpickle
 
+from ...errors import LoopAnalysisError
 from . import shm as _shm
-from .errors import LoopAnalysisError
+from .worker import TransportError, _engine_store
 
 __all__ = [
     "Transport",
     "TransportError",
     "TransportStats",
     "check_picklable",
-    "engine_resolve",
     "dumps",
     "loads",
 ]
@@ -90,94 +89,6 @@ OOB_THRESHOLD = 64 * 1024
 SHM_THRESHOLD = _shm.THRESHOLD
 #: an engine drops a value that the last KEEP broadcasts did not use
 KEEP = 3
-
-# ---------------------------------------------------------------------------
-# engine side
-# ---------------------------------------------------------------------------
-#: content key -> payload: ("pickle"|"bytes", pickle stream, buffer keys) or a read-only buffer
-#: (a received frame, or a map of one of the kernel's shared-memory segments)
-_STORE: dict[str, object] = {}
-#: (name, content key) -> (epoch, object): the objects handed out in the current epoch
-_LIVE: dict[tuple[str, str], tuple[str, object]] = {}
-_EPOCH: list[str | None] = [None]
-
-
-class TransportError(RuntimeError):
-    """An input could not be loaded on an engine (e.g. a module missing there)."""
-
-    def __init__(self, message: str, *, name: str | None = None):
-        self.name = name
-        super().__init__(message)
-
-
-def _materialize(key: str) -> object:
-    try:
-        entry: Any = _STORE[key]  # (kind, pickle stream, buffer keys)
-        kind, data, bkeys = entry
-    except KeyError:
-        raise TransportError(
-            f"parloop: input {key} is not on this engine (pid {os.getpid()}); "
-            "was the engine restarted? Transport.forget() resends everything"
-        ) from None
-    bufs = [_STORE[b] for b in bkeys]
-    if kind == "bytes":
-        return bytes(bufs[0])  # type: ignore[call-overload]
-    return pickle.loads(data, buffers=bufs)  # type: ignore[arg-type]
-
-
-def _enter_epoch(epoch: str) -> None:
-    if _EPOCH[0] != epoch:
-        _EPOCH[0] = epoch
-        _LIVE.clear()  # objects of earlier cells: a new cell starts from the kernel's values
-
-
-def engine_resolve(keys: Mapping[str, str]) -> dict[str, object]:
-    """Runs ON THE ENGINE: name -> value for the keys that :meth:`Transport.broadcast` returned."""
-    out = {}
-    for name, key in keys.items():
-        content, _, epoch = key.partition("@")
-        _enter_epoch(epoch)
-        live = _LIVE.get((name, content))
-        if live is None:
-            live = _LIVE[(name, content)] = (epoch, _materialize(content))
-        out[name] = live[1]
-    return out
-
-
-def _engine_store(index: dict, *blobs) -> dict:
-    """Runs ON THE ENGINE: store the payloads of one broadcast, load the new values once.
-
-    Returns ``{"pid", "stored", "errors": {name: "ExcType: message"}, "unmapped": [buffer keys]}``
-    (``unmapped``: segments this engine could not map; the values that need them
-    are in ``errors``, and the kernel sends those buffers again as frames).
-    """
-    for key in index["drop"]:
-        _STORE.pop(key, None)
-    if index["drop"]:
-        dropped = set(index["drop"])
-        for live_key in [k for k in _LIVE if k[1] in dropped]:
-            del _LIVE[live_key]
-    for bkey, i in index["buffers"].items():
-        # a read-only view of the received frame: zero-copy, and inputs cannot be corrupted
-        _STORE[bkey] = memoryview(blobs[i]).toreadonly()
-    unmapped = []
-    for bkey, size in index.get("segments", {}).items():
-        try:
-            # a read-only (PROT_READ) map of the kernel's segment: zero-copy too
-            _STORE[bkey] = _shm.attach(bkey[1:], size)
-        except (OSError, ValueError):  # the kernel sends it again as a frame
-            unmapped.append(bkey)
-    for vkey, (kind, i, bkeys) in index["values"].items():
-        _STORE[vkey] = (kind, None if i is None else blobs[i], tuple(bkeys))
-    errors = {}
-    if index["load"]:
-        _enter_epoch(index["epoch"])
-        for name, vkey in index["load"].items():
-            try:
-                _LIVE[(name, vkey)] = (index["epoch"], _materialize(vkey))
-            except Exception as e:  # noqa: BLE001 - reported in the kernel with the variable's name
-                errors[name] = f"{type(e).__name__}: {e}"
-    return {"pid": os.getpid(), "stored": len(_STORE), "errors": errors, "unmapped": unmapped}
 
 
 # ---------------------------------------------------------------------------
@@ -615,7 +526,7 @@ def _quiet_figure(figure_cls: type) -> type:
 
 
 #: the namespace whose objects engines' results refer to (set by the engines
-#: backend for its run; see parloop.engine._InputPickler)
+#: backend for its run; see parloop.backends.engines.worker._InputPickler)
 KERNEL_NS: list[Mapping[str, Any]] = [{}]
 
 

@@ -5,7 +5,7 @@ status messages, the next request through the controller) and the kernel a
 round trip before the first one starts; on two cores that was the 6-8 % that
 kept ``%%parallel`` behind ``multiprocessing.Pool`` on CPU-bound loops.  So a
 run on engines that share the kernel's host starts *one* ipyparallel task per
-engine (:func:`parloop.engine.serve_chunks`, in the engine's main thread, so
+engine (:func:`parloop.backends.engines.worker.serve_chunks`, in the engine's main thread, so
 SIGINT and the ``timeout=`` alarm work as for a task), and that task pulls its
 chunks from this module's :class:`ChunkChannel` over a zmq socket bound to
 127.0.0.1: a chunk costs one message each way (~0.1 ms).
@@ -354,42 +354,3 @@ def _run_and_engine(ident: bytes) -> tuple[int, int]:
         return int(run), int(engine)
     except ValueError:
         return -1, -1
-
-
-class EngineLink:
-    """Engine side: the DEALER socket of one serve task."""
-
-    def __init__(self, address: str, key: bytes, ident: str):
-        self.key = key
-        self.sock: Any = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.IDENTITY, ident.encode())
-        self.sock.connect(address)
-        send(self.sock, key, HELLO, str(CREDITS).encode())
-
-    def next_chunk(self) -> tuple[int, memoryview] | None:
-        """The next ``(seq, payload)``, or None when the run is over (or the
-        kernel stopped answering)."""
-        missed = 0
-        while True:
-            if self.sock.poll(int(PING_AFTER * 1000)):
-                msg = verified(self.key, self.sock.recv_multipart(copy=False))
-                if msg is None:
-                    continue
-                kind, body = msg
-                if kind == CHUNK:
-                    return unpack(body)
-                if kind == STOP:
-                    return None
-                missed = 0  # a pong
-            else:
-                missed += 1
-                if missed > MISSED_PINGS:
-                    return None
-                send(self.sock, self.key, PING)
-
-    def result(self, seq: int, payload: bytes) -> None:
-        send(self.sock, self.key, RESULT, pack(seq, payload))
-
-    def close(self) -> None:
-        self.sock.close()
