@@ -37,12 +37,30 @@ CHROMIUM_ARGS = [
 # ------------------------------------------------------------ unit tests (npm)
 
 
-def test_typescript_unit_tests() -> None:
-    """`npm test` (vitest) over src/format.ts: layout, hit testing, formatting, the magic line."""
+def _npm_with_node_modules() -> str:
+    """npm, once labextension/node_modules holds the dev tools; else the test skips."""
     npm = shutil.which("npm")
     if npm is None or not (LABEXT / "node_modules").is_dir():
         pytest.skip("needs npm and labextension/node_modules (pip install -e . runs npm install)")
+    return npm
+
+
+def test_typescript_unit_tests() -> None:
+    """`npm test` (vitest) over the pure modules of src/: the report reader,
+    its text, the timeline layout and hit testing, the magic line."""
+    npm = _npm_with_node_modules()
     proc = subprocess.run([npm, "test"], cwd=LABEXT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", ["lint", "format:check"])
+def test_typescript_lint_and_format(script: str) -> None:
+    """`npm run lint` (eslint.config.mjs) and `npm run format:check` (.prettierrc)
+    pass over src/, so the TypeScript is held to its rules as the Python is to ruff."""
+    npm = _npm_with_node_modules()
+    proc = subprocess.run(
+        [npm, "run", script], cwd=LABEXT, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
