@@ -17,7 +17,7 @@ ipp = pytest.importorskip("ipyparallel")
 
 from parloop.backends.engines.cluster import MANAGER  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.cluster]
 
 
 # Functions sent to engines must not live in this test module (engines cannot
@@ -93,7 +93,7 @@ def test_start_and_reuse(client):
 
 
 def test_listens_on_localhost_only(client):
-    controller = MANAGER._cluster.controller.pid
+    controller = MANAGER._managed.cluster.controller.pid
     procs = [psutil.Process(controller), *psutil.Process(controller).children(recursive=True)]
     listening = [
         c.laddr.ip
@@ -173,7 +173,7 @@ def test_killed_engine_is_detected_and_replaced(client):
 def test_dead_controller_gives_a_new_cluster(client):
     old = MANAGER.client(processes=2)
     old_pids = MANAGER.owned_pids()
-    os.kill(MANAGER._cluster.controller.pid, signal.SIGKILL)
+    os.kill(MANAGER._managed.cluster.controller.pid, signal.SIGKILL)
     time.sleep(0.2)
     new = MANAGER.client(processes=2)
     assert new is not old and len(new.ids) == 2
@@ -195,7 +195,7 @@ def test_prestart_then_client():
 def test_stop_leaves_no_process():
     MANAGER.client(processes=2)
     pids = MANAGER.owned_pids()
-    profile_dir = MANAGER._profile_dir
+    profile_dir = MANAGER._managed.profile_dir
     assert len(pids) >= 3  # controller (+ its schedulers) and 2 engines
     t0 = time.perf_counter()
     assert MANAGER.stop() is True
@@ -232,7 +232,7 @@ def test_killed_kernel_leaves_no_orphans():
         import time
         from parloop.backends.engines.cluster import MANAGER
         c = MANAGER.client(processes=2)
-        print(MANAGER._profile_dir, " ".join(map(str, MANAGER.owned_pids())), flush=True)
+        print(MANAGER._managed.profile_dir, " ".join(map(str, MANAGER.owned_pids())), flush=True)
         time.sleep(60)
         """
     )
