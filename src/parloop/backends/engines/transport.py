@@ -1,11 +1,9 @@
-"""Moving the loop's inputs to the engines: by value, once per engine, never stale (docs/design.md §4).
+"""Broadcasting the loop's inputs to engines: once per engine, never stale (docs/design.md §4).
 
-Kernel side, :class:`Transport` serialises every input with cloudpickle
-(protocol 5): functions and classes defined in the notebook travel by value,
-modules by reference.  Buffers of at least :data:`OOB_THRESHOLD` bytes (NumPy
-arrays, pandas blocks, ``bytearray``, a ``bytes`` input) are kept out of the
-pickle stream and sent zero-copy as separate message frames -- or, from
-:data:`SHM_THRESHOLD` bytes on, through shared memory (below).
+What a value becomes on the way (cloudpickle, out-of-band buffers) is
+:mod:`.serialize`'s business; :class:`Transport` decides what each engine must
+be sent, keeps track of what each engine holds, and picks frames or shared
+memory for the big buffers.
 
 Keys name contents, so a value is re-sent exactly when what it pickles to has
 changed -- including, for a function, the globals it reads.  A value's key is
@@ -13,7 +11,8 @@ the SHA-1 of its pickle stream and of its buffers' keys; a buffer's key is the
 SHA-1 of its bytes, or the name of a shared-memory segment that holds the same
 bytes.  An unchanged buffer is not sent again even when the value around it
 changed (a function that closes over a big array and a new threshold only sends
-the small pickle), and a buffer shared by several inputs travels once.
+the small pickle), and a buffer shared by several inputs travels once.  An
+engine drops a value that the last :data:`KEEP` broadcasts did not use.
 
 Shared memory (:mod:`parloop.backends.engines.shm`).  For engines that can map the kernel's
 ``/dev/shm``, every out-of-band buffer of at least :data:`SHM_THRESHOLD` bytes is
@@ -53,28 +52,27 @@ received frames or of the mapped segments): writing into an input array on an
 engine raises ``ValueError: assignment destination is read-only`` instead of
 silently diverging from the kernel's array (joblib's memmapped inputs behave the
 same).
+
+:func:`dumps`, :func:`loads`, :func:`check_picklable` and :data:`KERNEL_NS` are
+re-exported from :mod:`.serialize`, where they live.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
-import pickle
-import sys
 import time
-import types
 import uuid
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
-import cloudpickle
-
-from ...errors import LoopAnalysisError
 from . import shm as _shm
+from .serialize import KERNEL_NS, OOB_THRESHOLD, _serialize, check_picklable, dumps, loads
 from .worker import TransportError, _engine_store
 
 __all__ = [
+    "KERNEL_NS",
+    "OOB_THRESHOLD",
+    "SHM_THRESHOLD",
     "Transport",
     "TransportError",
     "TransportStats",
@@ -83,8 +81,6 @@ __all__ = [
     "loads",
 ]
 
-#: buffers at least this large travel out of band (zero-copy, hashed and cached on their own)
-OOB_THRESHOLD = 64 * 1024
 #: out-of-band buffers at least this large go through shared memory to the engines that can map it
 SHM_THRESHOLD = _shm.THRESHOLD
 #: an engine drops a value that the last KEEP broadcasts did not use
@@ -92,7 +88,7 @@ KEEP = 3
 
 
 # ---------------------------------------------------------------------------
-# kernel side
+# content keys
 # ---------------------------------------------------------------------------
 def _hash(*parts) -> str:
     h = hashlib.sha1(usedforsecurity=False)  # fast (SHA-NI), 160 bits: not adversarial input
@@ -107,85 +103,6 @@ class _Packed:
     kind: str  # "pickle" or "bytes"
     data: bytes | None  # the pickle stream
     buffers: list[tuple[str, memoryview]]  # out-of-band buffers: (content key, bytes view)
-
-
-class _Pickler(cloudpickle.Pickler):
-    """cloudpickle, except that open files are refused.
-
-    cloudpickle pickles a file opened for reading as a StringIO of its contents;
-    a loop that reads from a shared file handle would then see the same lines on
-    every engine, so parloop reports it instead (docs/design.md §4).
-    """
-
-    _STREAMS = ("stdout", "stderr", "stdin", "__stdout__", "__stderr__", "__stdin__")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._streams = {
-            id(getattr(sys, s)): s.strip("_")
-            for s in self._STREAMS
-            if getattr(sys, s, None) is not None
-        }
-
-    def reducer_override(self, obj):
-        stream = self._streams.get(id(obj))
-        if stream is not None:
-            return getattr, (sys, stream)  # the engine's own stream (parloop captures it there)
-        if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
-            name = getattr(obj, "name", None)
-            raise TypeError(f"cannot pickle an open file{f' ({name!r})' if name else ''}")
-        if isinstance(obj, functools._lru_cache_wrapper) and _by_value(obj.__wrapped__):
-            # pickle would look the wrapper up by name in the engine's __main__
-            # (docs/design.md §4: functools wrappers of cell functions travel by value)
-            return _rebuild_lru_cache, (obj.__wrapped__, obj.cache_parameters())
-        return super().reducer_override(obj)
-
-
-def _by_value(fn: Any) -> bool:
-    """A function that cloudpickle sends by value (defined in a notebook cell
-    or a module registered for it)."""
-    module = getattr(fn, "__module__", None)
-    return module == "__main__" or module in cloudpickle.list_registry_pickle_by_value()
-
-
-def _rebuild_lru_cache(fn: Any, params: dict) -> Any:
-    """On the engine: the same cache wrapper around the function (empty)."""
-    return functools.lru_cache(maxsize=params.get("maxsize"), typed=params.get("typed", False))(fn)
-
-
-def _cloudpickle(value: Any, buffer_callback) -> bytes:
-    f = io.BytesIO()
-    _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(value)
-    return f.getvalue()
-
-
-def _dumps_oob(value: Any, buffers: list) -> bytes:
-    """cloudpickle ``value``; buffers of at least OOB_THRESHOLD bytes go into ``buffers``."""
-
-    def callback(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()  # flat unsigned-byte view; BufferError if not contiguous
-        except BufferError:
-            return True
-        if raw.nbytes < OOB_THRESHOLD:
-            return True  # in band
-        buffers.append(raw)
-        return False
-
-    return _cloudpickle(value, callback)
-
-
-def _serialize(name: str, value: Any) -> tuple[str, bytes | None, list[memoryview]]:
-    """``(kind, pickle stream, out-of-band buffers)``; LoopAnalysisError if it cannot be pickled."""
-    if type(value) is bytes and len(value) >= OOB_THRESHOLD:
-        # pickle keeps bytes in band (a copy); send the object's own buffer instead
-        return "bytes", None, [memoryview(value)]
-    raws: list[memoryview] = []
-    try:
-        data = _dumps_oob(value, raws)
-    except Exception as e:
-        raise _unpicklable(name, value, e) from e
-    return "pickle", data, raws
 
 
 def _hash_key(raw: memoryview) -> str:
@@ -471,210 +388,3 @@ class Transport:
     def _ident(self, eid: int) -> object:
         engines = getattr(self.client, "_engines", None) or {}
         return engines.get(eid, eid)  # the engine's uuid, where the client knows it
-
-
-# ---------------------------------------------------------------------------
-# results and other payloads in either direction
-# ---------------------------------------------------------------------------
-def dumps(obj: Any) -> list:
-    """``[pickle stream, *out-of-band buffers]`` for ``obj`` (cloudpickle, protocol 5).
-
-    Return this from an engine task, and :func:`loads` it in the kernel: big
-    buffers in the result travel zero-copy, and instances of notebook classes
-    come back as the kernel's own classes (cloudpickle tracks classes it sent by
-    value).  It also keeps results independent of ipyparallel's serializer
-    settings (``use_cloudpickle`` or not).
-    """
-    raws: list[memoryview] = []
-    data = _dumps_oob(obj, raws)
-    return [data, *raws]
-
-
-def loads(frames: list | bytes | bytearray | memoryview) -> Any:
-    """Inverse of :func:`dumps` (or of any cloudpickle stream), for the kernel:
-    unlike ``pickle.loads`` it leaves the kernel's own classes alone.
-
-    When a stream holds a notebook class that the kernel already has (cloudpickle
-    finds it by its tracker id), plain ``pickle.loads`` returns the kernel's
-    class -- but then *overwrites its attributes* with the copies from the
-    stream (``cloudpickle._class_setstate``): the methods would become copies
-    whose globals are the snapshot the engine got, and a global changed later
-    in the notebook would not be seen by them.  This unpickler skips that step
-    for classes that existed before.
-    """
-    if isinstance(frames, (bytes, bytearray, memoryview)):
-        frames = [frames]  # a plain (cloud)pickle stream
-    return _KernelUnpickler(io.BytesIO(frames[0]), buffers=frames[1:]).load()
-
-
-def _quiet_figure(figure_cls: type) -> type:
-    """A Figure coming back from an engine must not register itself with the
-    kernel's pyplot (matplotlib re-registers unpickled pyplot figures: an
-    extra figure per result)."""
-    quiet = getattr(figure_cls, "___parloop_quiet", None)
-    if quiet is None:
-
-        class QuietFigure(figure_cls):  # type: ignore[valid-type, misc]
-            def __setstate__(self, state: dict) -> None:
-                state.pop("_restore_to_pylab", None)
-                figure_cls.__setstate__(self, state)  # type: ignore[attr-defined]
-                self.__class__ = figure_cls
-
-        quiet = QuietFigure
-        figure_cls.___parloop_quiet = quiet  # type: ignore[attr-defined]
-    return quiet
-
-
-#: the namespace whose objects engines' results refer to (set by the engines
-#: backend for its run; see parloop.backends.engines.worker._InputPickler)
-KERNEL_NS: list[Mapping[str, Any]] = [{}]
-
-
-class _KernelUnpickler(pickle.Unpickler):
-    def __init__(self, file, *, buffers=()):
-        super().__init__(file, buffers=buffers)
-        self._existing: set[int] = set()
-
-    def persistent_load(self, pid: Any) -> Any:
-        """A reference to one of the kernel's own objects (an input, or an
-        element of one), sent back by an engine in place of its copy."""
-        tag, name, path = pid
-        if tag != "parloop-input":
-            raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
-        obj = KERNEL_NS[0][name]
-        for k in path:
-            obj = obj[k]
-        return obj
-
-    def find_class(self, module: str, name: str):
-        obj = super().find_class(module, name)
-        if module == "matplotlib.figure" and name == "Figure":
-            return _quiet_figure(obj)
-        if module.startswith("cloudpickle"):
-            if name == "_make_skeleton_class":
-                return self._tracking(obj, 4)  # (type, name, bases, kwargs, tracker id, extra)
-            if name == "_make_skeleton_enum":
-                return self._tracking(
-                    obj, 5
-                )  # (bases, name, qualname, members, module, tracker id, extra)
-            if name == "_class_setstate":
-                return self._setstate(obj)
-        return obj
-
-    def _tracking(self, make, position: int):
-        tracker = getattr(
-            getattr(cloudpickle, "cloudpickle", None), "_DYNAMIC_CLASS_TRACKER_BY_ID", {}
-        )
-
-        def make_skeleton(*args):
-            tracker_id = args[position] if len(args) > position else None
-            known = tracker_id is not None and tracker.get(tracker_id) is not None
-            cls = make(*args)
-            if known:
-                self._existing.add(id(cls))
-            return cls
-
-        return make_skeleton
-
-    def _setstate(self, setstate):
-        def class_setstate(obj, state):
-            if id(obj) in self._existing:
-                return obj  # the kernel's own class: keep its attributes
-            return setstate(obj, state)
-
-        return class_setstate
-
-
-# ---------------------------------------------------------------------------
-# the check before anything runs
-# ---------------------------------------------------------------------------
-def check_picklable(
-    values: Mapping[str, object], *, linenos: Mapping[str, int] | None = None
-) -> None:
-    """Raise :class:`LoopAnalysisError` naming the first variable that cannot be sent to engines.
-
-    Cheap for large NumPy arrays and other protocol-5 buffers: they are not
-    copied (an out-of-band callback discards them), only the objects around them
-    are pickled.
-    """
-    for name, value in values.items():
-        if type(value) in (bytes, str, int, float, bool, type(None)):
-            continue
-        try:
-            _cloudpickle(value, _discard)
-        except Exception as e:
-            raise _unpicklable(name, value, e, linenos) from e
-
-
-def _discard(_buffer) -> bool:
-    return False  # out of band: not copied into the stream
-
-
-def _probe(value: Any) -> Exception | None:
-    try:
-        _cloudpickle(value, _discard)
-    except Exception as e:  # noqa: BLE001 - whatever does not pickle is reported by name
-        return e
-    return None
-
-
-def _culprit(value: Any, depth: int = 3) -> tuple[list[str], Any, Exception] | None:
-    """The innermost part of ``value`` that does not pickle: (path, part, exception).
-
-    E.g. a function reading a global lock gives (["global tally_lock"], <lock>, TypeError(...)).
-    """
-    if depth == 0:
-        return None
-    parts: list[tuple[str, Any]] = []
-    if isinstance(value, types.FunctionType):
-        code_names: set[str] = set()
-        stack = [value.__code__]
-        while stack:
-            code = stack.pop()
-            code_names.update(code.co_names)
-            stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        parts += [
-            (f"global {n}", value.__globals__[n])
-            for n in sorted(code_names)
-            if n in value.__globals__
-        ]
-        for var, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
-            try:
-                parts.append((f"closure variable {var}", cell.cell_contents))
-            except ValueError:  # empty cell
-                pass
-        parts += [(f"a default of {value.__name__}()", d) for d in value.__defaults__ or ()]
-    elif isinstance(value, dict):
-        parts += [(f"[{k!r}]", v) for k, v in list(value.items())[:1000]]
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        parts += [(f"[{i}]", v) for i, v in enumerate(list(value)[:1000])]
-    elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType)):
-        parts += [(f".{k}", v) for k, v in list(vars(value).items())[:1000]]
-    for label, part in parts:
-        if isinstance(part, types.ModuleType):
-            continue
-        exc = _probe(part)
-        if exc is not None:
-            inner = _culprit(part, depth - 1)
-            if inner is not None:
-                return [label, *inner[0]], inner[1], inner[2]
-            return [label], part, exc
-    return None
-
-
-def _unpicklable(
-    name: str, value: Any, exc: Exception, linenos: Mapping[str, int] | None = None
-) -> LoopAnalysisError:
-    found = _culprit(value)
-    if found is None:
-        detail = f"{name!r} ({type(value).__name__}): {exc}"
-    else:
-        path, part, exc = found
-        where = "".join(p if p.startswith(("[", ".")) else f" {p}" for p in path).strip()
-        detail = f"{name!r}: it refers to {where} ({type(part).__name__}): {exc}"
-    message = (
-        f"%%parallel cannot send {detail}. Engines are separate processes and get "
-        f"copies of what the loop reads: use %%threaded (threads share the kernel's "
-        f"objects), or create {name!r} inside the loop."
-    )
-    return LoopAnalysisError(message, lineno=(linenos or {}).get(name), name=name)
