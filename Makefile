@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test lint test-browser chromium bench venv clean
+.PHONY: demo test test-fast lint test-browser chromium bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 
 test: $(STAMP) chromium lint
 	$(PY) -m pytest -q tests
+
+# while developing: no cluster, browser or slow test, and no lint (make test runs them all)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not cluster and not browser and not slow" tests
 
 test-browser: $(STAMP) chromium
 	$(PY) -m pytest -q -s tests/test_browser.py

@@ -29,7 +29,7 @@ def _runner(ip, magic: str, line: str, source: str, widget: bool, seen: dict):
     from parloop.progress.widget import WidgetProgress
     from parloop.run import Cell
     from parloop.run import run_cell as parloop_run
-    from parloop.schedule import Progress
+    from parloop.progress.base import Progress
 
     def run() -> float:
         view = WidgetProgress(delay=0.0) if widget else Progress()

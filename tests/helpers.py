@@ -240,12 +240,12 @@ class LiveSpy:
     def __init__(self):
         self.rows: list[dict[str, tuple[int, int, int | None]]] = []
 
-    def start(self, record) -> None: ...
+    def start(self, record, live) -> None: ...
 
-    def close(self, record) -> None: ...
+    def close(self, record, live) -> None: ...
 
-    def update(self, record) -> None:
-        self.rows.append({k: (w.shown_done, w.partial, w.current) for k, w in record.live.items()})
+    def update(self, record, live) -> None:
+        self.rows.append({k: (w.shown_done, w.partial, w.current) for k, w in live.workers.items()})
 
 
 def engine_call(keys, fname, *args):
@@ -263,7 +263,7 @@ engine_call.__module__ = "__main__"  # what ipyparallel.interactive does
 
 def run_live(ip, source: str, magic: str, options: str) -> LiveSpy:
     """Run a loop through parloop.run.run_cell with a LiveSpy as its view."""
-    from parloop.magics import make_backend
+    from parloop.backends import make_backend
     from parloop.options import parse_options
     from parloop.run import Cell
     from parloop.run import run_cell as run_loop

@@ -41,23 +41,24 @@ def test_kernel_memory_is_bounded_by_the_window(ip):
 
 
 def test_native_wins_only_where_overheads_dominate():
+    from parloop.backends.engines import EngineBackend
+    from parloop.backends.threads import ThreadBackend
     from parloop.native import native_wins
 
+    class Engines(ThreadBackend):
+        """The engines' costs, without a cluster."""
+
+        native_costs = EngineBackend.native_costs
+        auto_workers = False
+
+    engines, threads, many = Engines(2), ThreadBackend(2), ThreadBackend(16)
     # 0.2 us iterations: shipping costs more than computing
-    assert native_wins(
-        wall=0.002, cpu=0.002, n=10_000, remaining=200_000, backend="engines", workers=2
-    )
-    assert native_wins(
-        wall=0.002, cpu=0.002, n=10_000, remaining=200_000, backend="threads", workers=2
-    )
+    assert native_wins(wall=0.002, cpu=0.002, n=10_000, remaining=200_000, backend=engines)
+    assert native_wins(wall=0.002, cpu=0.002, n=10_000, remaining=200_000, backend=threads)
     # 1 ms iterations: two workers halve the time
-    assert not native_wins(
-        wall=0.002, cpu=0.002, n=2, remaining=10_000, backend="engines", workers=2
-    )
+    assert not native_wins(wall=0.002, cpu=0.002, n=2, remaining=10_000, backend=engines)
     # waiting iterations under threads
-    assert not native_wins(
-        wall=0.01, cpu=0.00001, n=1, remaining=1000, backend="threads", workers=16
-    )
+    assert not native_wins(wall=0.01, cpu=0.00001, n=1, remaining=1000, backend=many)
 
 
 def test_tiny_iterations_may_run_natively_and_say_so(ip):
@@ -105,8 +106,8 @@ def test_live_rows_per_thread(ip):
     running = [r for r in spy.rows if any(cur is not None for _, _, cur in r.values())]
     assert running, "no reading caught a worker mid-chunk"
     assert (
-        parloop.last_run.live["thread 0"].done
-        + parloop.last_run.live["thread 1"].done
-        + parloop.last_run.live["thread 2"].done
+        parloop.last_run.by_worker["thread 0"].done
+        + parloop.last_run.by_worker["thread 1"].done
+        + parloop.last_run.by_worker["thread 2"].done
         == 90
     )

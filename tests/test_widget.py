@@ -10,8 +10,9 @@ import json
 
 import pytest
 
+from parloop.progress.base import LiveState, WorkerState
 from parloop.progress.report import MIME, report_bundle
-from parloop.record import ChunkRecord, ErrorRecord, LastRun, WorkerState
+from parloop.record import ChunkRecord, IterationError, LastRun, WorkerTotals
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -118,6 +119,8 @@ def _errors(cell) -> list:
     return [o for o in cell.outputs if o.output_type == "error"]
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_widget_final_values(executed):
     nb, client = executed
@@ -130,6 +133,8 @@ def test_widget_final_values(executed):
     assert sum(bar["value"] for bar in rows) == 60
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_widget_error_state(executed):
     nb, client = executed
@@ -143,6 +148,8 @@ def test_widget_error_state(executed):
     assert "iteration 7 (i=7): ValueError: seven" in data["text/plain"]
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_report_after_a_raise(executed):
     """on_error=raise: the report (written after the cell) has the failure too."""
@@ -156,6 +163,8 @@ def test_report_after_a_raise(executed):
     assert [e["index"] for e in report["errors"]] == [50]
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_comm_messages_bounded(executed):
     """20 000 iterations: a few renders a second, not an update per iteration."""
@@ -171,12 +180,16 @@ def test_comm_messages_bounded(executed):
     assert all(bar["value"] == bar["max"] for bar in rows)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_quick_cell_is_quiet(executed):
     nb, client = executed
     assert nb.cells[5].outputs == [] and 5 not in client.comm_msgs
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_engines_widget(executed):
     nb, client = executed
@@ -189,6 +202,8 @@ def test_engines_widget(executed):
     assert sum(c["count"] for c in report["chunks"]) == 40
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_text_fallback_and_off(executed):
     nb, client = executed
@@ -226,10 +241,12 @@ def _record(workers: int, per_worker: int = 10, **kw) -> LastRun:
                 failed=[w * per_worker] if w == 1 else [],
             )
         )
-        rec.live[name] = WorkerState(name, done=per_worker, busy=1.0, chunks=1, failed=int(w == 1))
+        rec.by_worker[name] = WorkerTotals(name, per_worker, 1.0, int(w == 1), 1)
     rec.done = workers * per_worker
     rec.wall = 2.0
-    rec.errors.append(ErrorRecord(per_worker, "i=10", ZeroDivisionError("division by zero")))
+    rec.errors.append(
+        IterationError(per_worker, ZeroDivisionError("division by zero"), values="i=10")
+    )
     return rec
 
 
@@ -278,15 +295,26 @@ def test_report_schema():
     assert 'class="parloop-report"' in bundle["text/html"]
 
 
-def _widget(record: LastRun, final: bool = True):
+def _live(record: LastRun) -> LiveState:
+    """The dispatcher's live rows for a synthetic record."""
+    live = LiveState()
+    for name, w in record.by_worker.items():
+        live.workers[name] = WorkerState(
+            name, done=w.done, busy=w.busy, chunks=w.chunks, failed=w.failed
+        )
+    return live
+
+
+def _widget(record: LastRun, final: bool = True, live: LiveState | None = None):
     from parloop.progress.widget import WidgetProgress
 
+    live = live or _live(record)
     view = WidgetProgress(delay=0.0)
-    view.start(record)
+    view.start(record, live)
     with contextlib.redirect_stdout(io.StringIO()):  # no kernel: display prints
-        view.update(record)
+        view.update(record, live)
         if final:
-            view.close(record)
+            view.close(record, live)
     return view
 
 
@@ -315,10 +343,11 @@ def test_updates_are_throttled():
     import time
 
     rec = _record(4)
-    view = _widget(rec, final=False)
+    live = _live(rec)
+    view = _widget(rec, final=False, live=live)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 0.5:
-        for w in rec.live.values():
+        for w in live.workers.values():
             w.partial += 1
-        view.update(rec)
+        view.update(rec, live)
     assert view.renders <= 4

@@ -66,14 +66,6 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 def shutdown() -> None:
     """Stop everything parloop started in this process."""
-    from .backends.threads import shutdown_pool
+    from .backends import shutdown_all
 
-    shutdown_pool()
-    import sys
-
-    engines = sys.modules.get("parloop.backends.engines")
-    if engines is not None:
-        engines.stop_managed()
-    tasks = sys.modules.get("parloop.backends.tasks")
-    if tasks is not None:
-        tasks.stop_loop()
+    shutdown_all()

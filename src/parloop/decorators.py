@@ -82,7 +82,7 @@ def _decorator(magic: str, fn: Callable | None, options: dict[str, Any]) -> Any:
 
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
-            from .magics import make_backend
+            from .backends import make_backend
             from .progress.text import TextProgress
             from .run import Progress
 

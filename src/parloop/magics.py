@@ -14,12 +14,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from traitlets import Unicode
 
-from .analysis import LoopPlan
-from .backends.base import Backend
-from .errors import LoopAnalysisError
+from .backends import make_backend
 from .options import SPECS, Options, manual, parse_options
 from .run import Cell, Progress, run_cell
-from .schedule import cpu_count
 
 _USAGE = {
     "threaded": """Run the cell's first top-level ``for`` loop on a thread pool in the kernel.
@@ -206,30 +203,3 @@ class ParloopMagics(Magics):
 
 ParloopMagics.threaded.__doc__ = _USAGE["threaded"].format(options=manual("threaded"))
 ParloopMagics.parallel.__doc__ = _USAGE["parallel"].format(options=manual("parallel"))
-
-
-def make_backend(opts: Options, plan: LoopPlan) -> Backend:
-    """The backend for a run, from the magic and its options."""
-    from .backends.threads import SerialBackend, ThreadBackend
-
-    if plan.is_async:
-        if opts.magic == "parallel":
-            raise LoopAnalysisError(
-                "the loop awaits (`await`, `async for`, `async with`): engines run plain "
-                "functions; use %%threaded, which runs each iteration as an asyncio task "
-                "(tasks=N at once)",
-                lineno=plan.loop.lineno,
-            )
-        from .backends.tasks import TaskBackend
-
-        return TaskBackend(
-            1 if opts.serial else opts.tasks,  # type: ignore[return-value]
-            opts.chunksize,
-        )
-    if opts.serial:
-        return SerialBackend()  # type: ignore[return-value]
-    if opts.magic == "threaded":
-        return ThreadBackend(opts.threads or cpu_count())  # type: ignore[return-value]
-    from .backends import engines
-
-    return engines.EngineBackend.for_options(opts, plan)  # type: ignore[return-value]

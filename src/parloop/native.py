@@ -18,26 +18,26 @@ from __future__ import annotations
 import ast
 import copy
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .analysis import LoopPlan
 from .options import Options
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 
 #: seconds of native iterations used to measure the cost of one
 PROBE_SECONDS = 0.002
 #: loops shorter than this are not probed (a few heavy iterations never gain)
 MIN_ITERATIONS = 256
-#: per-iteration overhead (log, transfer, replay) and per-run latency, measured
-#: on the 2-core machine: engines ~1.5 us and ~20 ms, threads ~0.6 us and ~3 ms
-COSTS = {"engines": (1.5e-6, 0.020), "threads": (0.6e-6, 0.003)}
 
 
-def eligible(opts: Options, plan: LoopPlan, backend_name: str, total: int | None) -> bool:
+def eligible(opts: Options, plan: LoopPlan, backend: Backend, total: int | None) -> bool:
     """Native running must not change what the user asked for: only the
     default error mode, no per-iteration streams or timeouts, no fixed chunk
     size, and a loop long enough for overheads to matter."""
     return (
-        backend_name in COSTS
+        backend.native_costs is not None
         and not plan.is_async
         and opts.on_error == "raise"
         and opts.seed is None
@@ -79,10 +79,13 @@ class NativeLoop:
         self.targets = plan.targets
         #: the body's break ran (in the last iteration run)
         self.broke = False
+        #: the iteration whose exception propagated out of :meth:`run`
+        self.failed_at: int | None = None
 
     def run(self, items: Any, start: int) -> tuple[int, float, float]:
         """Run the iterations natively; returns (count, wall s, CPU s).  An
-        exception propagates (as in serial) with ``parloop_index`` set."""
+        exception propagates (as in serial), with :attr:`failed_at` set to
+        the iteration that raised it."""
         ns = self.ns
         ns[self.ITEMS] = enumerate(items, start)
         ns.pop(self.INDEX, None)
@@ -90,8 +93,8 @@ class NativeLoop:
         c0 = time.thread_time()
         try:
             exec(self.code, ns)
-        except BaseException as e:
-            e.parloop_index = ns.get(self.INDEX, start)  # type: ignore[attr-defined]
+        except BaseException:
+            self.failed_at = ns.get(self.INDEX, start)
             raise
         finally:
             last = ns.pop(self.INDEX, start - 1)
@@ -105,15 +108,16 @@ class NativeLoop:
         return ", ".join(f"{k}={_short.repr(self.ns[k])}" for k in self.targets if k in self.ns)
 
 
-def native_wins(
-    wall: float, cpu: float, n: int, remaining: int | None, backend: str, workers: int
-) -> bool:
-    """Would the rest of the loop finish sooner natively than on the workers?"""
-    if n == 0:
+def native_wins(wall: float, cpu: float, n: int, remaining: int | None, backend: Backend) -> bool:
+    """Would the rest of the loop finish sooner natively than on the workers?
+    (``backend.native_costs``: its per-iteration overhead -- log, transfer,
+    replay -- and per-run latency.)"""
+    if n == 0 or backend.native_costs is None:
         return False
     t = wall / n
-    per_iteration, latency = COSTS[backend]
-    if backend == "threads":
+    per_iteration, latency = backend.native_costs
+    workers = backend.worker_count()
+    if backend.auto_workers:
         # as the thread-count formula: CPU time overlaps across the cores (C
         # code that releases the GIL), waiting time across all the threads
         from .schedule import cpu_count

@@ -25,34 +25,64 @@ class ChunkRecord:
         return self.t_end - self.t_start
 
 
+class RemoteTraceback(Exception):
+    """A worker's traceback, as text, shown as the cause of the exception the
+    iteration raised there (its frames did not travel)."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
 @dataclass
-class ErrorRecord:
-    """A failing iteration: its index, the loop variables' values, the exception."""
+class IterationError:
+    """An iteration that raised: the one value its failure is, from the worker
+    that saw it to ``last_run.errors`` and to the exception the user gets.
+
+    The worker makes it (index, exception, the private names' values before
+    the iteration); an engine adds its traceback as text (the exception's
+    frames do not travel); the kernel adds the loop variables' values when it
+    commits the iteration.  Nothing is written onto the user's exception but
+    the note that names the iteration and, from an engine, the worker's
+    frames as its ``__cause__``."""
 
     index: int
-    values: str
-    exception: BaseException
+    exc: BaseException
+    snapshot: dict[str, Any] | None = None
+    #: the worker's traceback, where it ran in another process
+    remote_traceback: str | None = None
+    #: a short repr of the iteration's loop values (``i=3, x='a'``)
+    values: str = ""
+
+    @property
+    def exception(self) -> BaseException:
+        return self.exc
+
+    def settle(self, values: str) -> IterationError:
+        """In the kernel, once the iteration is committed: its loop values,
+        and a worker's frames as the exception's cause (as CPython's
+        ``concurrent.futures.process`` shows a child's traceback)."""
+        self.values = values
+        if self.remote_traceback and self.exc.__cause__ is None:
+            self.exc.__cause__ = RemoteTraceback(self.remote_traceback)
+        return self
 
     def __repr__(self) -> str:
-        return f"<iteration {self.index} ({self.values}): {self.exception!r}>"
+        return f"<iteration {self.index} ({self.values}): {self.exc!r}>"
 
 
 @dataclass
-class WorkerState:
-    """One worker as the live view shows it."""
+class WorkerTotals:
+    """What one worker did in the run (chunks never committed included)."""
 
     name: str
-    done: int = 0  # iterations it completed in this run
-    busy: float = 0.0  # seconds spent in chunks (finished ones)
-    current: int | None = None  # the iteration it is on now
-    current_values: str = ""  # a short repr of that iteration's loop values
+    done: int = 0  # iterations it completed
+    busy: float = 0.0  # seconds spent in chunks
     failed: int = 0  # iterations that raised on it
     chunks: int = 0
-    partial: int = 0  # iterations done in the chunk it is running
-
-    @property
-    def shown_done(self) -> int:
-        return self.done + self.partial
 
 
 @dataclass
@@ -65,13 +95,14 @@ class LastRun:
     done: int = 0
     wall: float = 0.0
     chunks: list[ChunkRecord] = field(default_factory=list)
-    errors: list[ErrorRecord] = field(default_factory=list)
+    errors: list[IterationError] = field(default_factory=list)
     interrupted: bool = False
     roles: dict[str, str] = field(default_factory=dict)
     threads: dict[str, Any] = field(default_factory=dict)  # threads=auto: choice and inputs
     notes: list[str] = field(default_factory=list)
-    #: worker name -> its state, kept up to date during the run for the live view
-    live: dict[str, WorkerState] = field(default_factory=dict)
+    #: worker name -> what it did (the live rows are the views' own:
+    #: parloop.progress.base.LiveState)
+    by_worker: dict[str, WorkerTotals] = field(default_factory=dict)
     #: the most iterations handed out but not yet committed at any moment (the
     #: kernel's memory bound: never the whole loop)
     max_outstanding: int = 0

@@ -25,7 +25,8 @@ from .backends.base import Backend, Job
 from .errors import LoopAnalysisError
 from .log.commit import Committer, Interrupted, IterationFailed, Speculation, TargetBinder
 from .options import Options
-from .record import LastRun
+from .progress.base import LiveState, Progress
+from .record import LastRun, RemoteTraceback
 from .rewrite import (
     CHUNK_FN,
     ITERATION_FN,
@@ -35,7 +36,7 @@ from .rewrite import (
     classify_call_roots,
 )
 from .runtime import LoopShape, OutputCapture
-from .schedule import Progress, ThreadCount, cpu_count, dispatch, make_taker
+from .schedule import ThreadCount, cpu_count, dispatch, make_taker
 from .tracking import run_lock
 
 
@@ -150,7 +151,7 @@ def _native_first(
     """Time the first iterations natively in the kernel; if the workers cannot
     win against iterations this cheap, run the whole loop natively (see
     parloop.native).  Returns (iterations run, their measurement)."""
-    if not native.eligible(opts, plan, backend.name, total):
+    if not native.eligible(opts, plan, backend, total):
         return start, None
     loop = native.NativeLoop(plan, cell.filename, ns)
     ran, wall, cpu, batch = start, 0.0, 0.0, 1
@@ -168,9 +169,7 @@ def _native_first(
             if take.error is not None and n == len(items):
                 raise take.error
         remaining = None if total is None else total - ran
-        if remaining == 0 or native.native_wins(
-            wall, cpu, ran - start, remaining, backend.name, backend.worker_count()
-        ):
+        if remaining == 0 or native.native_wins(wall, cpu, ran - start, remaining, backend):
             record.native = True
             record.notes.append(
                 f"ran natively in the kernel: an iteration costs {wall / max(ran, 1) * 1e6:.2f}"
@@ -185,7 +184,7 @@ def _native_first(
                 raise take.error
         return ran, (ran - start, wall, cpu)
     except BaseException as e:
-        index = getattr(e, "parloop_index", None)
+        index = loop.failed_at
         if index is not None and not isinstance(e, KeyboardInterrupt):
             of = f" of {total}" if total is not None else ""
             e.add_note(f"parloop: raised in iteration {index}{of} ({loop.values()})")
@@ -217,9 +216,7 @@ def run_cell(
         print(render(plan, opts, ns))
         return None
     backend = make_backend(opts, plan)
-    precheck = getattr(backend, "precheck", None)
-    if precheck is not None:
-        precheck(ns, plan.inputs - prologue_names(plan))
+    backend.precheck(ns, plan.inputs - prologue_names(plan))
 
     _exec_block(plan.prologue, cell, ns)
     iterable = eval(compile(ast.Expression(body=plan.loop.iter), cell.filename, "eval"), ns)
@@ -319,9 +316,9 @@ def run_cell(
     )
     backend.prepare(job)
     threads = None
-    if backend.name == "tasks":
+    if backend.concurrent_chunks:
         record.threads.update(mode="asyncio tasks", tasks=backend.worker_count())
-    if backend.name == "threads" and opts.threads is None:
+    if backend.auto_workers and opts.threads is None:
         from .backends.threads import MAX_THREADS
 
         threads = ThreadCount(cores=cpu_count(), cap=MAX_THREADS)
@@ -348,13 +345,14 @@ def run_cell(
         seeding.begin_run()
     take = make_taker(iterable, isinstance(plan.loop, ast.AsyncFor))
     view = progress or Progress()
+    live = LiveState(concurrent=backend.concurrent_chunks)
     try:
         with OutputCapture():
-            view.start(record)
+            view.start(record, live)
             try:
                 ran = 0
                 if spec is not None and shape.watch and backend.shares_memory:
-                    ran = _hidden_probe(shape, ns, committer, take, opts, total, view, record)
+                    ran = _hidden_probe(shape, ns, committer, take, opts, total, view, record, live)
                 measured = None
                 if not committer.stopped:
                     ran, measured = _native_first(
@@ -369,6 +367,7 @@ def run_cell(
                         committer,
                         record,
                         view,
+                        live,
                         threads,
                         start=ran,
                         measured=measured,
@@ -379,13 +378,14 @@ def run_cell(
             finally:
                 committer.finish()
                 record.wall = time.perf_counter() - t0
-                view.close(record)
+                view.close(record, live)
     except IterationFailed as f:
-        # an engine's frames travel as the exception's cause (_RemoteTraceback):
-        # kept; anything else parloop's own machinery chained is dropped
-        cause = f.exc.__cause__
-        remote = cause if type(cause).__name__ == "_RemoteTraceback" else None
-        raise _annotate(f.exc, f.index, targets.describe(f.item), total) from remote
+        # a worker's frames are the exception's cause (RemoteTraceback): kept;
+        # anything else parloop's own machinery chained is dropped
+        err = f.error
+        cause = err.exc.__cause__
+        remote = cause if isinstance(cause, RemoteTraceback) else None
+        raise _annotate(err.exc, err.index, err.values, total) from remote
     finally:
         if seeded:
             seeding.end_run()
@@ -410,6 +410,7 @@ def _hidden_probe(
     total: int | None,
     view: Progress,
     record: LastRun,
+    live: LiveState,
 ) -> int:
     """Threads share the kernel's objects, so a hidden change would race: the
     first iteration runs in the kernel with the watched objects fingerprinted
@@ -431,7 +432,8 @@ def _hidden_probe(
     committer.serial = True
     record.hidden = why
     record.serial_from = 0
-    _serial_rest(committer, [], take, 1, False, ChunkSizer(opts.chunksize, 1, total), view, record)
+    sizer = ChunkSizer(opts.chunksize, 1, total)
+    _serial_rest(committer, [], take, 1, False, sizer, view, record, live)
     return committer.next
 
 

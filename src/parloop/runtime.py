@@ -21,6 +21,7 @@ from typing import Any, Callable, Collection
 from . import seeding
 from .fingerprint import first_change, watch_all
 from .log.entries import SCALARS, TARGET
+from .record import IterationError
 from .tracking import DELETED, DirectReader, NeedsKernel, Reader
 
 
@@ -142,15 +143,6 @@ def write_parts(parts: list[str], out: Any = None, err: Any = None) -> None:
 # ---------------------------------------------------------------------------
 # one chunk
 # ---------------------------------------------------------------------------
-@dataclass
-class IterationError:
-    """An iteration that raised: its index in the whole loop and the exception."""
-
-    index: int
-    exc: BaseException
-    snapshot: dict[str, Any] | None = None
-
-
 @dataclass
 class ChunkResult:
     """What a worker sends back for a chunk: everything the kernel needs to

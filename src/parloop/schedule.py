@@ -1,8 +1,9 @@
-"""Chunk sizes and worker counts, from measured iteration times (docs/design.md §5).
+"""The dispatcher, and the chunk sizes and worker counts it takes from
+measured iteration times (docs/design.md §5).
 
-Backend-independent: the dispatch loop in :mod:`parloop.run` asks a
-:class:`ChunkSizer` how big the next chunk should be and a :class:`ThreadCount`
-how many chunks may be in flight.
+Backend-independent: :class:`Dispatcher` asks a :class:`ChunkSizer` how big
+the next chunk should be and a :class:`ThreadCount` (or the backend) how many
+chunks may be in flight, and commits results in iteration order.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
-from .log.commit import Chunk, Committer, ErrorRecord, Interrupted, IterationFailed
+from .log.commit import Chunk, Committer, Interrupted, IterationFailed
 from .options import Options
-from .record import LastRun, WorkerState
+from .progress.base import LiveState, Progress
+from .record import IterationError, LastRun, WorkerTotals
 from .runtime import ChunkResult
 
 #: Aim for chunks of about this many seconds: long enough that dispatch and
@@ -157,46 +159,6 @@ RAMP_CHECKED = 16
 LIVE_PERIOD = 0.2
 
 
-def _live_state(
-    record: LastRun,
-    running: dict[int, tuple[str, int]],
-    chunks: dict[int, Chunk],
-    committer: Committer,
-) -> None:
-    """Per-worker rows of the live view from the backend's running chunks:
-    ``{chunk start: (worker, iterations done in it so far)}``."""
-    for w in record.live.values():
-        w.current = None
-        w.partial = 0
-    for start, (worker, n) in running.items():
-        found = record.live.get(worker)
-        if found is None:
-            found = record.live[worker] = WorkerState(worker)
-        w = found
-        chunk = chunks.get(start)
-        w.current = start + n
-        if chunk is not None and n < len(chunk.items):
-            w.current_values = committer.targets.describe(chunk.items[n])
-        w.partial = n
-
-
-class Progress:
-    """What a run tells a live view (the text bar, the widget).
-
-    ``start`` before the first iteration, ``update`` at most about ten times
-    a second while the run goes (``record.live`` holds the per-worker rows
-    when ``wants_live`` is true), ``close`` once, however the run ended, with
-    the record complete (wall time, errors, interrupt)."""
-
-    wants_live = False
-
-    def start(self, record: LastRun) -> None: ...
-
-    def update(self, record: LastRun) -> None: ...
-
-    def close(self, record: LastRun) -> None: ...
-
-
 def make_taker(iterable: Any, is_async: bool) -> Any:
     """The object that cuts chunks from the loop's iterable."""
     if is_async:
@@ -206,7 +168,327 @@ def make_taker(iterable: Any, is_async: bool) -> Any:
     return Taker(iterable)
 
 
-def dispatch(  # noqa: C901
+class _Failed(Exception):
+    """An iteration failed (on_error=raise) and everything before it is
+    committed: the run ends with it."""
+
+    def __init__(self, error: IterationError):
+        self.error = error
+
+
+class Dispatcher:
+    """Hands chunks out, keeps the workers fed, commits contiguous prefixes as
+    they complete; stops early on an error (on_error=raise), a committed
+    ``break``, dominating conflicts or an interrupt.
+
+    :meth:`run` reads as its steps, as CPython's
+    ``_ExecutorManagerThread.run`` does: fill, collect, commit, stop what an
+    error makes unneeded, refresh the live state; then finish.  It owns the
+    :class:`~parloop.progress.base.LiveState` it hands to the view."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        take: Any,
+        total: int | None,
+        opts: Options,
+        committer: Committer,
+        record: LastRun,
+        progress: Progress,
+        live: LiveState,
+        threads: ThreadCount | None,
+        start: int = 0,
+        measured: tuple[int, float, float] | None = None,
+    ):
+        """``start``: iterations before it already ran (natively, see
+        parloop.native); ``measured``: (iterations, wall s, CPU s) they took,
+        so sizing starts from a measurement rather than from probing chunks."""
+        self.backend, self.take, self.total, self.opts = backend, take, total, opts
+        self.committer, self.record, self.progress, self.live = committer, record, progress, live
+        self.threads = threads
+        # a backend may size its own chunks (asyncio tasks: a chunk is a batch
+        # of concurrent iterations, not a stretch of work)
+        self.sizer = ChunkSizer(
+            opts.chunksize or backend.chunksize,
+            max(backend.worker_count(), 1),
+            total,
+            target=backend.chunk_seconds,
+            first_share=backend.first_share,
+        )
+        if measured is not None:
+            self.sizer.observe(measured[0], measured[1])
+            if threads is not None:
+                threads.observe(measured[0], measured[2], measured[1])
+        self.in_flight: dict[Future, Chunk] = {}
+        self.results: dict[int, tuple[Chunk, ChunkResult]] = {}
+        speculative = committer.spec is not None and committer.spec.shape.speculative
+        #: speculative loops: chunks of 1, 2, 4... until RAMP_CHECKED are checked
+        self.ramp: int | None = 1 if speculative and opts.chunksize is None else None
+        self.next_start = start
+        committer.next = start
+        self.exhausted = False
+        #: an iteration raised (on_error=raise): nothing after it is needed
+        self.stop_at: int | None = None
+        self.largest = 1
+        self.tailed = False
+        self.watch_live = progress.wants_live and backend.live_rows
+        self.last_live = 0.0
+
+    # -- the loop ---------------------------------------------------------
+    def run(self) -> None:
+        failure: IterationError | None = None
+        try:
+            while True:
+                self.fill()
+                self.tail()
+                if not self.in_flight and self.committer.next >= self.next_start:
+                    break
+                self.collect()
+                try:
+                    self.commit()
+                except _Failed as f:
+                    failure = f.error
+                    break
+                if self.committer.stopped:
+                    failure = self.stopped()
+                    break
+                self.cancel_after_failure()
+                self.refresh()
+        except KeyboardInterrupt:
+            self.interrupted()
+        finally:
+            self.wind_down(failure)
+        self.finish(failure)
+
+    # -- the steps --------------------------------------------------------
+    def concurrency(self) -> int:
+        """Chunks to keep in flight (threads=auto: the thread count now)."""
+        threads, record = self.threads, self.record
+        if threads is not None:
+            n = threads.threads()
+            if self.total is not None:
+                n = min(n, max(self.total, 1))  # no more threads than iterations
+            record.threads.update(threads=n)
+            record.workers = max(record.workers, n)
+            self.sizer.workers = n
+            return n
+        self.sizer.workers = max(self.backend.worker_count(), 1)
+        return self.backend.max_in_flight()
+
+    def fill(self) -> None:
+        """Hand chunks out until the workers are fed, within the window of
+        iterations that may run ahead of the last committed one."""
+        committer = self.committer
+        while (
+            not self.exhausted
+            and self.stop_at is None
+            and len(self.in_flight) < self.concurrency()
+            and self.next_start - committer.next
+            < max(WINDOW_CHUNKS * self.largest * self.concurrency(), 1000)
+        ):
+            remaining = None if self.total is None else self.total - self.next_start
+            size = self.sizer.next_size(remaining)
+            if self.ramp is not None:
+                # iterations that may depend on each other: small chunks
+                # first, so that a loop that conflicts everywhere is found
+                # out after a few iterations, not after a whole chunk each
+                if committer.checked >= RAMP_CHECKED and not committer.serial:
+                    self.ramp = None
+                else:
+                    size = min(size, self.ramp)
+                    self.ramp *= 2
+            items = self.take(self.next_start, size)
+            if not items:
+                self.exhausted = True
+                return
+            if self.take.error is not None:
+                self.exhausted = True
+            self.largest = max(self.largest, len(items))
+            self.in_flight[self.backend.submit(items, self.next_start)] = Chunk(
+                self.next_start, items
+            )
+            self.next_start += len(items)
+            if len(items) < size:
+                self.exhausted = True
+
+    def tail(self) -> None:
+        """Nothing follows what is handed out: engines stop taking chunks ahead."""
+        if not self.tailed and (
+            self.exhausted or (self.total is not None and self.next_start >= self.total)
+        ):
+            self.backend.tail()
+            self.tailed = True
+
+    def collect(self) -> None:
+        """Wait (briefly) for chunks to complete; keep their results."""
+        if not self.in_flight:
+            return
+        self.backend.poll()
+        done, _ = wait(
+            list(self.in_flight),
+            timeout=LIVE_PERIOD / 2 if self.watch_live else 0.25,
+            return_when=FIRST_COMPLETED,
+        )
+        for fut in done:
+            self.collect_one(fut)
+
+    def collect_one(self, fut: Future) -> None:
+        chunk = self.in_flight.pop(fut)
+        try:
+            res = fut.result()
+        except BaseException:
+            if self.stop_at is not None and chunk.start > self.stop_at:
+                return  # cancelled after an earlier iteration failed
+            raise
+        w = self.live.worker(res.worker)
+        w.done += res.done
+        w.busy += res.t_end - res.t_start
+        w.failed += len(res.errors) + (res.raised is not None)
+        w.chunks += 1
+        w.current = None
+        w.partial = 0
+        self.sizer.observe(res.done, res.t_end - res.t_start)
+        if res.watch_seconds:
+            # fingerprinting watched objects costs per chunk: chunks long
+            # enough that it stays under a tenth of the work
+            self.sizer.target = max(self.sizer.target, WATCH_SHARE * res.watch_seconds)
+        if self.threads is not None:
+            self.threads.observe(res.done, res.cpu, res.t_end - res.t_start)
+            self.record.threads.update(
+                t1=self.threads.t1, t2=self.threads.t2, cores=self.threads.cores
+            )
+        self.results[chunk.start] = (chunk, res)
+
+    def commit(self) -> None:
+        """Commit the completed chunks that continue the committed prefix, in
+        order; raise :class:`_Failed` at a failed iteration."""
+        committer, results = self.committer, self.results
+        while committer.next in results:
+            chunk, res = results.pop(committer.next)
+            if res.halted and (self.stop_at is None or res.start <= self.stop_at):
+                committer.commit(chunk, res)
+                raise KeyboardInterrupt
+            try:
+                committer.commit(chunk, res)
+            except IterationFailed as f:
+                raise _Failed(f.error) from None
+            if res.raised is not None:
+                err = res.raised
+                raise _Failed(
+                    err.settle(committer.targets.describe(chunk.items[err.index - chunk.start]))
+                )
+            if committer.stopped:
+                return
+
+    def stopped(self) -> IterationError | None:
+        """A break was committed, or conflicts dominate: nothing the workers
+        do from here on is needed (conflicts: the rest runs in the kernel)."""
+        committer = self.committer
+        self.backend.cancel_after(committer.next - 1)
+        failure = None
+        if committer.serial and not committer.broke:
+            pending = sorted(
+                [c for c in self.in_flight.values()] + [c for c, _ in self.results.values()],
+                key=lambda c: c.start,
+            )
+            try:
+                _serial_rest(
+                    committer,
+                    pending,
+                    self.take,
+                    self.next_start,
+                    self.exhausted,
+                    self.sizer,
+                    self.progress,
+                    self.record,
+                    self.live,
+                )
+            except IterationFailed as f:
+                failure = f.error
+        self.results.clear()
+        return failure
+
+    def cancel_after_failure(self) -> None:
+        """An error further on: stop what comes after it, finish what comes before."""
+        results = self.results
+        for _chunk, res in list(results.values()):
+            if res.raised is not None and (self.stop_at is None or res.raised.index < self.stop_at):
+                self.stop_at = res.raised.index
+                self.backend.cancel_after(self.stop_at)
+                for c in [c for c, _ in results.values() if c.start > self.stop_at]:
+                    del results[c.start]
+
+    def refresh(self) -> None:
+        """The live state, then the view."""
+        self.live.in_flight = self.backend.in_flight()
+        self.record.max_outstanding = max(
+            self.record.max_outstanding, self.next_start - self.committer.next
+        )
+        now = time.monotonic()
+        if self.watch_live and now - self.last_live >= LIVE_PERIOD:
+            self.last_live = now
+            self.live_rows()
+        self.progress.update(self.record, self.live)
+
+    def live_rows(self) -> None:
+        """Per-worker rows from the backend's running chunks."""
+        chunks = {c.start: c for c in self.in_flight.values()}
+        for w in self.live.workers.values():
+            w.current = None
+            w.partial = 0
+        for start, (worker, n) in self.backend.running().items():
+            w = self.live.worker(worker)
+            chunk = chunks.get(start)
+            w.current = start + n
+            if chunk is not None and n < len(chunk.items):
+                w.current_values = self.committer.targets.describe(chunk.items[n])
+            w.partial = n
+
+    def interrupted(self) -> None:
+        """Kernel interrupt: stop the workers, commit what completes within
+        two seconds, say how far the loop got."""
+        committer = self.committer
+        self.record.interrupted = True
+        self.backend.interrupt()
+        drain(self.in_flight, self.results, committer, timeout=2.0)
+        total = "?" if self.total is None else self.total
+        raise Interrupted(
+            f"parloop: interrupted after {committer.next} of {total} iterations; "
+            f"iterations 0..{committer.next - 1} were applied"
+        ) from None
+
+    def wind_down(self, failure: IterationError | None) -> None:
+        """However the loop ended: no chunk after a failure runs on; wait for
+        the chunks still running (they stop at their next iteration)."""
+        self.record.dispatch = self.backend.dispatch
+        if failure is not None:
+            self.backend.cancel_after(failure.index)
+        elif self.stop_at is not None:
+            self.backend.cancel_after(self.stop_at)
+        if self.in_flight and not self.record.interrupted:
+            wait(list(self.in_flight), timeout=5.0)
+        self.record.by_worker = {
+            name: WorkerTotals(name, w.done, w.busy, w.failed, w.chunks)
+            for name, w in self.live.workers.items()
+        }
+
+    def finish(self, failure: IterationError | None) -> None:
+        """What the backend reports goes to the record; a failed iteration is
+        recorded and raised."""
+        record, backend = self.record, self.backend
+        if failure is None and self.take.error is not None:
+            raise self.take.error
+        record.notes.extend(backend.events)
+        if backend.peak is not None:
+            record.threads["peak_in_flight"] = backend.peak
+        for rec_chunk in record.chunks:
+            rec_chunk.retried = rec_chunk.start in backend.retried
+        if failure is not None:
+            record.errors.append(failure)
+            raise IterationFailed(failure)
+
+
+def dispatch(
     backend: Backend,
     take: Any,
     total: int | None,
@@ -214,211 +496,15 @@ def dispatch(  # noqa: C901
     committer: Committer,
     record: LastRun,
     progress: Progress,
+    live: LiveState,
     threads: ThreadCount | None,
     start: int = 0,
     measured: tuple[int, float, float] | None = None,
 ) -> None:
-    """Hand chunks out, keep the workers fed, commit contiguous prefixes as
-    they complete; stop early on an error (on_error=raise) or an interrupt.
-
-    ``start``: iterations before it already ran (natively, see parloop.native);
-    ``measured``: (iterations, wall s, CPU s) they took, so sizing starts
-    from a measurement rather than from probing chunks."""
-    # a backend may size its own chunks (asyncio tasks: a chunk is a batch of
-    # concurrent iterations, not a stretch of work)
-    sizer = ChunkSizer(
-        opts.chunksize or getattr(backend, "chunksize", None),
-        max(backend.worker_count(), 1),
-        total,
-        target=getattr(backend, "chunk_seconds", TARGET_CHUNK_SECONDS),
-        first_share=getattr(backend, "first_share", False),
-    )
-    if measured is not None:
-        sizer.observe(measured[0], measured[1])
-        if threads is not None:
-            threads.observe(measured[0], measured[2], measured[1])
-    in_flight: dict[Future, Chunk] = {}
-    results: dict[int, tuple[Chunk, ChunkResult]] = {}
-    speculative = committer.spec is not None and committer.spec.shape.speculative
-    ramp: int | None = 1 if speculative and opts.chunksize is None else None
-    next_start = start
-    committer.next = start
-    exhausted = False
-    stop_at: int | None = None  # an iteration raised (on_error=raise)
-    failure: tuple[int, BaseException, Any] | None = None
-    largest = 1
-
-    def concurrency() -> int:
-        if threads is not None:
-            n = threads.threads()
-            if total is not None:
-                n = min(n, max(total, 1))  # no more threads than iterations
-            record.threads.update(threads=n)
-            record.workers = max(record.workers, n)
-            sizer.workers = n
-        else:
-            n = backend.max_in_flight()
-            sizer.workers = max(backend.worker_count(), 1)
-        return n
-
-    def collect(fut: Future) -> None:
-        chunk = in_flight.pop(fut)
-        try:
-            res = fut.result()
-        except BaseException:
-            if stop_at is not None and chunk.start > stop_at:
-                return  # cancelled after an earlier iteration failed
-            raise
-        w = record.live.get(res.worker)
-        if w is None:
-            w = record.live[res.worker] = WorkerState(res.worker)
-        w.done += res.done
-        w.busy += res.t_end - res.t_start
-        w.failed += len(res.errors) + (res.raised is not None)
-        w.chunks += 1
-        w.current = None
-        w.partial = 0
-        sizer.observe(res.done, res.t_end - res.t_start)
-        if res.watch_seconds:
-            # fingerprinting watched objects costs per chunk: chunks long
-            # enough that it stays under a tenth of the work
-            sizer.target = max(sizer.target, WATCH_SHARE * res.watch_seconds)
-        if threads is not None:
-            threads.observe(res.done, res.cpu, res.t_end - res.t_start)
-            record.threads.update(t1=threads.t1, t2=threads.t2, cores=threads.cores)
-        results[chunk.start] = (chunk, res)
-
-    poll = getattr(backend, "poll", None)
-    tail = getattr(backend, "tail", None)
-    live = getattr(backend, "running", None) if progress.wants_live else None
-    last_live = 0.0
-    try:
-        while True:
-            while (
-                not exhausted
-                and stop_at is None
-                and len(in_flight) < concurrency()
-                and next_start - committer.next < max(WINDOW_CHUNKS * largest * concurrency(), 1000)
-            ):
-                remaining = None if total is None else total - next_start
-                size = sizer.next_size(remaining)
-                if ramp is not None:
-                    # iterations that may depend on each other: small chunks
-                    # first, so that a loop that conflicts everywhere is found
-                    # out after a few iterations, not after a whole chunk each
-                    if committer.checked >= RAMP_CHECKED and not committer.serial:
-                        ramp = None
-                    else:
-                        size = min(size, ramp)
-                        ramp *= 2
-                items = take(next_start, size)
-                if not items:
-                    exhausted = True
-                    break
-                if take.error is not None:
-                    exhausted = True
-                largest = max(largest, len(items))
-                chunk = Chunk(next_start, items)
-                in_flight[backend.submit(items, next_start)] = chunk
-                next_start += len(items)
-                if len(items) < size:
-                    exhausted = True
-            if tail is not None and (exhausted or (total is not None and next_start >= total)):
-                tail()  # nothing follows what is handed out: engines stop taking chunks ahead
-                tail = None
-            if not in_flight and committer.next >= next_start:
-                break
-            if in_flight:
-                if poll is not None:
-                    poll()
-                done, _ = wait(
-                    list(in_flight),
-                    timeout=LIVE_PERIOD / 2 if live else 0.25,
-                    return_when=FIRST_COMPLETED,
-                )
-                for fut in done:
-                    collect(fut)
-            while committer.next in results:
-                chunk, res = results.pop(committer.next)
-                if res.halted and (stop_at is None or res.start <= stop_at):
-                    committer.commit(chunk, res)
-                    raise KeyboardInterrupt
-                try:
-                    committer.commit(chunk, res)
-                except IterationFailed as f:
-                    failure = (f.index, f.exc, f.item)
-                    break
-                if res.raised is not None:
-                    failure = (
-                        res.raised.index,
-                        res.raised.exc,
-                        chunk.items[res.raised.index - chunk.start],
-                    )
-                    break
-                if committer.stopped:
-                    break
-            if failure is not None:
-                break
-            if committer.stopped:
-                # a break was committed, or conflicts dominate: nothing the
-                # workers do from here on is needed
-                backend.cancel_after(committer.next - 1)
-                if committer.serial and not committer.broke:
-                    pending = sorted(
-                        [c for c in in_flight.values()] + [c for c, _ in results.values()],
-                        key=lambda c: c.start,
-                    )
-                    try:
-                        _serial_rest(
-                            committer, pending, take, next_start, exhausted, sizer, progress, record
-                        )
-                    except IterationFailed as f:
-                        failure = (f.index, f.exc, f.item)
-                results.clear()
-                break
-            # an error further on: stop what comes after it, finish what comes before
-            for _chunk, res in list(results.values()):
-                if res.raised is not None and (stop_at is None or res.raised.index < stop_at):
-                    stop_at = res.raised.index
-                    backend.cancel_after(stop_at)
-                    for c in [c for c, _ in results.values() if c.start > stop_at]:
-                        del results[c.start]
-            if hasattr(backend, "in_flight"):
-                record.threads["in_flight"] = backend.in_flight()
-            record.max_outstanding = max(record.max_outstanding, next_start - committer.next)
-            now = time.monotonic()
-            if now - last_live >= LIVE_PERIOD and live is not None:
-                last_live = now
-                _live_state(record, live(), {c.start: c for c in in_flight.values()}, committer)
-            progress.update(record)
-    except KeyboardInterrupt:
-        record.interrupted = True
-        backend.interrupt()
-        drain(in_flight, results, committer, timeout=2.0)
-        raise Interrupted(
-            f"parloop: interrupted after {committer.next} of "
-            f"{'?' if total is None else total} iterations; iterations 0..{committer.next - 1}"
-            " were applied"
-        ) from None
-    finally:
-        record.dispatch = getattr(backend, "dispatch", "")
-        if stop_at is not None or failure is not None:
-            backend.cancel_after(failure[0] if failure else stop_at)  # type: ignore[arg-type]
-        # wait for the chunks still running (they stop at their next iteration)
-        if in_flight and not record.interrupted:
-            wait(list(in_flight), timeout=5.0)
-    if failure is None and take.error is not None:
-        raise take.error
-    record.notes.extend(getattr(backend, "events", ()))
-    if hasattr(backend, "peak"):
-        record.threads["peak_in_flight"] = backend.peak
-    retried = getattr(backend, "retried", ())
-    for rec_chunk in record.chunks:
-        rec_chunk.retried = rec_chunk.start in retried
-    if failure is not None:
-        index, exc, item = failure
-        record.errors.append(ErrorRecord(index, committer.targets.describe(item), exc))
-        raise IterationFailed(index, exc, item)
+    """Run the loop's remaining iterations on ``backend`` (see :class:`Dispatcher`)."""
+    Dispatcher(
+        backend, take, total, opts, committer, record, progress, live, threads, start, measured
+    ).run()
 
 
 def _serial_rest(
@@ -430,6 +516,7 @@ def _serial_rest(
     sizer: ChunkSizer,
     progress: Progress,
     record: LastRun,
+    live: LiveState,
 ) -> None:
     """Conflicts dominate: run the rest of the loop in the kernel, in order,
     from the first uncommitted iteration (the items already handed out first,
@@ -452,7 +539,7 @@ def _serial_rest(
         committer.run_direct(items, start)
         start += len(items)
         items = []
-        progress.update(record)
+        progress.update(record, live)
         if committer.broke:
             break
 

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import sys
+from .backends import status_lines
 
 
 def status_text() -> str:
     import parloop
 
-    lines = []
-    engines = sys.modules.get("parloop.backends.engines")
-    info = engines.status() if engines is not None else None
-    if info:
-        kind = "managed local cluster" if info.get("managed") else "external cluster"
-        lines.append(f"backend: ipyparallel ({kind}), {len(info.get('engines', []))} engine(s)")
-        for e in info.get("engines", []):
-            state = "busy" if e.get("busy") else "idle"
-            lines.append(
-                f"  engine {e.get('id')}: host {e.get('host')}, pid {e.get('pid')}, {state}"
-            )
-    else:
-        lines.append("backend: no ipyparallel cluster in use (%%threaded needs none)")
+    lines = status_lines()
     run = parloop.last_run
     lines.append(f"last run: {run.summary()}" if run is not None else "last run: none yet")
     return "\n".join(lines)

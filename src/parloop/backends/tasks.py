@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+# parloop's one event loop (shared with the managed cluster); run.py and
+# parloop.shutdown() still import run_on_loop / stop_loop from here
+from ..aioloop import event_loop, run_on_loop, stop_loop
 from ..runtime import (
     HELPERS,
     ChunkControl,
@@ -25,42 +27,11 @@ from ..runtime import (
     capture_into,
     private_values,
 )
-from .base import Job
+from .base import Backend, Job
 
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_lock = threading.Lock()
-
-
-def event_loop() -> asyncio.AbstractEventLoop:
-    """parloop's own event loop, running in a daemon thread (started once)."""
-    global _loop
-    with _loop_lock:
-        if _loop is None or _loop.is_closed():
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                loop.call_soon(ready.set)
-                loop.run_forever()
-
-            threading.Thread(target=run, name="parloop-asyncio", daemon=True).start()
-            ready.wait()
-            _loop = loop
-        return _loop
-
-
-def run_on_loop(coro: Any, timeout: float | None = None) -> Any:
-    """Run a coroutine on parloop's loop from the kernel thread; wait for it."""
-    return asyncio.run_coroutine_threadsafe(coro, event_loop()).result(timeout)
-
-
-def stop_loop() -> None:
-    global _loop
-    with _loop_lock:
-        loop, _loop = _loop, None
-    if loop is not None and not loop.is_closed():
-        loop.call_soon_threadsafe(loop.stop)
+if TYPE_CHECKING:
+    from ..analysis import LoopPlan
+    from ..options import Options
 
 
 class AsyncTaker:
@@ -90,15 +61,28 @@ class AsyncTaker:
         return run_on_loop(self._pull(size))
 
 
-class TaskBackend:
+class TaskBackend(Backend):
     """Iterations as asyncio tasks; at most ``tasks`` in flight."""
 
     name = "tasks"
+    worker_noun = "task"
     shares_memory = True
+    concurrent_chunks = True
+
+    @classmethod
+    def for_run(cls, opts: Options, plan: LoopPlan) -> TaskBackend:
+        return cls(1 if opts.serial else opts.tasks, opts.chunksize)
+
+    @classmethod
+    def shutdown(cls) -> None:
+        stop_loop()
 
     def __init__(self, tasks: int, chunksize: int | None = None):
+        super().__init__()
         self.tasks = tasks
-        self.chunksize = chunksize or max(1, min(256, tasks // 4 or 1))
+        #: a chunk is a batch of concurrent iterations, not a stretch of work
+        self.batch = chunksize or max(1, min(256, tasks // 4 or 1))
+        self.chunksize = self.batch
         self._fn: Callable | None = None
         self._job: Job | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -110,12 +94,12 @@ class TaskBackend:
     def worker_count(self) -> int:
         return self.tasks
 
-    def in_flight(self) -> int:
+    def in_flight(self) -> int | None:
         """Iterations running right now (for the live view)."""
         return self._active
 
     def max_in_flight(self) -> int:
-        return math.ceil(self.tasks / self.chunksize) + 1
+        return math.ceil(self.tasks / self.batch) + 1
 
     def prepare(self, job: Job) -> None:
         from .threads import compile_chunk_function
@@ -137,7 +121,7 @@ class TaskBackend:
             if ctl.stop or (self._cancel_from is not None and ctl.start + n > self._cancel_from):
                 return None
             self._active += 1
-            self.peak = max(self.peak, self._active)
+            self.peak = max(self.peak or 0, self._active)
             log: list = []
             parts: list[str] = []
             capture_into(parts)  # this task's own context

@@ -10,10 +10,14 @@ from __future__ import annotations
 import ctypes
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..runtime import ChunkControl, ChunkResult, run_chunk
-from .base import Job
+from .base import Backend, Job
+
+if TYPE_CHECKING:
+    from ..analysis import LoopPlan
+    from ..options import Options
 
 #: hard ceiling of ``threads=auto`` (and of explicit ``threads=N``'s pool)
 MAX_THREADS = 256
@@ -97,14 +101,30 @@ class _Tracker:
             )
 
 
-class ThreadBackend:
+class ThreadBackend(Backend):
     """A pool of ``threads`` workers (``threads`` may grow during the run when
     ``threads=auto`` measures that iterations mostly wait)."""
 
     name = "threads"
+    worker_noun = "thread"
     shares_memory = True
+    auto_workers = True
+    #: measured on the 2-core machine: ~0.6 us per iteration, ~3 ms per run
+    native_costs = (0.6e-6, 0.003)
+    live_rows = True
+
+    @classmethod
+    def for_run(cls, opts: Options, plan: LoopPlan) -> ThreadBackend:
+        from ..schedule import cpu_count
+
+        return cls(opts.threads or cpu_count())
+
+    @classmethod
+    def shutdown(cls) -> None:
+        shutdown_pool()
 
     def __init__(self, threads: int):
+        super().__init__()
         self.threads = threads
         self._fn: Callable | None = None
         self._job: Job | None = None
@@ -176,14 +196,20 @@ class ThreadBackend:
             shutdown_pool()
 
 
-class SerialBackend:
+class SerialBackend(Backend):
     """The ``serial`` flag: the rewritten loop in the kernel's own thread, one
     chunk at a time, so a debugger or a print lands where it would in serial."""
 
     name = "serial"
+    worker_noun = "kernel"
     shares_memory = True
 
+    @classmethod
+    def for_run(cls, opts: Options, plan: LoopPlan) -> SerialBackend:
+        return cls()
+
     def __init__(self) -> None:
+        super().__init__()
         self._fn: Callable | None = None
         self._job: Job | None = None
         self._cancel_from: int | None = None

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..analysis import LoopPlan
-from ..record import ChunkRecord, ErrorRecord, LastRun
-from ..runtime import ChunkResult, IterationError, LoopShape, run_chunk, write_parts
+from ..record import ChunkRecord, IterationError, LastRun
+from ..runtime import ChunkResult, LoopShape, run_chunk, write_parts
 from ..tracking import DELETED, ApplyingLog
 from .conflicts import Conflict, WriteSet
 from .entries import CALL, PATH, SET_ATTR, SET_ITEM
 from .locations import LENGTH, write_locations
-from .replay import replay, target_substitutions
+from .replay import EntryFailed, replay, target_substitutions
 
 _short = reprlib.Repr()
 _short.maxstring = 40
@@ -152,24 +152,21 @@ class Committer:
             try:
                 replay(self.ns, res.log, target_env if self.synced else None, pos, flush=parts.upto)
                 break
-            except Exception as exc:  # noqa: BLE001 - the iteration raised it, as serial would
+            except EntryFailed as failed:
                 # an entry raised in the kernel (``out[k] = v`` on a list too
                 # short): serial would have raised in that iteration
-                at = getattr(exc, "parloop_log_pos", pos)
-                n = max(bisect.bisect_right(res.marks, at) - 1, 0)
+                n = max(bisect.bisect_right(res.marks, failed.pos) - 1, 0)
+                err = self._settled(IterationError(chunk.start + n, failed.exc), chunk.items[n])
                 if self.on_error == "raise":
                     parts.upto(len(res.parts))
                     self._finish_chunk(chunk, res, n + 1)
-                    raise IterationFailed(chunk.start + n, exc, chunk.items[n]) from None
-                self.record.errors.append(
-                    ErrorRecord(chunk.start + n, self.targets.describe(chunk.items[n]), exc)
-                )
+                    raise IterationFailed(err) from None
+                self.record.errors.append(err)
                 pos = res.marks[n + 1] if n + 1 < len(res.marks) else len(res.log)
         parts.upto(len(res.parts))
         self._finish_chunk(chunk, res, res.done)
         for err in res.errors:
-            item = chunk.items[err.index - chunk.start]
-            self.record.errors.append(ErrorRecord(err.index, self.targets.describe(item), err.exc))
+            self.record.errors.append(self._settled(err, chunk.items[err.index - chunk.start]))
         if res.broke is not None:
             self._broke(chunk.start + res.broke)
 
@@ -237,8 +234,8 @@ class Committer:
                 try:
                     with spec.lock:
                         replay(self.ns, res.log, env, m0, m1, subst, flush=parts.upto)
-                except Exception as exc:  # noqa: BLE001 - as serial raised it
-                    err = IterationError(index, exc)
+                except EntryFailed as failed:
+                    err = IterationError(index, failed.exc)
             parts.done = max(parts.done, it.pmarks[n])
             parts.upto(it.pmarks[n + 1] if n + 1 < len(it.pmarks) else len(res.parts))
             self._private_values(it.privates[n] if n < len(it.privates) else {})
@@ -246,7 +243,7 @@ class Committer:
             self.next = index + 1
             self.record.done = self.next
             if err is not None:
-                self._failed(index, err.exc, chunk.items[n])
+                self._failed(err, chunk.items[n])
             if res.broke == n:
                 self._broke(index)
                 break
@@ -282,10 +279,15 @@ class Committer:
                     return found
         return None
 
-    def _failed(self, index: int, exc: BaseException, item: Any) -> None:
+    def _settled(self, err: IterationError, item: Any) -> IterationError:
+        """The failure as the kernel knows it: with the iteration's values."""
+        return err.settle(self.targets.describe(item))
+
+    def _failed(self, err: IterationError, item: Any) -> None:
+        err = self._settled(err, item)
         if self.on_error == "raise":
-            raise IterationFailed(index, exc, item)
-        self.record.errors.append(ErrorRecord(index, self.targets.describe(item), exc))
+            raise IterationFailed(err)
+        self.record.errors.append(err)
 
     def _private_values(self, values: dict[str, Any]) -> None:
         self.snapshot.update(values)
@@ -370,13 +372,11 @@ class Committer:
             )
         )
         for e in res.errors:
-            self.record.errors.append(
-                ErrorRecord(e.index, self.targets.describe(items[e.index - start]), e.exc)
-            )
+            self.record.errors.append(self._settled(e, items[e.index - start]))
         if res.raised is not None:
             if res.raised.snapshot:
                 self._private_values(res.raised.snapshot)
-            raise IterationFailed(res.raised.index, res.raised.exc, items[res.raised.index - start])
+            raise IterationFailed(self._settled(res.raised, items[res.raised.index - start]))
         if res.broke is not None:
             self._broke(start + res.broke)
         elif res.halted:
@@ -421,8 +421,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 class IterationFailed(Exception):
-    def __init__(self, index: int, exc: BaseException, item: Any):
-        self.index, self.exc, self.item = index, exc, item
+    """An iteration failed under on_error=raise: the run ends with it."""
+
+    def __init__(self, error: IterationError):
+        self.error = error
 
 
 class _PartsWriter:

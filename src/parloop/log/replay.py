@@ -215,6 +215,14 @@ def target_substitutions(log: list, target_env: Callable[[int], dict] | None) ->
     return subst
 
 
+class EntryFailed(Exception):
+    """Replaying the log entry at ``pos`` raised ``exc`` in the kernel."""
+
+    def __init__(self, pos: int, exc: Exception):
+        super().__init__(pos, exc)
+        self.pos, self.exc = pos, exc
+
+
 def replay(
     ns: MutableMapping[str, Any],
     log: list,
@@ -228,9 +236,9 @@ def replay(
 
     ``target_env(n)`` gives the kernel-side binding of the loop target for the
     chunk's n-th iteration (only needed when the log holds TARGET entries).  If
-    an entry raises (``out[k] = v`` on a list too short, as serial would), the
-    exception propagates with ``parloop_log_pos`` set to the entry's position,
-    so the caller can tell which iteration it belongs to."""
+    an entry raises (``out[k] = v`` on a list too short, as serial would),
+    :class:`EntryFailed` says which entry (so the caller can tell which
+    iteration it belongs to) and carries the exception, untouched."""
     if subst is None:
         subst = target_substitutions(log, target_env)
     e: tuple = ()
@@ -259,11 +267,9 @@ def replay(
                     flush(e2[1])
             else:
                 apply_entry(ns[e2[1]], e2)
-    except Exception as err:
-        err.parloop_log_pos = next(  # type: ignore[attr-defined]
-            i for i in range(start, len(log) if stop is None else stop) if log[i] is e
-        )
-        raise
+    except Exception as err:  # noqa: BLE001 - the iteration raised it, as serial would
+        pos = next(i for i in range(start, len(log) if stop is None else stop) if log[i] is e)
+        raise EntryFailed(pos, err) from None
 
 
 def reduce_into(ns: MutableMapping[str, Any], e: tuple) -> None:

@@ -50,7 +50,7 @@ def report_data(record: LastRun) -> dict[str, Any]:
         w["failed"] += len(c.failed)
     # a worker that ran but whose chunks were never committed (after an
     # interrupt or an earlier failure) still gets its row
-    for name, state in record.live.items():
+    for name, state in record.by_worker.items():
         if name not in workers and (state.done or state.chunks):
             workers[name] = {
                 "name": name,

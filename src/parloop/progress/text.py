@@ -10,7 +10,7 @@ from tqdm.std import tqdm
 
 from ..record import LastRun
 from ..runtime import OutputCapture
-from ..schedule import Progress
+from .base import LiveState, Progress
 
 #: seconds before the bar appears at all
 DELAY = 1.0
@@ -21,7 +21,7 @@ class TextProgress(Progress):
         self._bar: tqdm | None = None
         self._shown = 0
 
-    def start(self, record: LastRun) -> None:
+    def start(self, record: LastRun, live: LiveState) -> None:
         self._bar = tqdm(
             total=record.total,
             file=OutputCapture.real_streams()[1],
@@ -33,24 +33,24 @@ class TextProgress(Progress):
             dynamic_ncols=False,
         )
 
-    def update(self, record: LastRun) -> None:
+    def update(self, record: LastRun, live: LiveState) -> None:
         if self._bar is None:
             return
         if record.done > self._shown:
             self._bar.update(record.done - self._shown)
             self._shown = record.done
         post = {}
-        if "in_flight" in record.threads:
-            post["in flight"] = record.threads["in_flight"]
+        if live.concurrent and live.in_flight is not None:
+            post["in flight"] = live.in_flight
         if record.errors:
             post["errors"] = len(record.errors)
         if post:
             self._bar.set_postfix(post, refresh=False)
 
-    def close(self, record: LastRun) -> None:
+    def close(self, record: LastRun, live: LiveState) -> None:
         if self._bar is None:
             return
-        self.update(record)
+        self.update(record, live)
         if record.interrupted:
             self._bar.set_description(f"interrupted at {record.done}")
         self._bar.close()

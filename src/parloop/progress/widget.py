@@ -35,8 +35,8 @@ from IPython.display import display
 from ipywidgets.widgets.widget_int import ProgressStyle
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from ..record import LastRun, WorkerState
-from ..schedule import Progress
+from ..record import LastRun
+from .base import LiveState, Progress, WorkerState
 from .report import natural_key, report_bundle, workers_phrase
 
 #: seconds before the widget appears: quick cells stay quiet
@@ -128,29 +128,29 @@ class WidgetProgress(Progress):
         self.renders = 0
 
     # -- Progress -----------------------------------------------------------
-    def start(self, record: LastRun) -> None:
+    def start(self, record: LastRun, live: LiveState) -> None:
         self._t0 = time.monotonic()
         self._next = self._t0 + self.delay
 
-    def update(self, record: LastRun) -> None:
+    def update(self, record: LastRun, live: LiveState) -> None:
         now = time.monotonic()
         if now < self._next:
             return
         try:
             if not self._shown:
                 self._build(record)
-            sent = self._render(record, now, final=False)
+            sent = self._render(record, live, now, final=False)
         except Exception as e:  # noqa: BLE001 - a broken view must not break the run
             self._give_up(e)
             return
         self._next = time.monotonic() + max(self.period, sent / MSG_RATE)
 
-    def close(self, record: LastRun) -> None:
+    def close(self, record: LastRun, live: LiveState) -> None:
         if not self._shown or self._next == math.inf:
             return  # a quick cell stays quiet (or the view gave up)
         self._next = math.inf
         try:
-            self._render(record, time.monotonic(), final=True)
+            self._render(record, live, time.monotonic(), final=True)
             self._replace_by_report(record)
         except Exception as e:  # noqa: BLE001
             self._give_up(e)
@@ -177,19 +177,19 @@ class WidgetProgress(Progress):
         # None where no shell runs (display then just prints)
         self._handle = display(self._box, display_id=True)
 
-    def _groups(self, record: LastRun) -> list[list[WorkerState]]:
+    def _groups(self, live: LiveState) -> list[list[WorkerState]]:
         """The workers, one per row, or in MAX_ROWS groups when there are more."""
-        if record.backend == "tasks":
+        if live.concurrent:
             return []  # no worker rows: tasks in flight are in the header
-        workers = sorted(record.live.values(), key=lambda w: natural_key(w.name))
+        workers = sorted(live.workers.values(), key=lambda w: natural_key(w.name))
         size = max(1, math.ceil(len(workers) / MAX_ROWS))
         return [workers[i : i + size] for i in range(0, len(workers), size)]
 
     # -- rendering ------------------------------------------------------------
-    def _render(self, record: LastRun, now: float, final: bool) -> int:
+    def _render(self, record: LastRun, state: LiveState, now: float, final: bool) -> int:
         self.renders += 1
         elapsed = now - self._t0
-        live = list(record.live.values())
+        live = list(state.workers.values())
         shown = sum(w.shown_done for w in live)
         done = max(record.done, shown)
         failed = max(len(record.errors), sum(w.failed for w in live))
@@ -197,7 +197,7 @@ class WidgetProgress(Progress):
         sent = 0
 
         # header
-        if record.backend == "tasks":
+        if state.concurrent:
             who = f"≤ {record.threads.get('tasks', record.workers)} asyncio tasks"
         else:
             who = workers_phrase(record.backend, record.workers)
@@ -207,8 +207,8 @@ class WidgetProgress(Progress):
         if record.interrupted:
             parts = [f"interrupted at {record.done:,}/{'?' if total is None else f'{total:,}'}"]
         parts.append(f"{rate:,.0f} it/s" if rate >= 10 else f"{rate:.2f} it/s")
-        if record.backend == "tasks" and "in_flight" in record.threads and not final:
-            parts.append(f"{record.threads['in_flight']} in flight")
+        if state.concurrent and state.in_flight is not None and not final:
+            parts.append(f"{state.in_flight} in flight")
         if total is not None and not final and rate > 0:
             parts.append(f"ETA {_clock((total - done) / rate)}")
         parts.append(f"{_clock(elapsed)} elapsed")
@@ -229,7 +229,7 @@ class WidgetProgress(Progress):
         sent += _set(self._bar, max=bar_max, value=min(done, bar_max), bar_style=style)
 
         # rows
-        groups = self._groups(record)
+        groups = self._groups(state)
         while len(self._rows) < len(groups):
             self._rows.append(_Row(self._shared))
         if len(self._rowbox.children) != len(groups):

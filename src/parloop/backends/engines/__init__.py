@@ -5,8 +5,14 @@
 * :mod:`.worker` -- everything that executes *on an engine* (the contract an
   external cluster's engines run: chunk entry points, the broadcast store,
   the channel's engine end, where the engine is);
-* :mod:`.cluster` -- the cluster parloop starts, or the one the user has;
+* :mod:`.cluster` -- the facade callers use (``MANAGER``) over
+  :mod:`.managed` (the cluster parloop starts: life cycle, resizing, stop),
+  :mod:`.external` (clusters it only connects to), :mod:`.processes` (the
+  ledger of the processes it started, the PDEATHSIG launcher, reaping) and
+  :mod:`.engine_info` (each engine's host and pid);
 * :mod:`.transport` -- inputs to the engines, by value, once, never stale;
+  :mod:`.serialize` -- the pickling it uses (and the one place that relies on
+  cloudpickle's internals);
 * :mod:`.shm` -- shared-memory segments for big buffers on the kernel's host;
 * :mod:`.channel` -- the kernel's chunk socket to engines on its host.
 """

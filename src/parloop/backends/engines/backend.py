@@ -33,7 +33,7 @@ from ...analysis import LoopPlan
 from ...errors import WorkerLostError
 from ...options import Options
 from ...runtime import ChunkResult
-from ..base import Job
+from ..base import Backend, Job
 from .channel import ChunkChannel
 from .transport import loads as transport_loads
 from .worker import Program, run_remote, serve_chunks
@@ -91,21 +91,16 @@ def status() -> dict | None:
     return info if info.get("engines") or info.get("managed") else None
 
 
-class _RemoteTraceback(Exception):
-    """The engine-side traceback, attached as ``__cause__`` of a re-raised
-    exception so the user sees the cell lines where it happened (the approach
-    of concurrent.futures.process)."""
+class EngineBackend(Backend):
+    """Chunks on the engines of one ipyparallel client (the managed local
+    cluster, or the user's: ``profile=`` / ``cluster_id=``)."""
 
-    def __init__(self, tb: str):
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
-class EngineBackend:
     name = "engines"
+    worker_noun = "engine"
     shares_memory = False
+    #: measured on the 2-core machine: ~1.5 us per iteration, ~20 ms per run
+    native_costs = (1.5e-6, 0.020)
+    live_rows = True
     #: an ipyparallel task costs the engine 2-4 ms between chunks (its reply,
     #: status messages, the next request); chunks of about a quarter second
     #: make that 1-2 % (measured: 60 ms iterations one per chunk lost 7 %), cut
@@ -121,6 +116,7 @@ class EngineBackend:
     use_channel = os.environ.get("PARLOOP_CHANNEL", "1") != "0"
 
     def __init__(self, client: Any, opts: Options):
+        super().__init__()
         self.client = client
         self.opts = opts
         self.ids = list(client.ids)
@@ -153,12 +149,28 @@ class EngineBackend:
         self._pending: dict[str, tuple[Any, int, int]] = {}
         self._lock = threading.Lock()
         self._cancel_from: int | None = None
-        self.events: list[str] = []  # what happened (lost engines), for last_run
-        self.retried: set[int] = set()  # chunk starts that were re-run
         self._polled = time.monotonic()
 
     @classmethod
-    def for_options(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
+    def status_lines(cls) -> list[str]:
+        info = status()
+        if not info:
+            return []
+        kind = "managed local cluster" if info.get("managed") else "external cluster"
+        lines = [f"backend: ipyparallel ({kind}), {len(info.get('engines', []))} engine(s)"]
+        for e in info.get("engines", []):
+            state = "busy" if e.get("busy") else "idle"
+            lines.append(
+                f"  engine {e.get('id')}: host {e.get('host')}, pid {e.get('pid')}, {state}"
+            )
+        return lines
+
+    @classmethod
+    def shutdown(cls) -> None:
+        stop_managed()
+
+    @classmethod
+    def for_run(cls, opts: Options, plan: LoopPlan) -> "EngineBackend":
         from .cluster import MANAGER
 
         global _last_client
@@ -367,10 +379,6 @@ class EngineBackend:
 
     def _deliver(self, fut: Future, res: ChunkResult, eid: int) -> None:
         res.worker = self.label(eid)
-        for err in res.errors + ([res.raised] if res.raised else []):
-            tb = getattr(err, "tb_text", None)
-            if tb and err.exc.__cause__ is None:
-                err.exc.__cause__ = _RemoteTraceback(tb)
         fut.set_result(res)
 
     def poll(self) -> None:

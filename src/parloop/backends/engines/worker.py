@@ -17,6 +17,7 @@ inputs arrive by value, and payloads travel as cloudpickle bytes so instances
 of notebook classes survive the round trip (cloudpickle's class tracking gives
 the kernel back its own classes).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -181,7 +182,7 @@ def _portable(
     a private name, an exception holding a socket) are replaced by a
     description rather than losing the whole chunk."""
     for err in res.errors + ([res.raised] if res.raised else []):
-        err.tb_text = _traceback_text(err.exc, functions or {})  # type: ignore[attr-defined]
+        err.remote_traceback = _traceback_text(err.exc, functions or {})
         err.exc.__traceback__ = None
     if ids:
         try:
