@@ -1,4 +1,5 @@
-"""Shared fixtures: one in-process IPython shell with parloop loaded."""
+"""Shared fixtures: one in-process IPython shell with parloop loaded; the
+session's one JupyterLab server."""
 
 from __future__ import annotations
 
@@ -19,3 +20,23 @@ def ip():
     _, err = run_cell(shell, "%load_ext parloop")
     assert err is None, err
     yield shell
+
+
+@pytest.fixture(scope="session")
+def lab_server(tmp_path_factory):
+    """The one JupyterLab of the session (see labserver.py), started by the
+    first test that needs it; skipped without Chromium or the packages."""
+    from labserver import require_browser, running_lab
+
+    require_browser()
+    with running_lab(tmp_path_factory.mktemp("lab")) as server:
+        yield server
+
+
+@pytest.fixture
+def lab(lab_server, request):
+    """The session's JupyterLab for one test: a folder of the test's own
+    (``lab.dir``, ``lab.path(name)``), its kernels shut down after it."""
+    server = lab_server.for_test(request.node.name)
+    yield server
+    server.shutdown_kernels()

@@ -6,32 +6,29 @@ workers), the commands and their settings."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from labserver import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    KERNEL_DEADLINE_S,
+    require_browser,
+    wait_js,
+    wait_until,
+    wait_visible,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 LABEXT = ROOT / "labextension"
 MIME = "application/vnd.parloop.report+json"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 # ------------------------------------------------------------ unit tests (npm)
@@ -78,6 +75,7 @@ def _working_tree_files() -> list[str]:
     return [p for p in out.split("\0") if p and (ROOT / p).is_file()]
 
 
+@pytest.mark.slow
 def test_wheel_from_a_clean_clone_carries_the_extension_once(tmp_path: Path) -> None:
     """`pip wheel .` in a fresh clone of the working tree runs npm install +
     build and puts the prebuilt extension in the wheel's data, and nowhere else."""
@@ -286,20 +284,12 @@ def _notebook(cells: list[str], outputs: dict[int, list[dict[str, Any]]] | None 
     return nbformat.writes(nb)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory):
-    """JupyterLab on 127.0.0.1 with parloop's extension, in a temporary root."""
-    pytest.importorskip("jupyterlab")
-    pytest.importorskip("playwright.sync_api")
-    pytest.importorskip("nbformat")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
+def browser():
+    """Chromium for the module's pages, once parloop's lab extension is known
+    to be installed where JupyterLab finds it (the ``lab`` fixture's server
+    is the session's, see labserver.py)."""
+    require_browser()
     listed = subprocess.run(
         [sys.executable, "-m", "jupyter", "labextension", "list"],
         capture_output=True,
@@ -319,71 +309,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         + listed.stdout
         + listed.stderr
     )
-
-    base = tmp_path_factory.mktemp("lab")
-    root, cfg = base / "root", base / "config"
-    (cfg / "labconfig").mkdir(parents=True)
-    root.mkdir()
-    # No news toast over the notebook.
-    (cfg / "labconfig" / "page_config.json").write_text(
-        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
-    )
-    env = dict(
-        os.environ,
-        JUPYTER_CONFIG_DIR=str(cfg),
-        JUPYTER_RUNTIME_DIR=str(base / "rt"),
-        IPYTHONDIR=str(base / "ipython"),
-        JUPYTERLAB_SETTINGS_DIR=str(base / "settings"),
-        JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"),
-    )
-    env.pop("PARLOOP_PROGRESS", None)
-    port, token = _free_port(), secrets.token_hex(16)
-    log = open(base / "lab.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyterlab",
-            "--no-browser",
-            "--allow-root",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={token}",
-            "--expose-app-in-browser",
-            f"--ServerApp.root_dir={root}",
-            "--LabApp.news_url=None",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "JupyterLab did not start:\n" + (base / "lab.log").read_text()[-4000:]
-                    ) from None
-                time.sleep(0.5)
-        yield {"url": url, "token": token, "root": root, "log": base / "lab.log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def browser(lab):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -402,25 +327,27 @@ class Lab:
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
         # reset: only this notebook, not the ones earlier tests left in the workspace
-        self.page.goto(f"{lab['url']}/lab/tree/{name}?reset&token={lab['token']}")
-        self.page.wait_for_function(
-            "() => window.jupyterapp && window.jupyterapp.shell", timeout=60_000
-        )
-        self.page.wait_for_function(
-            f"""() => {{ const w = window.jupyterapp.shell.currentWidget;
-                return w && w.context && w.context.path === {json.dumps(name)}
-                    && w.context.isReady && w.content.widgets.length > 0; }}""",
-            timeout=60_000,
+        self.page.goto(lab.page_url(name))
+        wait_js(self.page, "JupyterLab's app", "() => window.jupyterapp && window.jupyterapp.shell")
+        wait_js(
+            self.page,
+            f"{name} to be open with its cells",
+            """path => { const w = window.jupyterapp.shell.currentWidget;
+                return w && w.context && w.context.path === path
+                    && w.context.isReady && w.content.widgets.length > 0; }""",
+            arg=lab.path(name),
         )
         self.panel = self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
 
     def wait_kernel(self) -> None:
-        self.page.wait_for_function(
+        wait_js(
+            self.page,
+            "the notebook's kernel to be connected and idle",
             """async () => { const w = window.jupyterapp.shell.currentWidget;
                 await w.sessionContext.ready;
                 const k = w.sessionContext.session && w.sessionContext.session.kernel;
                 return !!k && k.connectionStatus === 'connected' && k.status === 'idle'; }""",
-            timeout=90_000,
+            timeout=KERNEL_DEADLINE_S,
             polling=250,
         )
 
@@ -431,12 +358,14 @@ class Lab:
 
     def run_all(self) -> None:
         self.command("notebook:run-all-cells")
-        self.page.wait_for_function(
+        wait_js(
+            self.page,
+            "every code cell to have run",
             """() => { const nb = window.jupyterapp.shell.currentWidget.content;
                 return nb.widgets.every(c => c.model.type !== 'code' ||
                     (c.model.executionCount !== null && !c.node.querySelector('.jp-InputPrompt')
                         .textContent.includes('*'))); }""",
-            timeout=120_000,
+            timeout=KERNEL_DEADLINE_S,
             polling=250,
         )
 
@@ -450,6 +379,18 @@ class Lab:
             "i => window.jupyterapp.shell.currentWidget.content.widgets[i]"
             ".model.sharedModel.getSource()",
             index,
+        )
+
+    def wait_source(self, index: int, want: str) -> None:
+        """Wait until cell ``index`` holds ``want``: a click runs its command
+        after the click returns, so the edit is a state to wait for."""
+        wait_js(
+            self.page,
+            f"cell {index} to read {want!r}",
+            """([i, want]) => window.jupyterapp.shell.currentWidget.content.widgets[i]
+                .model.sharedModel.getSource() === want""",
+            arg=[index, want],
+            found=lambda: self.source(index),
         )
 
     def timelines(self) -> list[dict[str, int]]:
@@ -470,23 +411,25 @@ class Lab:
 
 
 def _wait_drawn(page, count: int) -> None:
-    page.wait_for_function(
+    wait_js(
+        page,
+        f"{count} drawn report timelines",
         """n => { const c = [...document.querySelectorAll(
                 '.jp-NotebookPanel:not(.lm-mod-hidden) .parloop-timeline canvas')];
             return c.length >= n && c.every(x => x.width > 0 && x.height > 0); }""",
         arg=count,
-        timeout=60_000,
         polling=200,
     )
 
 
+@pytest.mark.browser
 def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path: Path) -> None:
     synthetic = _synthetic_report()
     have_report = _has_report_bundle()
     cells = [_display_cell(synthetic), BIG_CELL]
     if have_report:
         cells += ["%load_ext parloop", REAL_RUN, SHOW_REAL]
-    (lab["root"] / "live.ipynb").write_text(_notebook(cells))
+    (lab.dir / "live.ipynb").write_text(_notebook(cells))
 
     ui = Lab(browser, lab, "live.ipynb")
     try:
@@ -526,7 +469,7 @@ def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path
         x = 110 + (first["t_start"] + first["t_end"]) / 2 * (box["width"] - 200) / t_max
         ui.page.mouse.move(box["x"] + x, box["y"] + lane_h / 2)
         tip = report.locator(".parloop-timeline-tooltip")
-        tip.wait_for(state="visible", timeout=5000)
+        wait_visible(tip, "the tooltip of the hovered block")
         assert tip.inner_text().startswith(
             f"engine 0: iterations {first['start']}–{first['start'] + first['count'] - 1}"
         )
@@ -541,8 +484,10 @@ def test_timeline_of_a_live_run_and_of_the_saved_notebook(lab, browser, tmp_path
             ui.panel.locator(".parloop-report").nth(2).screenshot(path=str(real))
             print(f"real-run screenshot: {real}")
         ui.command("docmanager:save")
-        ui.page.wait_for_function(
-            "() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=30_000
+        wait_js(
+            ui.page,
+            "the notebook to be saved (not dirty)",
+            "() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
         )
         assert ui.parloop_errors() == []
     finally:
@@ -568,11 +513,12 @@ def _has_report_bundle() -> bool:
     return True
 
 
+@pytest.mark.browser
 def test_untrusted_saved_notebook_renders_the_timeline(lab, browser) -> None:
     """A notebook written elsewhere (unsigned, so untrusted): the renderer is
     safe, so JupyterLab picks it over the sanitized HTML; no kernel work needed."""
     synthetic = _synthetic_report(workers=3, per_worker=4)
-    (lab["root"] / "saved.ipynb").write_text(
+    (lab.dir / "saved.ipynb").write_text(
         _notebook(["# the report of an earlier run"], {0: [_bundle(synthetic)]})
     )
     ui = Lab(browser, lab, "saved.ipynb")
@@ -586,16 +532,10 @@ def test_untrusted_saved_notebook_renders_the_timeline(lab, browser) -> None:
 
 
 def _put_settings(lab, settings: dict[str, Any]) -> None:
-    req = urllib.request.Request(
-        f"{lab['url']}/lab/api/settings/parloop:plugin",
-        method="PUT",
-        data=json.dumps({"raw": json.dumps(settings)}).encode(),
-        headers={"Authorization": f"token {lab['token']}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        assert resp.status in (200, 204)
+    lab.api("PUT", "/lab/api/settings/parloop:plugin", {"raw": json.dumps(settings)})
 
 
+@pytest.mark.browser
 def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
     _put_settings(
         lab,
@@ -606,7 +546,7 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
         },
     )
     loop = "out = {}\nfor i in range(3):\n    out[i] = i * 2"
-    (lab["root"] / "commands.ipynb").write_text(
+    (lab.dir / "commands.ipynb").write_text(
         _notebook([loop, "%%threaded threads=8 seed=3\n" + loop, "# markdown-ish"])
     )
     ui = Lab(browser, lab, "commands.ipynb")
@@ -625,17 +565,27 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
         assert ui.source(1) == "%%parallel seed=3 processes=2\n" + loop
 
         # The command palette lists the three commands; picking one edits the active cell.
-        # As a person would: click the first cell (focus, command mode), then Ctrl+Shift+C.
+        # As a person would: click the first cell (focus, command mode), then Ctrl+Shift+C,
+        # pressed once the notebook holds the keyboard focus in command mode (a key
+        # pressed before that goes nowhere), the palette then awaited as a state.
         ui.panel.locator(".jp-Cell").nth(0).locator(".jp-InputPrompt").click()
+        wait_js(
+            page,
+            "cell 0 active in command mode, with the keyboard focus in the notebook",
+            """() => { const app = window.jupyterapp, nb = app.shell.currentWidget.content;
+                return nb.activeCellIndex === 0 && nb.mode === 'command'
+                    && nb.node.contains(document.activeElement)
+                    && app.commands.keyBindings.some(
+                        b => b.command === 'apputils:activate-command-palette'); }""",
+            found=lambda: page.evaluate(
+                """() => { const nb = window.jupyterapp.shell.currentWidget.content;
+                    return {active: nb.activeCellIndex, mode: nb.mode,
+                            focus: document.activeElement && document.activeElement.className}; }"""
+            ),
+        )
+        page.keyboard.press("Control+Shift+C")
         search = page.locator(".lm-CommandPalette-input")
-        for _ in range(3):
-            page.keyboard.press("Control+Shift+C")
-            try:
-                search.wait_for(timeout=3_000)
-                break
-            except Exception:
-                page.keyboard.press("Escape")
-        assert search.is_visible()
+        wait_visible(search, "the command palette to open after Ctrl+Shift+C")
         assert (
             page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex")
             == 0
@@ -646,25 +596,26 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
             "Parallelize loop (threads)",
             "Explain parallel loop",
         ]
-        page.wait_for_function(
-            """want => { const got = [...document.querySelectorAll(
-                    '.lm-CommandPalette-item .lm-CommandPalette-itemLabel')]
-                    .map(e => e.textContent);
-                return want.every(w => got.includes(w)); }""",
+        labels = """() => [...document.querySelectorAll(
+                '.lm-CommandPalette-item .lm-CommandPalette-itemLabel')].map(e => e.textContent)"""
+        wait_js(
+            page,
+            f"the palette to list {wanted}",
+            f"want => {{ const got = ({labels})(); return want.every(w => got.includes(w)); }}",
             arg=wanted,
-            timeout=10_000,
+            found=lambda: page.evaluate(labels),
         )
         page.locator(".lm-CommandPalette-item", has_text="Parallelize loop (threads)").click()
-        assert ui.source(0) == "%%threaded threads=4\n" + loop
+        ui.wait_source(0, "%%threaded threads=4\n" + loop)
 
         # The active cell's toolbar has both buttons.
         ui.activate(1)
         toolbar = ui.panel.locator(".jp-Cell.jp-mod-active .jp-cell-toolbar")
         button = toolbar.locator('[data-command="parloop:parallelize-threads"]')
-        button.wait_for(timeout=10_000)
+        wait_visible(button, "the active cell's toolbar button parloop:parallelize-threads")
         assert toolbar.locator('[data-command="parloop:parallelize-processes"]').count() == 1
         button.click()
-        assert ui.source(1) == "%%threaded seed=3 threads=4\n" + loop
+        ui.wait_source(1, "%%threaded seed=3 threads=4\n" + loop)
 
         # Explain: the analysis in the output, the cell's text untouched.
         ui.wait_kernel()
@@ -676,9 +627,18 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
         )
         ui.command("parloop:explain")
         out = ui.panel.locator(".jp-Cell").nth(2).locator(".jp-OutputArea-output")
-        out.first.wait_for(timeout=60_000)
-        text = out.first.inner_text()
-        assert "parloop threaded" in text and "threads:  4" in text, text
+
+        def explained() -> bool:
+            texts = out.all_inner_texts()
+            return bool(texts) and "parloop threaded" in texts[0] and "threads:  4" in texts[0]
+
+        wait_until(
+            page,
+            "the explanation (parloop threaded, threads:  4) in cell 2's output",
+            explained,
+            timeout=KERNEL_DEADLINE_S,
+            found=out.all_inner_texts,
+        )
         assert ui.source(2) == loop
         assert ui.parloop_errors() == []
     finally:
@@ -686,22 +646,30 @@ def test_commands_insert_and_replace_the_magic_line(lab, browser) -> None:
         _put_settings(lab, {})
 
 
+@pytest.mark.browser
 def test_a_bad_report_is_reported_and_lab_keeps_working(lab, browser) -> None:
     bad = {MIME: {"version": 99}, "text/plain": "bad report"}
-    (lab["root"] / "bad.ipynb").write_text(
+    (lab.dir / "bad.ipynb").write_text(
         _notebook(["# a report from the future", "1 + 1"], {0: [bad]})
     )
     ui = Lab(browser, lab, "bad.ipynb")
     try:
-        ui.panel.locator(".parloop-report-error").wait_for(timeout=30_000)
+        wait_visible(ui.panel.locator(".parloop-report-error"), "the report's error message")
         shown = ui.panel.locator(".parloop-report-error").inner_text()
         assert "unsupported report version 99" in shown
-        assert any(e.startswith("parloop: cannot render the run report") for e in ui.errors)
+        wait_until(
+            ui.page,
+            "parloop's console error about the report",
+            lambda: any(e.startswith("parloop: cannot render the run report") for e in ui.errors),
+            found=lambda: ui.errors,
+        )
         ui.wait_kernel()
         ui.activate(1)
         ui.command("notebook:run-cell")
-        ui.panel.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output", has_text="2").wait_for(
-            timeout=60_000
+        wait_visible(
+            ui.panel.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output", has_text="2"),
+            "the output 2 of `1 + 1`",
+            timeout=KERNEL_DEADLINE_S,
         )
     finally:
         ui.close()
