@@ -1,5 +1,5 @@
 """Shared fixtures: one in-process IPython shell with parloop loaded; the
-session's one JupyterLab server."""
+managed 2-engine cluster; the session's one JupyterLab server."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ def ip():
     _, err = run_cell(shell, "%load_ext parloop")
     assert err is None, err
     yield shell
+
+
+@pytest.fixture(scope="module")
+def cluster(ip):
+    """The managed cluster of 2 engines, started by the magic itself (before
+    the module's first test that needs it, so that no test times the start)
+    and stopped at the end of the module."""
+    pytest.importorskip("ipyparallel")
+    from helpers import reset, run_cell
+
+    reset(ip)
+    _, err = run_cell(
+        ip, "%%parallel processes=2 progress=off\nwarm = {}\nfor i in range(4):\n    warm[i] = i\n"
+    )
+    assert err is None, f"{type(err).__name__}: {err}"
+    assert ip.user_ns["warm"] == {0: 0, 1: 1, 2: 2, 3: 3}
+    yield
+    run_cell(ip, "%parallel_stop")
 
 
 @pytest.fixture(scope="session")

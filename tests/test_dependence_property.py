@@ -60,7 +60,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from helpers import differential, run_cell
+from helpers import differential
 
 # ------------------------------------------------------------------ budget
 
@@ -379,19 +379,9 @@ def test_threaded_matches_serial(ip, cell: LoopCell, chunksize: int) -> None:
     _check(ip, f"%%threaded threads=3 chunksize={chunksize} progress=off", cell)
 
 
-@pytest.fixture(scope="module")
-def cluster(ip):
-    """The managed 2-engine cluster, started by the magic itself (outside the
-    examples, so that its start-up is not counted in one), stopped at the end."""
-    pytest.importorskip("ipyparallel")
-    _, err = run_cell(
-        ip, "%%parallel processes=2 progress=off\nwarm = {}\nfor i in range(4):\n    warm[i] = i\n"
-    )
-    assert err is None, f"{type(err).__name__}: {err}"
-    yield
-    run_cell(ip, "%parallel_stop")
-
-
+# ``cluster`` (conftest.py): started before the first example, so that its
+# start-up is not counted in one, and stopped at the end of the module
+@pytest.mark.cluster
 @_settings(EXAMPLES)
 @given(cell=loop_cells(), chunksize=st.integers(1, 3))
 def test_parallel_matches_serial(ip, cluster, cell: LoopCell, chunksize: int) -> None:
