@@ -12,6 +12,8 @@ MAGICS = [
     "%%threaded threads=3 chunksize=2 progress=off",
     "%%parallel processes=2 chunksize=2 progress=off",
 ]
+#: MAGICS as a parametrisation: the %%parallel runs start the managed cluster
+BOTH = [MAGICS[0], pytest.param(MAGICS[1], marks=pytest.mark.cluster)]
 
 COUNTED = """
 import threading
@@ -45,6 +47,7 @@ def test_fully_dependent_loop_runs_each_iteration_at_most_twice_threads(ip):
     assert any("ran in the kernel" in n for n in rec.notes), rec.notes
 
 
+@pytest.mark.cluster
 def test_fully_dependent_loop_on_engines(ip):
     """The same on engines: what the workers ran (their chunk records) and
     what the kernel re-ran add up to at most about twice the loop."""
@@ -59,7 +62,7 @@ def test_fully_dependent_loop_on_engines(ip):
     assert ip.user_ns["x"] == _serial_x()
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_no_shared_objects_no_reads_recorded(ip, magic):
     reset(ip)
     run_cell(ip, "out = {}\nsrc = list(range(30))")
@@ -69,7 +72,7 @@ def test_no_shared_objects_no_reads_recorded(ip, magic):
     assert parloop.last_run.reruns == []
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_memo_fill_reruns_only_repeats(ip, magic):
     """A memo table with repeated keys: only iterations that read a key an
     earlier one of the same run wrote are re-run."""
@@ -315,13 +318,13 @@ for k in [1, 2, 1, 3, 2, 4, 1, 5]:
 ]
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 @pytest.mark.parametrize("name,setup,cell,checks", CASES, ids=[c[0] for c in CASES])
 def test_dependent_loops_equal_serial(ip, magic, name, setup, cell, checks):
     differential(ip, setup, cell, magic, checks)
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_collected_errors_with_dependences(ip, magic):
     """on_error=collect: an iteration that fails on its own (not because of a
     conflict) is collected; the others commit in order."""
@@ -381,7 +384,7 @@ preds = {}
     assert any("private=model" in n for n in parloop.last_run.notes), parloop.last_run.notes
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_same_key_objects_record_no_reads(ip, magic):
     """``acc[k] = acc[k] * 2 + v``: every access at the one key expression;
     no reads are recorded, only a repeated key conflicts."""

@@ -315,6 +315,7 @@ def test_output_before_the_raise_is_shown_like_serial(ip):
     _assert_same(["res", "i"], s_state, materialize(snapshot(ip, ["res", "i"])))
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("channel", [True, False], ids=["channel", "tasks"])
 def test_worker_traceback_shows_notebook_function_lines(ip, monkeypatch, channel):
     """Under %%parallel the re-raised exception carries the engine's frames

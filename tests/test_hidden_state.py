@@ -16,6 +16,8 @@ MAGICS = [
     "%%threaded threads=3 chunksize=2 progress=off",
     "%%parallel processes=2 chunksize=2 progress=off",
 ]
+#: MAGICS as a parametrisation: the %%parallel runs start the managed cluster
+BOTH = [MAGICS[0], pytest.param(MAGICS[1], marks=pytest.mark.cluster)]
 
 CASES = [
     (
@@ -191,13 +193,13 @@ for i in range(6):
 ]
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 @pytest.mark.parametrize("name,setup,cell,checks", CASES, ids=[c[0] for c in CASES])
 def test_hidden_state_equals_serial(ip, magic, name, setup, cell, checks):
     differential(ip, setup, cell, magic, checks)
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_hidden_state_note_names_object(ip, magic):
     reset(ip)
     run_cell(
@@ -213,7 +215,7 @@ def test_hidden_state_note_names_object(ip, magic):
     assert "`c`" in notes and "serially" in notes, notes
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_notebook_function_writes_are_replayed_in_parallel(ip, magic):
     """A notebook function that writes notebook globals runs as a copy whose
     writes are logged: the loop stays parallel, nothing re-runs, the globals
@@ -230,7 +232,7 @@ def test_notebook_function_writes_are_replayed_in_parallel(ip, magic):
     assert any(c.worker != "kernel" for c in rec.chunks)
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_notebook_function_reads_what_the_loop_writes(ip, magic):
     """A helper's read of a global the loop (through the helper) writes takes
     part in the dependence test."""
@@ -242,7 +244,7 @@ def test_notebook_function_reads_what_the_loop_writes(ip, magic):
     differential(ip, setup, cell, magic, ["res", "cache"])
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_notebook_function_rebinding_a_global(ip, magic):
     differential(
         ip,
@@ -303,7 +305,7 @@ def figures():
 """
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_pyplot_figures_as_serial(ip, magic):
     """pyplot's calls in the body are replayed in the kernel in order: the
     same figures, the same artists, prints in their places."""
@@ -336,6 +338,7 @@ def test_pyplot_result_needed_is_rejected(ip):
     assert "plt.subplots" in str(err) and "line 3" in str(err)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("use_private", [False, True])
 def test_sklearn_cross_validation(ip, use_private):
     """A real scikit-learn cross-validation loop (fit, then score, per fold),
@@ -363,6 +366,7 @@ coef = clf.coef_.tolist()
         differential(ip, setup, cell, magic + opt, ["scores", "coef"])
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "kind", ["np.random.default_rng(5)", "np.random.RandomState(5)", "random.Random(5)"]
 )
@@ -388,7 +392,7 @@ def test_seeded_generator_objects_draw_per_iteration(ip, kind):
     assert len(set(got[0].values())) == 24
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_axes_as_loop_items(ip, magic):
     """``for ax in axes: ax.plot(...)``: drawn on the kernel's own axes, and no
     extra pyplot figure comes back from the engines."""
@@ -401,7 +405,7 @@ def test_axes_as_loop_items(ip, magic):
     differential(ip, setup, cell, magic, ["figs", "n"])
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_replayed_call_output_in_place(ip, magic):
     """A call replayed in the kernel prints at its place among the
     iteration's own prints."""
@@ -417,7 +421,7 @@ def test_replayed_call_output_in_place(ip, magic):
     differential(ip, setup, cell, magic, ["cells"])
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_class_method_changing_class_state(ip, magic):
     """``Registry.add(x)`` on a notebook class (a call through a class runs in
     the worker) changes class attributes: detected, the serial answer."""
@@ -429,7 +433,7 @@ def test_class_method_changing_class_state(ip, magic):
     differential(ip, setup, cell, magic, ["items"])
 
 
-@pytest.mark.parametrize("magic", MAGICS)
+@pytest.mark.parametrize("magic", BOTH)
 def test_method_writing_notebook_globals(ip, magic):
     """A method of a notebook class that writes notebook globals runs as a
     copy whose writes are logged: parallel, nothing re-run, the serial

@@ -13,6 +13,9 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 psutil = pytest.importorskip("psutil")  # a dependency of ipyparallel
 
+#: each test runs a notebook in a real kernel (tens of seconds)
+pytestmark = pytest.mark.slow
+
 NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 RAISES = "raises-exception"
 
@@ -176,6 +179,7 @@ def test_quickstart_notebook():
     assert_nothing_survives(run)
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_parallel_notebook():
     run = execute(read("parallel.ipynb"))
@@ -215,6 +219,7 @@ def test_parallel_notebook():
     assert_nothing_survives(run)
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_kernel_shutdown_stops_a_running_cluster():
     """No %parallel_stop: shutting the kernel down must take the engines and

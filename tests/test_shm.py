@@ -20,7 +20,10 @@ from parloop.backends.engines import shm  # noqa: E402
 from parloop.backends.engines.cluster import MANAGER  # noqa: E402
 from parloop.backends.engines.transport import SHM_THRESHOLD, Transport, loads  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not shm.AVAILABLE, reason="no POSIX shared memory in /dev/shm")
+pytestmark = [
+    pytest.mark.skipif(not shm.AVAILABLE, reason="no POSIX shared memory in /dev/shm"),
+    pytest.mark.cluster,
+]
 
 MB = 1_000_000
 

@@ -90,6 +90,7 @@ def tr(client):
 
 
 # -- tests -----------------------------------------------------------------------
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_broadcast_sends_once(client, tr):
     nb = notebook("def f(x):\n    return x * 3\ndata = list(range(100))\n")
@@ -106,6 +107,7 @@ def test_broadcast_sends_once(client, tr):
     assert tr.stats.broadcasts == 2 and tr.stats.messages == 2
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_changed_global_is_seen(client, tr):
     nb = notebook(
@@ -128,6 +130,7 @@ def test_changed_global_is_seen(client, tr):
     assert loads(client[client.ids[1]].apply_sync(call, keys, "classify", 15)) == "other"
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_large_array_arrives_intact_zero_copy_and_cached(client):
     # over the sockets, as to engines on other hosts (tests/test_shm.py: shared memory)
@@ -159,6 +162,7 @@ def test_large_array_arrives_intact_zero_copy_and_cached(client):
     )
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_big_buffer_inside_a_function_is_not_resent(client, tr):
     nb = notebook(
@@ -178,6 +182,7 @@ def test_big_buffer_inside_a_function_is_not_resent(client, tr):
     assert loads(client[client.ids[0]].apply_sync(call, keys, "lookup", 10)) == 110
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_bytes_travel_out_of_band_and_stay_bytes(client, tr):
     blob = bytes(range(256)) * 4096  # 1 MB
@@ -187,6 +192,7 @@ def test_bytes_travel_out_of_band_and_stay_bytes(client, tr):
     assert type(back) is bytes and back == blob
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_cell_classes_round_trip_as_the_kernel_classes(client, tr):
     nb = notebook(
@@ -233,6 +239,7 @@ def test_loads_leaves_kernel_classes_alone_where_pickle_loads_does_not():
     assert nb.C().f() == 2  # ... that no longer sees the notebook's globals
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_each_cell_starts_from_the_kernel_values(client, tr):
     items = [1, 2]
@@ -246,6 +253,7 @@ def test_each_cell_starts_from_the_kernel_values(client, tr):
     assert items == [1, 2]
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_unused_values_are_evicted(client):
     tr = Transport(client, keep=2)
@@ -264,6 +272,7 @@ def test_unused_values_are_evicted(client):
     assert loads(client[eid].apply_sync(get, keys, "payload")) == old["payload"]
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_forget_resends(client, tr):
     tr.broadcast({"v": 1}, client.ids)
@@ -272,6 +281,7 @@ def test_forget_resends(client, tr):
     assert tr.last.values_sent == 2
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_value_an_engine_cannot_load_is_named(client, tr, tmp_path, monkeypatch):
     # a module only the kernel can import (its directory is on the kernel's sys.path only)
@@ -330,6 +340,7 @@ def test_check_picklable_is_cheap_for_large_arrays():
     assert time.perf_counter() - t0 < 0.5
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(180)
 def test_broadcast_rejects_unpicklable_before_sending(client, tr):
     with pytest.raises(LoopAnalysisError) as info:
