@@ -190,13 +190,12 @@ class ParloopMagics(Magics):
 
     @line_magic
     def parallel_stop(self, line: str = "") -> None:
-        """Stop the local cluster that %%parallel started (not an external one)."""
-        from .backends import engines
+        """Stop the clusters %%parallel started (ipyparallel, Dask, Ray; never one it did not start)."""
+        from .backends import stop_clusters
 
-        stopped = engines.stop_managed()
         print(
             "parloop: stopped the managed cluster"
-            if stopped
+            if stop_clusters()
             else "parloop: no managed cluster is running"
         )
 

@@ -70,6 +70,8 @@ class OptionSpec:
     parse: Callable[[str], Any] | None  # None: a flag
     magics: tuple[str, ...]
     help: str
+    #: a flag that may also take a value (``dask`` or ``dask=ADDRESS``)
+    value_optional: bool = False
 
 
 SPECS: tuple[OptionSpec, ...] = (
@@ -108,6 +110,25 @@ SPECS: tuple[OptionSpec, ...] = (
         str,
         ("parallel",),
         "use the running ipyparallel cluster with this id instead",
+    ),
+    OptionSpec(
+        "dask",
+        "dask|dask=ADDRESS",
+        str,
+        ("parallel",),
+        "run on a Dask cluster: the notebook's distributed Client (or a local one "
+        "parloop starts and owns), or the scheduler at ADDRESS (tcp://HOST:PORT or a "
+        "scheduler.json file)",
+        value_optional=True,
+    ),
+    OptionSpec(
+        "ray",
+        "ray|ray=ADDRESS",
+        str,
+        ("parallel",),
+        "run on a Ray cluster: the one ray.init() connected to (or a local one parloop "
+        "starts and owns), or the cluster at ADDRESS",
+        value_optional=True,
     ),
     OptionSpec(
         "retries",
@@ -190,6 +211,9 @@ class Options:
     processes: int | None = None
     profile: str | None = None
     cluster_id: str | None = None
+    #: True (the notebook's client, or a local cluster parloop owns) or an address
+    dask: bool | str | None = None
+    ray: bool | str | None = None
     retries: int = 1
     timeout: float | None = None
     chunksize: int | None = None
@@ -241,6 +265,9 @@ def parse_options(line: str, magic: str) -> Options:
             raise UsageError(f"%%{magic}: {why}. Valid options: {_valid_list(magic)}")
         if key in given:
             raise UsageError(f"%%{magic}: option `{key}` given twice")
+        if spec.value_optional and not eq:
+            given[key] = True
+            continue
         if spec.parse is None:
             if eq:
                 raise UsageError(
@@ -265,8 +292,37 @@ def parse_options(line: str, magic: str) -> Options:
             f"%%{magic}: `processes` sizes the managed local cluster and "
             "cannot be combined with `profile`/`cluster_id`"
         )
+    _check_cluster_choice(magic, given)
     opts = replace(opts, given=given, **given)
     return opts
+
+
+def _check_cluster_choice(magic: str, given: dict[str, Any]) -> None:
+    """One place to run: ipyparallel (processes/profile/cluster_id), Dask or Ray."""
+    others = [k for k in ("dask", "ray") if k in given]
+    if len(others) > 1:
+        raise UsageError(f"%%{magic}: choose one of `dask` and `ray`, not both")
+    if not others:
+        return
+    which = others[0]
+    clash = [k for k in ("profile", "cluster_id") if k in given]
+    if clash:
+        raise UsageError(
+            f"%%{magic}: `{which}` runs on a {which.capitalize()} cluster; `{clash[0]}` names an "
+            "ipyparallel cluster: give one of them"
+        )
+    if "processes" in given and given[which] is not True:
+        raise UsageError(
+            f"%%{magic}: `processes` sizes the local cluster parloop starts; with "
+            f"`{which}={given[which]}` the cluster is already there"
+        )
+    if "timeout" in given:
+        raise UsageError(
+            f"%%{magic}: `timeout` needs ipyparallel engines (an alarm signal in the "
+            f"process running the iteration); {which.capitalize()} runs iterations in "
+            "worker threads, where no signal can stop them. Leave out `timeout`, or use "
+            "the engines (no `dask`/`ray`)"
+        )
 
 
 def manual(magic: str) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "make_backend",
     "register",
     "shutdown_all",
+    "stop_clusters",
     "status_lines",
 ]
 
@@ -37,6 +38,8 @@ BACKENDS: dict[str, str | type[Backend]] = {
     "serial": "parloop.backends.threads:SerialBackend",
     "tasks": "parloop.backends.tasks:TaskBackend",
     "engines": "parloop.backends.engines:EngineBackend",
+    "dask": "parloop.backends.dask:DaskBackend",
+    "ray": "parloop.backends.ray:RayBackend",
 }
 
 #: the backends this process has used: the ones to ask for status and to stop
@@ -62,7 +65,8 @@ def backend_class(name: str) -> type[Backend]:
 def choose(opts: Options, plan: LoopPlan) -> str:
     """Which backend runs a cell: asyncio tasks for a body that awaits
     (``%%threaded`` only), the kernel's own thread with ``serial``, else the
-    magic's own (threads, engines)."""
+    magic's own: threads, or ipyparallel engines unless ``dask``/``ray`` asks
+    for that cluster."""
     if plan.is_async:
         if opts.magic == "parallel":
             raise LoopAnalysisError(
@@ -74,7 +78,13 @@ def choose(opts: Options, plan: LoopPlan) -> str:
         return "tasks"
     if opts.serial:
         return "serial"
-    return "threads" if opts.magic == "threaded" else "engines"
+    if opts.magic == "threaded":
+        return "threads"
+    if opts.dask:
+        return "dask"
+    if opts.ray:
+        return "ray"
+    return "engines"
 
 
 def make_backend(opts: Options, plan: LoopPlan) -> Backend:
@@ -86,6 +96,12 @@ def status_lines() -> list[str]:
     """``%parallel_status``: what each backend used in this process runs on."""
     lines = [line for cls in _distinct(_used.values()) for line in cls.status_lines()]
     return lines or ["backend: no ipyparallel cluster in use (%%threaded needs none)"]
+
+
+def stop_clusters() -> bool:
+    """``%parallel_stop``: stop the clusters parloop started (ipyparallel,
+    Dask, Ray), keep everything else; whether any was running."""
+    return any([cls.stop_cluster() for cls in _distinct(_used.values())])
 
 
 def shutdown_all() -> None:

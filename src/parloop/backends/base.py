@@ -168,6 +168,12 @@ class Backend(abc.ABC):
         return []
 
     @classmethod
+    def stop_cluster(cls) -> bool:
+        """``%parallel_stop``: stop the cluster this kind of backend started
+        (never one it did not start); whether there was one."""
+        return False
+
+    @classmethod
     def shutdown(cls) -> None:
         """Stop what this kind of backend started in the process (pools,
         clusters, event loops) -- never what it did not start."""

@@ -166,6 +166,10 @@ class EngineBackend(Backend):
         return lines
 
     @classmethod
+    def stop_cluster(cls) -> bool:
+        return stop_managed()
+
+    @classmethod
     def shutdown(cls) -> None:
         stop_managed()
 
@@ -197,28 +201,8 @@ class EngineBackend(Backend):
         check_picklable({n: ns[n] for n in sorted(names) if n in ns})
 
     def prepare(self, job: Job) -> None:
-        from . import transport
-        from .transport import check_picklable
-
-        transport.KERNEL_NS[0] = job.ns  # results refer to the kernel's own objects
-        inputs = {name: job.ns[name] for name in sorted(job.inputs)}
-        check_picklable(inputs)
-        program = Program(
-            chunk_module=job.chunk_module,
-            filename=job.filename,
-            cell_lines=[line + "\n" for line in ("\n" + job.cell_source).splitlines()],
-            private=job.private,
-            on_error=job.on_error,
-            seed=job.seed,
-            timeout=job.timeout,
-            live=job.live,
-            shape=job.shape,
-            imports=job.imports,
-            sources=job.sources,
-        )
-        inputs["___program"] = program
         # sent with the first chunk: a loop that runs natively needs none of it
-        self._inputs = inputs
+        self._inputs = job_inputs(job, live=job.live)
 
     def submit(self, items: list, start: int) -> "Future[ChunkResult]":
         if self._inputs is not None:
@@ -444,6 +428,34 @@ class EngineBackend(Backend):
     def finish(self) -> None:
         if self.channel is not None:
             self.channel.end()
+
+
+def job_inputs(job: Job, *, live: bool) -> dict[str, Any]:
+    """What a worker in another process needs for a run, by name: the inputs
+    the body reads and, as ``___program``, the chunk function's code and the
+    run's settings (worker.Program).  Raises, naming the variable, for an
+    input that cannot travel.  Shared by every backend whose workers are
+    other processes (engines, Dask, Ray)."""
+    from . import transport
+    from .transport import check_picklable
+
+    transport.KERNEL_NS[0] = job.ns  # results refer to the kernel's own objects
+    inputs: dict[str, Any] = {name: job.ns[name] for name in sorted(job.inputs)}
+    check_picklable(inputs)
+    inputs["___program"] = Program(
+        chunk_module=job.chunk_module,
+        filename=job.filename,
+        cell_lines=[line + "\n" for line in ("\n" + job.cell_source).splitlines()],
+        private=job.private,
+        on_error=job.on_error,
+        seed=job.seed,
+        timeout=job.timeout,
+        live=live,
+        shape=job.shape,
+        imports=job.imports,
+        sources=job.sources,
+    )
+    return inputs
 
 
 @functools.lru_cache(maxsize=None)
