@@ -185,6 +185,35 @@ def test_a_killed_worker_loses_nothing(ip, client):
     client.wait_for_workers(2, timeout=60)
 
 
+def test_a_hung_worker_is_given_up_on_by_parloops_deadline(ip, client):
+    """SIGSTOP one worker mid-run (hung, or cut off: no heartbeat reaches the
+    scheduler): after DaskBackend.SILENT_SECONDS its chunks run on the other
+    worker, well before Dask's own 5-minute worker-ttl; the answer is serial."""
+    from parloop.backends.dask import DaskBackend
+
+    reset(ip)
+    run_cell(ip, "import time\nout = {}")
+    victim = sorted(client.run(os.getpid).values())[0]
+    timer = threading.Timer(0.8, os.kill, (victim, signal.SIGSTOP))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        _, res = run_cell_result(
+            ip, f"{MAGIC}\nfor i in range(40):\n    time.sleep(0.05)\n    out[i] = i + 100\n"
+        )
+    finally:
+        timer.cancel()
+        os.kill(victim, signal.SIGCONT)
+    elapsed = time.monotonic() - t0
+    assert res.error_in_exec is None, repr(res.error_in_exec)
+    assert ip.user_ns["out"] == {i: i + 100 for i in range(40)}
+    assert elapsed < DaskBackend.SILENT_SECONDS + 20, elapsed
+    import parloop
+
+    assert any("silent" in n for n in parloop.last_run.notes), parloop.last_run.notes
+    client.wait_for_workers(2, timeout=60)
+
+
 def test_versions_that_differ_are_named_before_anything_runs(ip, client, monkeypatch):
     import parloop
     from parloop.backends.dask import DaskBackend

@@ -139,6 +139,19 @@ def _spawnable_main() -> None:
         main.__spec__ = None
 
 
+def _silent_workers(stale: float, dask_scheduler: Any = None) -> dict[str, list[str]]:
+    """Runs ON THE SCHEDULER: the workers not heard from for ``stale``
+    seconds, with the keys of the tasks they are running."""
+    from time import time
+
+    now = time()
+    return {
+        ws.address: [ts.key for ts in ws.processing]
+        for ws in dask_scheduler.workers.values()
+        if now - ws.last_seen > stale and ws.processing
+    }
+
+
 def _raise_in_tasks(keys: list[str], dask_worker: Any = None) -> int:
     """Runs IN A WORKER (``client.run``): raise KeyboardInterrupt in the
     threads executing these task keys; returns how many it reached."""
@@ -162,6 +175,12 @@ class DaskBackend(Backend):
     #: chunks, cut as for ipyparallel tasks
     chunk_seconds = 0.25
     first_share = True
+    #: a worker silent for this long (no heartbeat to the scheduler, which
+    #: expects one every ~0.5 s on a small cluster) is given up on: its chunks
+    #: run again elsewhere, rather than after Dask's 5-minute ``worker-ttl``
+    SILENT_SECONDS = 10.0
+    #: how often poll() asks the scheduler
+    POLL_SECONDS = 1.0
 
     #: the LocalCluster and client parloop started (and will stop)
     _owned: ClassVar[tuple[Any, Any] | None] = None
@@ -288,8 +307,11 @@ class DaskBackend(Backend):
         self._sent = False
         self.keys: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._running: dict[str, tuple[Any, int]] = {}  # task key -> (future, start)
+        # task key -> (its future, chunk start, the chunk's future, payload, retries left)
+        self._running: dict[str, tuple[Any, int, Future, bytes, int]] = {}
         self._cancel_from: int | None = None
+        self._polled = 0.0
+        self._given_up: set[str] = set()  # silent workers
 
     def _check_versions(self) -> None:
         """First contact with a worker: Python, cloudpickle and parloop as in
@@ -346,13 +368,22 @@ class DaskBackend(Backend):
 
     def _send(self, fut: Future, payload: bytes, start: int, retries_left: int) -> None:
         key = f"parloop-chunk-{start}-{uuid.uuid4().hex[:8]}"
-        task = self.client.submit(run_remote, self.keys, payload, pure=False, key=key)
+        # once a worker was given up on, chunks go to the others only
+        avoid = self._given_up
+        others = [a for a in self.state.workers._engines.values() if a not in avoid]
+        where: dict[str, Any] = (
+            {"workers": others, "allow_other_workers": False} if avoid and others else {}
+        )
+        task = self.client.submit(run_remote, self.keys, payload, pure=False, key=key, **where)
         with self._lock:
-            self._running[key] = (task, start)
+            self._running[key] = (task, start, fut, payload, retries_left)
 
         def done(task_: Any) -> None:
             with self._lock:
                 self._running.pop(key, None)
+            if fut.done():  # a copy sent elsewhere (a silent worker) came first
+                task_.release()
+                return
             try:
                 res: ChunkResult = transport_loads(task_.result())
             except BaseException as e:  # noqa: BLE001 - sorted out below
@@ -361,15 +392,62 @@ class DaskBackend(Backend):
             finally:
                 task_.release()
             res.worker = f"worker {res.worker}"
-            fut.set_result(res)
+            with self._lock:
+                if not fut.done():
+                    fut.set_result(res)
 
         task.add_done_callback(done)
+
+    def poll(self) -> None:
+        """Between the dispatcher's waits, once a second: a worker the
+        scheduler has not heard from for SILENT_SECONDS (cut off, or
+        stopped) is given up on, and its chunks are sent to the others; the
+        first copy of a chunk to finish is the one committed."""
+        import time
+
+        now = time.monotonic()
+        if now - self._polled < self.POLL_SECONDS or not self._running:
+            return
+        self._polled = now
+        try:
+            silent = self.client.run_on_scheduler(_silent_workers, self.SILENT_SECONDS)
+        except Exception as e:  # noqa: BLE001 - the scheduler itself is unreachable
+            log.debug("asking the scheduler for silent workers: %s", e)
+            return
+        for address, keys in silent.items():
+            with self._lock:
+                ours = [(k, self._running[k]) for k in keys if k in self._running]
+            if not ours:
+                continue
+            if address not in self._given_up:
+                self._given_up.add(address)
+                self.events.append(
+                    f"worker {address} was silent for {self.SILENT_SECONDS:.0f} s: its "
+                    "chunks ran again on the other workers"
+                )
+            for key, (_task, start, fut, payload, retries_left) in ours:
+                with self._lock:
+                    self._running.pop(key, None)
+                if fut.done():
+                    continue
+                if retries_left <= 0:
+                    fut.set_exception(
+                        WorkerLostError(
+                            f"the Dask worker {address} running iterations from {start} "
+                            "stopped answering and the retries are used up"
+                        )
+                    )
+                    continue
+                self.retried.add(start)
+                self._send(fut, payload, start, retries_left - 1)
 
     def _failed(
         self, fut: Future, payload: bytes, start: int, retries_left: int, e: BaseException
     ) -> None:
         """A task failed as a task (an iteration's failure comes back inside
         its result): cancelled, a worker lost, or inputs missing there."""
+        if fut.done():  # a copy of it, sent elsewhere, already finished
+            return
         if self._cancel_from is not None and start > self._cancel_from:
             fut.set_exception(WorkerLostError(f"chunk at {start} cancelled"))
             return
@@ -410,7 +488,7 @@ class DaskBackend(Backend):
     def cancel_after(self, index: int) -> None:
         self._cancel_from = index if self._cancel_from is None else min(index, self._cancel_from)
         with self._lock:
-            doomed = [task for task, start in self._running.values() if start > index]
+            doomed = [task for task, start, *_ in self._running.values() if start > index]
         if doomed:
             self.client.cancel(doomed)
 
@@ -431,7 +509,7 @@ class DaskBackend(Backend):
 
     def finish(self) -> None:
         with self._lock:
-            left = [task for task, _ in self._running.values()]
+            left = [task for task, *_ in self._running.values()]
         for task in left:
             task.release()
 
