@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import differential, reset, run_cell, run_cell_result
+from helpers import differential, reset, run_cell, run_cell_result, run_live
 
 distributed = pytest.importorskip("distributed")
 
@@ -118,6 +118,29 @@ def test_an_error_keeps_its_type_and_names_the_iteration(ip, client):
     assert ip.user_ns["out"] == {i: i for i in range(13)}
     # the worker's frames come along as the cause
     assert "raise CellError" in str(err.__cause__)
+
+
+def test_live_rows_show_progress_inside_a_running_chunk(ip, client):
+    """Workers report per iteration (Dask worker events): the live view sees
+    each worker part-way through its chunk, not only chunk by chunk."""
+    reset(ip)
+    run_cell(ip, "import time\nout = {}")
+    spy = run_live(
+        ip,
+        "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
+        "parallel",
+        "dask chunksize=20",
+    )
+    assert ip.user_ns["out"] == {i: i for i in range(40)}
+    mid = [
+        (name, partial, current)
+        for row in spy.rows
+        for name, (_, partial, current) in row.items()
+        if 0 < partial < 20
+    ]
+    assert mid, f"no reading caught a worker mid-chunk: {spy.rows[-5:]}"
+    assert all(name.startswith("worker ") for name, _, _ in mid)
+    assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen
 
 
 def test_inputs_travel_once_per_worker_and_not_again_while_unchanged(ip, client):

@@ -50,7 +50,7 @@ from .base import Backend, Job
 from .engines.backend import _local_modules, job_inputs
 from .engines.transport import Transport, TransportError
 from .engines.transport import loads as transport_loads
-from .engines.worker import run_remote
+from .engines.worker import PROGRESS_TOPIC, run_remote
 
 if TYPE_CHECKING:
     from ..analysis import LoopPlan
@@ -181,6 +181,9 @@ class DaskBackend(Backend):
     SILENT_SECONDS = 10.0
     #: how often poll() asks the scheduler
     POLL_SECONDS = 1.0
+    #: workers report each running chunk's progress four times a second, as
+    #: Dask worker events the scheduler forwards to the client (~1 ms)
+    live_rows = True
 
     #: the LocalCluster and client parloop started (and will stop)
     _owned: ClassVar[tuple[Any, Any] | None] = None
@@ -312,6 +315,9 @@ class DaskBackend(Backend):
         self._cancel_from: int | None = None
         self._polled = 0.0
         self._given_up: set[str] = set()  # silent workers
+        self._run_id = uuid.uuid4().hex[:12]
+        self._progress: dict[int, tuple[str, int]] = {}  # chunk start -> (worker, done)
+        self._subscribed = False
 
     def _check_versions(self) -> None:
         """First contact with a worker: Python, cloudpickle and parloop as in
@@ -338,7 +344,29 @@ class DaskBackend(Backend):
         check_picklable({n: ns[n] for n in sorted(names) if n in ns})
 
     def prepare(self, job: Job) -> None:
-        self._inputs = job_inputs(job, live=False)
+        self._inputs = job_inputs(job, live=job.live)
+        program = self._inputs["___program"]
+        program.progress, program.run = "dask", self._run_id
+        if job.live:
+            self.client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+            self._subscribed = True
+
+    def _on_progress(self, event: Any) -> None:
+        """A worker's progress event (in the client's thread): which chunk,
+        how many of its iterations are done."""
+        msg = event[1] if isinstance(event, tuple) else event
+        if isinstance(msg, dict) and msg.get("run") == self._run_id:
+            with self._lock:
+                self._progress[msg["parloop_start"]] = (msg["worker"], msg["parloop_done"])
+
+    def running(self) -> dict[int, tuple[str, int]]:
+        with self._lock:
+            starts = {start for _t, start, *_ in self._running.values()}
+            return {
+                start: (f"worker {worker}", int(done))
+                for start, (worker, done) in self._progress.items()
+                if start in starts
+            }
 
     def _broadcast(self) -> None:
         """The inputs to every worker now in the cluster (each gets only what
@@ -508,6 +536,12 @@ class DaskBackend(Backend):
                 log.debug("interrupting the Dask tasks: %s", e)
 
     def finish(self) -> None:
+        if self._subscribed:
+            self._subscribed = False
+            try:
+                self.client.unsubscribe_topic(PROGRESS_TOPIC)
+            except Exception as e:  # noqa: BLE001 - the client closed meanwhile
+                log.debug("unsubscribing: %s", e)
         with self._lock:
             left = [task for task, *_ in self._running.values()]
         for task in left:

@@ -53,6 +53,9 @@ from .channel import (
     verified,
 )
 
+#: the Dask event topic of live progress (Program.progress == "dask")
+PROGRESS_TOPIC = "parloop-progress"
+
 #: compiled chunk functions by program key (a few runs' worth)
 _FUNCTIONS: dict[str, Callable] = {}
 
@@ -73,6 +76,11 @@ class Program:
     imports: tuple[str, ...] = ()
     #: the notebook cells defining the functions it calls (see analysis.namespace.cell_sources)
     sources: dict[str, Any] = field(default_factory=dict)
+    #: how live progress reaches the kernel: "datapub" (ipyparallel's data
+    #: publication) or "dask" (a Dask worker event on topic PROGRESS_TOPIC,
+    #: tagged with ``run``)
+    progress: str = "datapub"
+    run: str = ""
 
     @property
     def seeded(self) -> bool:
@@ -235,20 +243,43 @@ class _ProgressPublisher:
 
     PERIOD = 0.25
 
-    def __init__(self) -> None:
+    def __init__(self, program: Program | None = None) -> None:
         self._stop = threading.Event()
         self._ctl: Any = None
+        self._program = program
+        self._dask_worker: Any = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def watch(self, ctl: Any) -> None:
         self._ctl = ctl
+        if self._program is not None and self._program.progress == "dask":
+            # only the task's own thread knows its worker
+            from distributed import get_worker
+
+            self._dask_worker = get_worker()
         if not self._thread.is_alive() and not self._stop.is_set():
             self._thread.start()
 
-    def _run(self) -> None:
+    def _publisher(self) -> Callable[[dict], None] | None:
+        if self._dask_worker is not None:
+            worker, program, me = self._dask_worker, self._program, _worker()
+            assert program is not None
+
+            def send(data: dict) -> None:
+                # Worker.log_event is safe from any thread (it hops to the
+                # worker's loop); the scheduler forwards it to subscribers
+                worker.log_event(PROGRESS_TOPIC, dict(data, run=program.run, worker=me))
+
+            return send
         try:
             from ipyparallel.datapub import publish_data
         except ImportError:  # not on an engine (tests calling run_remote directly)
+            return None
+        return publish_data
+
+    def _run(self) -> None:
+        publish_data = self._publisher()
+        if publish_data is None:
             return
         last = None
         wait = self.PERIOD / 2.5  # a first reading soon, then four a second
@@ -320,7 +351,7 @@ def _run(
 def run_remote(keys: dict[str, str], payload: bytes) -> bytes:
     """Run one chunk as an ipyparallel task of its own (engines on other hosts)."""
     fn, program = _setup(keys)
-    publisher = _ProgressPublisher() if program.live else None
+    publisher = _ProgressPublisher(program) if program.live else None
     try:
         return _run(fn, program, payload, publisher, _worker())
     finally:
