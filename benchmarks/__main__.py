@@ -9,6 +9,7 @@ import sys
 
 from . import (
     workloads_async,
+    workloads_dask,
     workloads_deps,
     workloads_engines,
     workloads_hidden,
@@ -33,6 +34,10 @@ WORKLOADS = {
     "memo": workloads_deps.memo,
     "recurrence": workloads_deps.recurrence,
     "fingerprint": workloads_hidden.fingerprint_cost,
+    # issue 15: the same loops on a Dask cluster the notebook made
+    "dask_cpu": workloads_dask.dask_cpu,
+    "dask_tiny": workloads_dask.dask_tiny,
+    "dask_throughput": workloads_dask.dask_throughput,
     # last: it grows the cluster to 64 engines (a minute or more) and stops it
     "throughput": workloads_throughput.throughput,
 }

@@ -24,12 +24,12 @@ def _runner(ip, magic: str, line: str, source: str, widget: bool, seen: dict):
     import time
 
     import parloop
-    from parloop.magics import make_backend
+    from parloop.backends import make_backend
     from parloop.options import parse_options
+    from parloop.progress.base import Progress
     from parloop.progress.widget import WidgetProgress
     from parloop.run import Cell
     from parloop.run import run_cell as parloop_run
-    from parloop.progress.base import Progress
 
     def run() -> float:
         view = WidgetProgress(delay=0.0) if widget else Progress()

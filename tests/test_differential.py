@@ -1244,10 +1244,6 @@ for w in ws:
 """,
     ["[x.n for x in ws]"],
     magics=("t4", "cs1", "serial", "p2"),
-    fails={
-        "p2": "a method call on the loop target prints on the engine and again when "
-        "replayed in the kernel (each 'show k' twice)"
-    },
 )
 
 case(

@@ -3,8 +3,10 @@ kernel's objects, in iteration order (the ordered commit of docs/design.md §3).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
-from typing import Any, Callable, Iterable, MutableMapping
+from typing import Any, Callable, Iterable, Iterator, MutableMapping
 
 from .entries import (
     CALL,
@@ -261,7 +263,12 @@ def replay(
                 if e2[4]:
                     sync_into(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
             elif op == TARGET_WRITE:
-                apply_entry(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
+                # the worker made this write on its copy of the item, and
+                # what that printed is in the chunk's output already: the
+                # kernel's item goes through it silently (printed once, as
+                # in serial)
+                with _silenced():
+                    apply_entry(target_env(e2[1])[e2[2]], e2[3])  # type: ignore[misc]
             elif op == FLUSH:
                 if flush is not None:
                     flush(e2[1])
@@ -270,6 +277,16 @@ def replay(
     except Exception as err:  # noqa: BLE001 - the iteration raised it, as serial would
         pos = next(i for i in range(start, len(log) if stop is None else stop) if log[i] is e)
         raise EntryFailed(pos, err) from None
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Output of a write replayed in the kernel that the worker already made
+    (and whose output it captured) goes nowhere.  Used for engines' loop
+    items only: no worker thread of the kernel's prints meanwhile."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def reduce_into(ns: MutableMapping[str, Any], e: tuple) -> None:
