@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import inspect
 import operator
 import sys
@@ -298,7 +299,12 @@ def run_cell(
         stored=() if backend.shares_memory else stored(plan, ns),
     )
     lock = run_lock() if shape.shared and backend.shares_memory else contextlib.nullcontext()
+    # each iteration's private= copy is made from the object as it was before
+    # the loop (the commits replay into the notebook's own object meanwhile)
+    originals = {n: copy.deepcopy(ns[n]) for n in plan.copies if n in ns}
+    originals.update({n: ns[n] for n in streams})
     job = Job(
+        originals=originals if backend.shares_memory else None,
         chunk_module=module,
         filename=cell.filename,
         cell_source=cell.source,
@@ -335,11 +341,13 @@ def run_cell(
             on_error=opts.on_error,
             seed=opts.seed,
             lock=lock,
-            originals={n: ns[n] for n in plan.copies if n in ns},
+            originals=originals,
             suggest=frozenset(shape.shared & plan.call_roots),
             canon=canon,
         )
-    committer = Committer(ns, targets, record, opts.on_error, t0, bool(sync_names), spec)
+    committer = Committer(
+        ns, targets, record, opts.on_error, t0, bool(sync_names), spec, frozenset(plan.copies)
+    )
     seeded = opts.seed is not None or plan.body_seeds
     if seeded:
         seeding.begin_run()

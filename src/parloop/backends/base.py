@@ -46,6 +46,11 @@ class Job:
     #: the notebook cells that define the functions the body calls:
     #: ``{"files": {filename: lines}, "functions": {name: filename}}``
     sources: dict[str, Any] = field(default_factory=dict)
+    #: workers that share the kernel's objects: what each iteration's
+    #: ``private=`` copy is made from -- the objects as they were before the
+    #: loop, not as the commits of earlier iterations leave them -- and the
+    #: generators that ``seed=`` streams are made like
+    originals: dict[str, Any] | None = None
 
 
 class Backend(abc.ABC):

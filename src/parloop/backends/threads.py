@@ -173,6 +173,7 @@ class ThreadBackend(Backend):
                 register=self._tracker.register,
                 shape=job.shape,
                 lock=job.lock,
+                originals=job.originals,
             )
         finally:
             self._tracker.done(start)
@@ -239,6 +240,7 @@ class SerialBackend(Backend):
                     job.seed,
                     worker="kernel",
                     shape=job.shape,
+                    originals=job.originals,
                 )
             )
         except BaseException as e:  # noqa: BLE001 - handed to the dispatcher as is

@@ -108,8 +108,12 @@ class Committer:
         t0: float,
         synced: bool,
         spec: Speculation | None = None,
+        quiet: frozenset[str] = frozenset(),
     ):
         self.spec = spec
+        #: ``private=`` copies: the worker made their writes on its own copy
+        #: and captured what they printed; replayed silently (log.replay)
+        self.quiet = quiet
         #: the body's break ran in a committed iteration: nothing after it commits
         self.broke = False
         #: conflicts dominate: the rest of the loop runs serially in the kernel
@@ -150,7 +154,14 @@ class Committer:
         pos = 0
         while True:
             try:
-                replay(self.ns, res.log, target_env if self.synced else None, pos, flush=parts.upto)
+                replay(
+                    self.ns,
+                    res.log,
+                    target_env if self.synced else None,
+                    pos,
+                    flush=parts.upto,
+                    quiet=self.quiet,
+                )
                 break
             except EntryFailed as failed:
                 # an entry raised in the kernel (``out[k] = v`` on a list too
@@ -233,7 +244,9 @@ class Committer:
                 parts.done = it.pmarks[n]
                 try:
                     with spec.lock:
-                        replay(self.ns, res.log, env, m0, m1, subst, flush=parts.upto)
+                        replay(
+                            self.ns, res.log, env, m0, m1, subst, flush=parts.upto, quiet=self.quiet
+                        )
                 except EntryFailed as failed:
                     err = IterationError(index, failed.exc)
             parts.done = max(parts.done, it.pmarks[n])

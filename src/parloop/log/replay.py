@@ -233,8 +233,13 @@ def replay(
     stop: int | None = None,
     subst: dict[int, Any] | None = None,
     flush: Callable[[int], None] | None = None,
+    quiet: frozenset[str] = frozenset(),
 ) -> None:
     """Apply a log to the namespace, in order.
+
+    ``quiet``: names (``private=`` copies) whose writes the worker already
+    made on its own copy, capturing what they printed: the kernel's object
+    goes through them silently.
 
     ``target_env(n)`` gives the kernel-side binding of the loop target for the
     chunk's n-th iteration (only needed when the log holds TARGET entries).  If
@@ -254,7 +259,11 @@ def replay(
             if op == SET_ITEM:
                 ns[e2[1]][e2[3]] = e2[2]
             elif op == CALL:
-                getattr(ns[e2[1]], e2[2])(*e2[3], **(e2[4] or {}))
+                if e2[1] in quiet:
+                    with _silenced():
+                        getattr(ns[e2[1]], e2[2])(*e2[3], **(e2[4] or {}))
+                else:
+                    getattr(ns[e2[1]], e2[2])(*e2[3], **(e2[4] or {}))
             elif op == REDUCE:
                 reduce_into(ns, e2)
             elif op == GROUP:
@@ -272,6 +281,9 @@ def replay(
             elif op == FLUSH:
                 if flush is not None:
                     flush(e2[1])
+            elif e2[1] in quiet:
+                with _silenced():
+                    apply_entry(ns[e2[1]], e2)
             else:
                 apply_entry(ns[e2[1]], e2)
     except Exception as err:  # noqa: BLE001 - the iteration raised it, as serial would
@@ -282,11 +294,29 @@ def replay(
 @contextlib.contextmanager
 def _silenced() -> Iterator[None]:
     """Output of a write replayed in the kernel that the worker already made
-    (and whose output it captured) goes nowhere.  Used for engines' loop
-    items only: no worker thread of the kernel's prints meanwhile."""
+    (and whose output it captured) goes nowhere -- this thread's only: while
+    a run is on, sys.stdout routes each thread's writes by a context variable
+    (runtime.OutputCapture), so worker threads printing meanwhile are not
+    touched."""
+    from ..runtime import _parts_var
+
+    if _capturing():
+        token = _parts_var.set([])
+        try:
+            yield
+        finally:
+            _parts_var.reset(token)
+        return
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
+
+
+def _capturing() -> bool:
+    """A run's output routing is installed (runtime.OutputCapture)."""
+    from ..runtime import OutputCapture
+
+    return OutputCapture._depth > 0
 
 
 def reduce_into(ns: MutableMapping[str, Any], e: tuple) -> None:
