@@ -61,7 +61,7 @@ def local_versions() -> dict[str, Any]:
 def check_versions(remote: dict, where: str) -> None:
     """Raise :class:`VersionMismatchError` saying what differs between the
     kernel and ``remote`` (a worker's :func:`process_versions`); ``where``
-    names the workers in the message ("the Ray workers at 10.0.0.5:6379")."""
+    names the workers in the message ("a Ray worker of 10.0.0.5:6379")."""
     local = local_versions()
     diffs = []
     for key in COMPARED:
