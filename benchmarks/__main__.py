@@ -38,6 +38,7 @@ WORKLOADS = {
     "dask_cpu": workloads_dask.dask_cpu,
     "dask_tiny": workloads_dask.dask_tiny,
     "dask_throughput": workloads_dask.dask_throughput,
+    "ray_cpu": workloads_dask.ray_cpu,
     # last: it grows the cluster to 64 engines (a minute or more) and stops it
     "throughput": workloads_throughput.throughput,
 }

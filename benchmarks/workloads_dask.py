@@ -1,7 +1,7 @@
 """Issue 15's workloads on Dask: W1 (CPU-bound) and W2 (tiny iterations) under
 ``%%parallel dask`` against ``client.map`` / ``client.submit`` on the same
-workers and joblib's dask backend (and W1 against ``ray.remote`` tasks when
-Ray is installed), and W7 (scheduler throughput, ``out[i] = i``) on 2 and 16
+workers and joblib's dask backend, W1 under ``%%parallel ray`` against
+``ray.remote`` tasks, and W7 (scheduler throughput, ``out[i] = i``) on 2 and 16
 Dask workers.
 
 The cluster is the notebook's own: a ``LocalCluster`` of 1-thread worker
@@ -74,43 +74,42 @@ def dask_cpu(ip, rounds: int) -> Result:
             Variant("client.submit", submit_all, note="same workers; one submit per item"),
             Variant("joblib dask backend", joblib_dask, note="same workers"),
         ]
-        ray_variant = _ray_w1(args)
-        if ray_variant is not None:
-            variants.append(ray_variant)
         res = measure(f"W1 CPU on Dask: 32 × ~60 ms pure Python (spin({n}))", variants, rounds)
     finally:
         client.close()
         cluster.close()
-        _ray_stop()
     return res
 
 
-_RAY: list = []
+def ray_cpu(ip, rounds: int) -> Result:
+    """W1 on Ray: ``%%parallel ray`` on the notebook's own Ray (2 CPUs)
+    against ``ray.remote`` tasks, one per item, on the same Ray."""
+    import ray
 
-
-def _ray_w1(args: list[int]) -> Variant | None:
-    """``ray.remote`` tasks on a local Ray of 2 CPUs (its own worker
-    processes: the Dask workers are idle meanwhile)."""
+    n = work.calibrate()
+    ip.run_cell(work.CPU_SOURCE + f"\nSPIN = {n}\nout = {{}}", store_history=False)
+    cell = "for i in range(32):\n    out[i] = spin(SPIN)\n"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        import ray
-    except ImportError:
-        return None
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        _RAY.append(ray)
-    spin = ray.remote(work.spin)
-    ray.get([spin.remote(1000) for _ in range(4)])
-    return Variant(
-        "ray.remote tasks (2 CPUs)",
-        lambda: _timed(lambda: ray.get([spin.remote(a) for a in args])),
-        note="a Ray of 2 CPUs beside the Dask workers; one task per item",
-    )
-
-
-def _ray_stop() -> None:
-    for ray in _RAY:
+        run_cell(ip, "%%parallel ray progress=off\nfor i in range(2):\n    out[i] = i")
+        spin = ray.remote(work.spin)
+        ray.get([spin.remote(1000) for _ in range(4)])
+        args = [n] * 32
+        variants = [
+            Variant("serial", lambda: run_cell(ip, cell)),
+            Variant(
+                "%%parallel ray", lambda: run_cell(ip, "%%parallel ray progress=off\n" + cell), True
+            ),
+            Variant(
+                "ray.remote tasks",
+                lambda: _timed(lambda: ray.get([spin.remote(a) for a in args])),
+                note="same Ray; one task per item",
+            ),
+        ]
+        res = measure(f"W1 CPU on Ray: 32 × ~60 ms pure Python (spin({n}))", variants, rounds)
+    finally:
         ray.shutdown()
-    _RAY.clear()
+    return res
 
 
 def dask_tiny(ip, rounds: int) -> Result:
