@@ -1,21 +1,26 @@
-"""``%%parallel`` on engines that really are on another host.
+"""``%%parallel`` on engines and Dask workers that really are on another host.
 
-The engines run in a network namespace of their own (tests/netns.py) with a
+The workers run in a network namespace of their own (tests/netns.py) with a
 hostname of their own: the kernel's 127.0.0.1 is not theirs and
 ``/proc/self/ns/net`` differs, so parloop must take the ``tasks`` path (one
 ipyparallel task per chunk through the controller) rather than its same-host
-chunk channel.  The controller runs in the kernel's namespace, listening on
-the veth address only, as a head node would; the cell reaches it through
-``profile=<profile dir>`` like any external cluster.
+chunk channel.  The controller (or the Dask scheduler) runs in the kernel's
+namespace, listening on the veth address only, as a head node would; the cell
+reaches it as any external cluster: ``profile=<profile dir>`` or
+``dask=tcp://ADDRESS``.
 
-The faults are the ones a real cluster has: an engine killed, an engine hung
-(SIGSTOP: alive to the OS, silent to the controller), the network between the
-hosts cut.  Each cell must end with the serial answer or a clear error within
-a bounded time, never hang.  The engines run with ipyparallel's default
-nanny, as ``ipcluster`` starts them: it relays parloop's interrupt (the kernel
-cannot signal a pid on another host) and reports an engine's death at once.
-Detection otherwise rests on the controller's heartbeat: ``HEARTBEAT_MS`` x
-``HEARTBEAT_MISSES`` (5 s), the settings parloop's own clusters use.
+The faults are the ones a real cluster has: a worker killed, a worker hung
+(SIGSTOP: alive to the OS, silent to the cluster), the network between the
+hosts cut, and a cell started while a worker is hung.  Each cell must end with
+the serial answer or a clear error within a bounded time, never hang; where
+parloop falls short the case says so (xfail, with what happens instead).
+
+ipyparallel engines run with their default nanny, as ``ipcluster`` starts
+them: it relays parloop's interrupt (the kernel cannot signal a pid on another
+host) and reports an engine's death at once.  Otherwise detection rests on the
+controller's heartbeat, here ``HEARTBEAT_MS`` x ``HEARTBEAT_MISSES`` (5 s), the
+settings of parloop's own clusters (ipyparallel's defaults make it 30 s).
+Dask workers run under their nanny too (``dask worker``'s default).
 """
 
 from __future__ import annotations
@@ -77,12 +82,27 @@ class Site:
     gone: dict[int, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    #: what the report says of the workers the cluster dropped
+    dropped = "the controller unregistered engine"
+
     @property
     def magic(self) -> str:
         return f"%%parallel profile={self.profile_dir} progress=off"
 
     def log_tail(self) -> str:
         return _log_tail(self.logs)
+
+    def busy(self, engines: list[int], abort: threading.Event) -> bool:
+        """Wait until the controller has a task of this run on each of
+        ``engines`` (so that a fault hits chunks in flight, however slow the
+        start on a busy machine); False if the cell ended first or 30 s passed."""
+        end = time.monotonic() + 30
+        while not abort.is_set() and time.monotonic() < end:
+            queues = self.monitor.queue_status()
+            if all(queues.get(e, {}).get("queue", 0) > 0 for e in engines):
+                return True
+            abort.wait(0.05)
+        return False
 
 
 def _log_tail(logs: Path, lines: int = 15) -> str:
@@ -274,19 +294,6 @@ def _serial(ip, n: int):
     return snapshot(ip, CHECKS), out
 
 
-def _when_busy(site: Site, engines: list[int], abort: threading.Event) -> bool:
-    """Wait until the controller has a task of this run on each of ``engines``
-    (so that a fault hits chunks in flight, however slow the start on a busy
-    machine); False if the cell ended first or 30 s passed."""
-    end = time.monotonic() + 30
-    while not abort.is_set() and time.monotonic() < end:
-        queues = site.monitor.queue_status()
-        if all(queues.get(e, {}).get("queue", 0) > 0 for e in engines):
-            return True
-        abort.wait(0.05)
-    return False
-
-
 @dataclass
 class Run:
     """A cell run with a fault injected: its output, error, and timing."""
@@ -303,9 +310,9 @@ class Run:
         return self.elapsed - (self.fired - self.t0)
 
 
-def _faulty_run(ip, site: Site, n: int, fault, busy: list[int], options: str = "", after=0.5):
-    """Run the loop (``delay`` 0.05 s) on the site's engines with ``fault()``
-    called ``after`` seconds once each engine of ``busy`` runs a chunk of it."""
+def _faulty_run(ip, site, n: int, fault, busy: list, options: str = "", after=0.5) -> Run:
+    """Run the loop (``delay`` 0.05 s) on the site's workers with ``fault()``
+    called ``after`` seconds once each worker of ``busy`` runs a chunk of it."""
     reset(ip)
     _, err = run_cell(ip, SETUP.format(delay=0.05))
     assert err is None, err
@@ -313,7 +320,7 @@ def _faulty_run(ip, site: Site, n: int, fault, busy: list[int], options: str = "
     ended = threading.Event()
 
     def inject():
-        if _when_busy(site, busy, ended) and not ended.wait(after):
+        if site.busy(busy, ended) and not ended.wait(after):
             fired.append(time.monotonic())
             fault()
 
@@ -356,7 +363,7 @@ def _assert_prefix(ip, n: int) -> int:
     return k
 
 
-def _other_engine_answers(ip, site: Site, n: int = 40) -> None:
+def _next_cell(ip, site, n: int = 40) -> None:
     """The cluster is still usable after the fault: the next cell gives the serial answer."""
     expected = _serial(ip, n)
     reset(ip)
@@ -417,23 +424,20 @@ def test_interrupt_stops_remote_engines(ip, site):
     # both engines were interrupted (not left running their chunks): the next
     # cell runs at once on both
     t1 = time.monotonic()
-    _other_engine_answers(ip, site)
+    _next_cell(ip, site)
     assert time.monotonic() - t1 < 15
     assert len(parloop.last_run.by_worker) == 2, parloop.last_run.by_worker
 
 
-def _report(what: str, site: Site, run: Run) -> None:
-    """One line for the log: how long the cell took, when the controller
-    noticed, what the cell ended with."""
-    noticed = ", ".join(
-        f"engine {e} after {t - run.fired:.2f} s" for e, t in sorted(site.gone.items())
-    )
+def _report(what: str, site, run: Run) -> None:
+    """One line for the log: how long the cell took, when the cluster
+    dropped the worker, what the cell ended with."""
+    noticed = ", ".join(f"{w} after {t - run.fired:.2f} s" for w, t in sorted(site.gone.items()))
     err = f"{type(run.err).__name__}: {run.err}" if run.err else None
     notes = parloop.last_run.notes if parloop.last_run else None
     print(
         f"\n{what}: the cell took {run.elapsed:.2f} s, ended {run.after_fault:.2f} s after "
-        f"the fault; the controller unregistered {noticed or 'nothing'}; error: {err}; "
-        f"notes: {notes}"
+        f"the fault; {site.dropped} {noticed or '-'}; error: {err}; notes: {notes}"
     )
 
 
@@ -482,7 +486,7 @@ def test_sigkill_of_a_remote_engine(ip, site, what):
     assert f"engine {victim} died during the run" in notes, notes
     assert "re-run on another engine" in notes, notes
     assert run.after_fault < bound + 10, run.after_fault
-    _other_engine_answers(ip, site)
+    _next_cell(ip, site)
 
 
 def test_sigkill_without_retries(ip, site):
@@ -521,7 +525,80 @@ def test_hung_remote_engine(ip, site):
     notes = " | ".join(parloop.last_run.notes)
     assert f"engine {victim} died during the run" in notes, notes
     assert run.after_fault < HEARTBEAT_S + 13, run.after_fault
-    _other_engine_answers(ip, site)
+    _next_cell(ip, site)
+
+
+def _watched_cell(ip, code: str, limit: float):
+    """Run ``code``; interrupt it (as a user would) if it has not ended after
+    ``limit`` seconds.  Returns (stdout, error, seconds, whether it had to be interrupted)."""
+    timer = threading.Timer(limit, _thread.interrupt_main)
+    t0 = time.monotonic()
+    timer.start()
+    out = ""
+    try:
+        try:
+            out, res = run_cell_result(ip, code)
+            err = res.error_in_exec or res.error_before_exec
+        except KeyboardInterrupt as e:
+            err = e
+    finally:
+        timer.cancel()
+        timer.join()
+    elapsed = time.monotonic() - t0
+    return out, err, elapsed, elapsed >= limit
+
+
+def _warm_up(ip, site) -> None:
+    """One cell on the site, so that the next is not parloop's first contact
+    with these workers (what it asks them once, it does not ask again)."""
+    reset(ip)
+    run_cell(ip, SETUP.format(delay=0.01))
+    _, err = run_cell(ip, f"{site.magic}\n" + CELL.format(n=8))
+    assert err is None, f"{type(err).__name__}: {err}"
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-cell", "later-cell"])
+def test_cell_started_while_an_engine_hangs(ip, site, first):
+    """A cell started while an engine is hung but still registered (the
+    controller has not missed enough heartbeats yet): the inputs' broadcast
+    cannot reach it.  The cell must still end, once the heartbeat drops it,
+    with the serial answer or a clear error."""
+    n = 80
+    expected = _serial(ip, n)
+    if not first:
+        _warm_up(ip, site)
+    reset(ip)
+    run_cell(ip, SETUP.format(delay=0.02))
+    victim = min(site.engines)
+    stopped = time.monotonic()
+    os.kill(site.engines[victim].pid, signal.SIGSTOP)
+    limit = HEARTBEAT_S + 20
+    out, err, elapsed, interrupted = _watched_cell(ip, f"{site.magic}\n" + CELL.format(n=n), limit)
+    end = time.monotonic() + 2  # the test's own client hears of it a moment later
+    while victim not in site.gone and time.monotonic() < end:
+        time.sleep(0.02)
+    noticed = site.gone.get(victim)
+    print(
+        f"\ncell started with engine {victim} stopped: ended after {elapsed:.2f} s"
+        + (" (interrupted by the test)" if interrupted else "")
+        + "; the controller dropped it after "
+        + (f"{noticed - stopped:.2f} s" if noticed else "-")
+        + f"; error: {type(err).__name__ + ': ' + str(err) if err else None}"
+    )
+    assert not interrupted, f"the cell hung: interrupted after {limit} s"
+    assert elapsed < HEARTBEAT_S + 5, elapsed
+    if err is not None:
+        _assert_prefix(ip, n)
+        if not isinstance(err, parloop.WorkerLostError):
+            # Transport.broadcast (called from EngineBackend.submit) waits on
+            # every engine's store task and lets ipyparallel's error through:
+            # no retry on the engine that is left, no iteration named
+            pytest.xfail(
+                "parloop: an engine lost during the inputs' broadcast ends the cell with "
+                f"ipyparallel's {type(err).__name__} ({err}), not a WorkerLostError"
+            )
+    else:
+        _assert_serial_answer(ip, expected, out)
 
 
 def test_network_partition(ip, site):
@@ -549,3 +626,315 @@ def test_network_partition(ip, site):
             f"iteration ({run.err}); iterations 0..{k - 1} were applied"
         )
     assert _first_lost(run.err) >= k
+
+
+# ---------------------------------------------------------------------------
+# Dask: a scheduler on the veth address, two workers (with nannies) elsewhere
+# ---------------------------------------------------------------------------
+@dataclass
+class DaskSite:
+    """A ``distributed`` scheduler on the veth address and two workers in the namespace.
+
+    The workers run under Dask's default nanny, as ``dask worker`` starts
+    them: a killed worker is restarted (with a new address and none of
+    parloop's inputs), which is the case parloop's Dask backend has to handle.
+    """
+
+    ns: netns.Netns
+    address: str  # tcp://veth address:port
+    hostname: str
+    logs: Path
+    monitor: Any  # a distributed.Client of the test's own
+    nannies: list[subprocess.Popen] = field(default_factory=list)
+    #: worker address -> pid of its worker process (a child of its nanny)
+    workers: dict[str, int] = field(default_factory=dict)
+    #: worker address -> time.monotonic() at which the scheduler removed it
+    gone: dict[str, float] = field(default_factory=dict)
+
+    dropped = "the scheduler removed worker"
+
+    @property
+    def magic(self) -> str:
+        return f"%%parallel dask={self.address} progress=off"
+
+    def log_tail(self) -> str:
+        return _log_tail(self.logs)
+
+    def busy(self, workers: list[str], abort: threading.Event) -> bool:
+        """Wait until each of ``workers`` runs a chunk of parloop's (False:
+        the cell ended first, or 30 s passed)."""
+        end = time.monotonic() + 30
+        while not abort.is_set() and time.monotonic() < end:
+            processing = self.monitor.processing()
+            if all(
+                any(str(k).startswith("parloop-chunk-") for k in processing.get(w, ()))
+                for w in workers
+            ):
+                return True
+            abort.wait(0.05)
+        return False
+
+
+def _scheduler_workers(dask_scheduler=None) -> list[str]:
+    """Runs on the scheduler: the addresses of its workers."""
+    return list(dask_scheduler.workers)
+
+
+# travels by value: the scheduler cannot import the tests
+_scheduler_workers.__module__ = "__main__"
+
+
+def _watch_dask(site: DaskSite, stop: threading.Event) -> None:
+    """Record when the scheduler removes each worker."""
+    known = set(site.workers)
+    while not stop.wait(0.1):
+        try:
+            now = set(site.monitor.run_on_scheduler(_scheduler_workers))
+        except Exception:  # noqa: BLE001 - the scheduler going away at the end
+            return
+        for w in known - now:
+            site.gone.setdefault(w, time.monotonic())
+        known = now
+
+
+def _forget_dask_client(address: str) -> None:
+    """Close the connection parloop keeps to this test's scheduler (kept per
+    address for the kernel's life: without this, one per test piles up)."""
+    from parloop.backends.dask import DaskBackend
+
+    client = DaskBackend._connected.pop(address, None)
+    if client is not None:
+        DaskBackend._states.pop(id(client), None)
+        client.close(timeout=10)
+
+
+@pytest.fixture
+def dask_site(tmp_path):
+    """A scheduler in our namespace on the veth address, two ``dask worker``
+    processes (nthreads 1, with a nanny) inside the namespace; all gone afterwards."""
+    distributed = pytest.importorskip("distributed")
+    t0 = time.perf_counter()
+    ns = netns.Netns().create()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    far = tmp_path / "far"
+    far.mkdir()
+    scheduler_file = tmp_path / "scheduler.json"
+    env = dict(os.environ, DASK_DISTRIBUTED__LOGGING__DISTRIBUTED="info")
+    monitor = None
+    stop = threading.Event()
+    watcher = None
+    address = ""
+    try:
+        scheduler = ns.adopt(
+            _logged(
+                subprocess.Popen,
+                logs / "scheduler.log",
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_scheduler",
+                    f"--host={ns.host_addr}",
+                    "--port=0",
+                    "--no-dashboard",
+                    f"--scheduler-file={scheduler_file}",
+                ],
+                env=env,
+                cwd=tmp_path,
+                start_new_session=True,
+            )
+        )
+        _wait_for(scheduler_file, scheduler, 60, "the Dask scheduler")
+        t_scheduler = time.perf_counter()
+        monitor = distributed.Client(
+            scheduler_file=str(scheduler_file), set_as_default=False, timeout=30
+        )
+        address = monitor.scheduler.address
+        hostname = f"far-{ns.name[-8:]}"
+        nannies = [
+            _logged(
+                ns.popen,
+                logs / f"worker-{k}.log",
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    address,
+                    f"--host={ns.ns_addr}",
+                    "--nthreads=1",
+                    "--nworkers=1",
+                    "--no-dashboard",
+                    f"--name=far-{k}",
+                    f"--local-directory={far}",
+                    "--death-timeout=60",
+                ],
+                hostname=hostname,
+                cwd=far,
+                env=env,
+            )
+            for k in range(2)
+        ]
+        end = time.monotonic() + 60
+        while len(monitor.run_on_scheduler(_scheduler_workers)) < 2:
+            dead = [p.returncode for p in nannies if p.poll() is not None]
+            assert not dead and time.monotonic() < end, (
+                f"Dask workers did not register (exit codes {dead})\n{_log_tail(logs)}"
+            )
+            time.sleep(0.05)
+        site = DaskSite(ns, address, hostname, logs, monitor, nannies)
+        site.workers = monitor.run(os.getpid)
+        print(
+            f"\nset-up: namespace {ns.setup_seconds * 1000:.0f} ms, scheduler "
+            f"{t_scheduler - t0 - ns.setup_seconds:.2f} s, 2 workers registered "
+            f"{time.perf_counter() - t_scheduler:.2f} s"
+        )
+        watcher = threading.Thread(target=_watch_dask, args=(site, stop), daemon=True)
+        watcher.start()
+        yield site
+    finally:
+        try:
+            stop.set()
+            if watcher is not None:
+                watcher.join(5)
+            if address:
+                _forget_dask_client(address)
+            if monitor is not None:
+                monitor.close(timeout=10)
+        finally:
+            ns.close()
+
+
+def test_dask_workers_elsewhere_give_the_serial_answer(ip, dask_site):
+    """Dask workers in another namespace: chunks as Dask tasks, the cell
+    ends as it would serially, the workers named by their own hostname."""
+    site = dask_site
+    differential(ip, SETUP.format(delay=0.04), CELL.format(n=60), site.magic, CHECKS)
+    run = parloop.last_run
+    print(f"\ndask: parallel wall {run.wall:.2f} s; workers {list(run.by_worker)}")
+    assert run.dispatch == "dask tasks", run.dispatch
+    assert not run.native
+    assert len(run.by_worker) == 2, run.by_worker
+    assert all(site.hostname in name for name in run.by_worker), list(run.by_worker)
+    out, err = run_cell(ip, "%parallel_status")
+    assert err is None, err
+    print(out)
+    assert f"scheduler {site.address}" in out, out
+    for address in site.workers:
+        assert f"worker {address}: host {site.ns.ns_addr}" in out, out
+
+
+def test_dask_interrupt(ip, dask_site):
+    """The kernel interrupt stops the tasks running on the remote workers:
+    the committed prefix is applied, the cell ends within a few seconds, the
+    workers take the next cell."""
+    site = dask_site
+    n = 200
+    # 2 s: the first chunks (a quarter of each worker's share, 1.25 s) are
+    # done.  The running ones' partial work is not applied (unlike on
+    # ipyparallel): DaskBackend.interrupt cancels their futures before it
+    # stops them, so their halted results are never read.
+    run = _faulty_run(ip, site, n, _thread.interrupt_main, list(site.workers), after=2.0)
+    print(f"\ndask interrupt: the cell ended {run.after_fault:.2f} s after it: {run.err}")
+    assert isinstance(run.err, KeyboardInterrupt), repr(run.err)
+    assert run.after_fault < 3.5, run.after_fault
+    k = _assert_prefix(ip, n)
+    assert 0 < k and ip.user_ns["i"] == k - 1, k
+    assert f"after {k} of {n}" in str(run.err), str(run.err)
+    _next_cell(ip, site)
+
+
+def test_dask_sigkill_of_a_remote_worker(ip, dask_site):
+    """A worker process killed mid-run: the scheduler sees its connection
+    drop and runs its tasks elsewhere; the nanny starts a new worker without
+    parloop's inputs.  The serial answer."""
+    site = dask_site
+    n = 160
+    expected = _serial(ip, n)
+    victim = min(site.workers)
+    pid = site.workers[victim]
+    run = _faulty_run(ip, site, n, lambda: os.kill(pid, signal.SIGKILL), [victim])
+    _report("dask SIGKILL", site, run)
+    assert run.err is None, f"{type(run.err).__name__}: {run.err}\n{site.log_tail()}"
+    _assert_serial_answer(ip, expected, run.out)
+    assert victim in site.gone and site.gone[victim] - run.fired < 3, site.gone
+    assert run.after_fault < 20, run.after_fault
+    _next_cell(ip, site)
+
+
+def test_dask_hung_remote_worker(ip, dask_site):
+    """A worker process stopped mid-run: its connection stays open, so the
+    scheduler keeps it (``worker-ttl`` is 5 minutes; here it was still listed
+    after 9); parloop gives it up after DaskBackend.SILENT_SECONDS of silence
+    and runs its chunks on the other."""
+    from parloop.backends.dask import DaskBackend
+
+    site = dask_site
+    n = 160
+    expected = _serial(ip, n)
+    victim = min(site.workers)
+    pid = site.workers[victim]
+    run = _faulty_run(ip, site, n, lambda: os.kill(pid, signal.SIGSTOP), [victim])
+    _report("dask SIGSTOP", site, run)
+    assert run.err is None, f"{type(run.err).__name__}: {run.err}\n{site.log_tail()}"
+    _assert_serial_answer(ip, expected, run.out)
+    assert run.after_fault < DaskBackend.SILENT_SECONDS + 15, run.after_fault
+    notes = " | ".join(parloop.last_run.notes)
+    assert "silent" in notes, notes
+
+
+def test_dask_network_partition(ip, dask_site):
+    """The link to the workers' host cut mid-run: no worker is left; the cell
+    ends with parloop.WorkerLostError naming where the lost iterations start,
+    within a bounded time."""
+    from parloop.backends.dask import DaskBackend
+
+    site = dask_site
+    n = 160
+    run = _faulty_run(ip, site, n, lambda: site.ns.link(False), list(site.workers))
+    _report("dask partition", site, run)
+    assert isinstance(run.err, parloop.WorkerLostError), f"{type(run.err).__name__}: {run.err}"
+    assert run.after_fault < DaskBackend.SILENT_SECONDS + 15, run.after_fault
+    k = _assert_prefix(ip, n)
+    print(f"applied: iterations 0..{k - 1}")
+    assert _first_lost(run.err) >= k
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a hung Dask worker that the scheduler still lists (it keeps a stopped or "
+    "cut-off worker: its connection stays open) blocks the cell with no deadline (seen: "
+    "over 9 minutes): the first "
+    "cell on a cluster in DaskBackend._check_versions (client.run(local_versions) without a "
+    "timeout), later cells in DaskBackend._broadcast (Transport.broadcast without a timeout, "
+    "on a task pinned to that worker); SILENT_SECONDS only applies to chunks, in poll()",
+)
+@pytest.mark.parametrize("first", [True, False], ids=["first-cell", "later-cell"])
+def test_dask_cell_started_while_a_worker_hangs(ip, dask_site, first):
+    """A cell started while a worker is hung: the scheduler still lists it
+    (its connection is open), so parloop asks it too.  The cell must still
+    end, with the serial answer or a clear error.  (The test interrupts it,
+    as a user would, after SILENT_SECONDS + 20 s.)"""
+    from parloop.backends.dask import DaskBackend
+
+    site = dask_site
+    n = 80
+    expected = _serial(ip, n)
+    if not first:
+        _warm_up(ip, site)
+    reset(ip)
+    run_cell(ip, SETUP.format(delay=0.02))
+    victim = min(site.workers)
+    os.kill(site.workers[victim], signal.SIGSTOP)
+    limit = DaskBackend.SILENT_SECONDS + 20
+    out, err, elapsed, interrupted = _watched_cell(ip, f"{site.magic}\n" + CELL.format(n=n), limit)
+    print(
+        f"\ndask cell started with a worker stopped: ended after {elapsed:.2f} s"
+        + (" (interrupted by the test)" if interrupted else "")
+        + f"; error: {type(err).__name__ + ': ' + str(err) if err else None}"
+    )
+    assert not interrupted, f"the cell hung: interrupted after {limit} s"
+    if err is not None:
+        assert isinstance(err, parloop.WorkerLostError), f"{type(err).__name__}: {err}"
+        _assert_prefix(ip, n)
+    else:
+        _assert_serial_answer(ip, expected, out)
