@@ -178,7 +178,7 @@ class LastRun:
         total = "?" if self.total is None else str(self.total)
         speed = self.busy / self.wall if self.wall > 0 else 0.0
         parts = [
-            f"{self.magic} on {self.workers} {self.backend} worker(s): "
+            f"{self.magic} on {self.workers} worker(s) ({self.backend}): "
             f"{self.done}/{total} iterations in {self.wall:.3f} s "
             f"(busy/wall = {speed:.2f})"
         ]

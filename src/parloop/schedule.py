@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
+from .errors import WorkerLostError
 from .log.commit import Chunk, Committer, Interrupted, IterationFailed
 from .options import Options
 from .progress.base import LiveState, Progress
@@ -256,6 +257,16 @@ class Dispatcher:
                 self.refresh()
         except KeyboardInterrupt:
             self.interrupted()
+        except WorkerLostError as lost:
+            # say what the run leaves behind, as an interrupt does
+            k, total = self.committer.next, "?" if self.total is None else self.total
+            lost.add_note(
+                f"parloop: iterations 0..{k - 1} of {total} were applied; from iteration "
+                f"{k} on, nothing was (the workers running them were lost)"
+                if k
+                else f"parloop: no iteration of {total} was applied (the workers were lost)"
+            )
+            raise
         finally:
             self.wind_down(failure)
         self.finish(failure)
@@ -461,6 +472,8 @@ class Dispatcher:
         """However the loop ended: no chunk after a failure runs on; wait for
         the chunks still running (they stop at their next iteration)."""
         self.record.dispatch = self.backend.dispatch
+        # what happened (lost workers...) is recorded however the run ended
+        self.record.notes.extend(self.backend.events)
         if failure is not None:
             self.backend.cancel_after(failure.index)
         elif self.stop_at is not None:
@@ -478,7 +491,6 @@ class Dispatcher:
         record, backend = self.record, self.backend
         if failure is None and self.take.error is not None:
             raise self.take.error
-        record.notes.extend(backend.events)
         if backend.peak is not None:
             record.threads["peak_in_flight"] = backend.peak
         for rec_chunk in record.chunks:

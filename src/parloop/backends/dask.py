@@ -105,9 +105,20 @@ class _Workers:
         self._engines: dict[int, str] = {}
         self._numbers: dict[str, int] = {}
 
-    def refresh(self) -> list[int]:
-        """The workers now: their numbers, in address order."""
-        addresses = sorted(self.client.scheduler_info()["workers"])
+    def refresh(self, silent: float | None = None) -> list[int]:
+        """The workers now: their numbers, in address order -- without those
+        the scheduler has not heard from for ``silent`` seconds (hung, or cut
+        off: Dask keeps listing them until its 5-minute worker-ttl, and a
+        message to one of them would wait as long)."""
+        import time
+
+        workers = self.client.scheduler_info()["workers"]
+        now = time.time()
+        addresses = sorted(
+            a
+            for a, w in workers.items()
+            if silent is None or now - w.get("last_seen", now) <= silent
+        )
         self._engines = {}
         for address in addresses:
             n = self._numbers.setdefault(address, len(self._numbers))
@@ -152,16 +163,16 @@ def _silent_workers(stale: float, dask_scheduler: Any = None) -> dict[str, list[
     }
 
 
-def _raise_in_tasks(keys: list[str], dask_worker: Any = None) -> int:
+def _raise_in_tasks(keys: list[str], dask_worker: Any = None) -> list[str]:
     """Runs IN A WORKER (``client.run``): raise KeyboardInterrupt in the
-    threads executing these task keys; returns how many it reached."""
+    threads executing these task keys; returns the keys it reached."""
     wanted = set(keys)
-    hit = 0
+    hit = []
     for ident, key in list(getattr(dask_worker, "active_threads", {}).items()):
-        if key in wanted:
-            hit += ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
-            )
+        if key in wanted and ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
+        ):
+            hit.append(key)
     return hit
 
 
@@ -306,10 +317,9 @@ class DaskBackend(Backend):
         if state is None or state.client is not client:
             state = self._states[id(client)] = _ClientState(client)
         self.state = state
-        self.ids = state.workers.refresh()
+        self.ids = state.workers.refresh(self.SILENT_SECONDS)
         if not self.ids:
             raise WorkerLostError("the Dask cluster has no workers")
-        self._check_versions()
         self._inputs: dict[str, Any] | None = None
         self._sent = False
         self.keys: dict[str, str] = {}
@@ -322,18 +332,85 @@ class DaskBackend(Backend):
         self._run_id = uuid.uuid4().hex[:12]
         self._progress: dict[int, tuple[str, int]] = {}  # chunk start -> (worker, done)
         self._subscribed = False
+        self._check_versions()
 
     def _check_versions(self) -> None:
         """First contact with a worker: Python, cloudpickle and parloop as in
         the kernel, or a clear error before anything runs."""
-        from .versions import check_versions, local_versions
+        from .versions import check_versions, process_versions
 
-        new = [a for a in self.state.workers._engines.values() if a not in self.state.checked]
+        new = [
+            a
+            for a in self.state.workers._engines.values()
+            if a not in self.state.checked and a not in self._given_up
+        ]
         if not new:
             return
-        for address, versions in self.client.run(local_versions, workers=new).items():
+        tasks = {
+            a: self.client.submit(
+                process_versions,
+                workers=[a],
+                allow_other_workers=False,
+                pure=False,
+                key=f"parloop-versions-{uuid.uuid4().hex}",
+            )
+            for a in new
+        }
+        for address, versions in self._answers(tasks).items():
             check_versions(versions, f"Dask worker {address}")
             self.state.checked.add(address)
+        self.ids = self.state.workers.refresh(self.SILENT_SECONDS)
+        self.ids = [n for n in self.ids if self.state.workers._engines[n] not in self._given_up]
+
+    def _answers(self, tasks: dict[str, Any]) -> dict[str, Any]:
+        """Wait for one task per worker; a worker that stops answering (the
+        scheduler has not heard from it for SILENT_SECONDS: hung, or cut off)
+        is given up on instead of being waited for until Dask's worker-ttl."""
+        import time
+
+        out: dict[str, Any] = {}
+        try:
+            while tasks:
+                # (distributed.wait needs a default client: the one parloop
+                # owns is not one)
+                until = time.monotonic() + self.POLL_SECONDS
+                while time.monotonic() < until and not all(t.done() for t in tasks.values()):
+                    time.sleep(0.005)
+                for address, task in list(tasks.items()):
+                    if task.done():
+                        out[address] = task.result()
+                        del tasks[address]
+                if not tasks:
+                    break
+                silent = self._silent_now(set(tasks))
+                for address in silent:
+                    self._give_up(address, "did not answer")
+                    tasks.pop(address).cancel()
+        except BaseException:
+            for task in tasks.values():
+                task.cancel()
+            raise
+        return out
+
+    def _silent_now(self, among: set[str]) -> set[str]:
+        """Which of ``among`` the scheduler has not heard from for SILENT_SECONDS."""
+        import time
+
+        workers = self.client.scheduler_info()["workers"]
+        now = time.time()
+        return {
+            a
+            for a in among
+            if a not in workers or now - workers[a].get("last_seen", now) > self.SILENT_SECONDS
+        }
+
+    def _give_up(self, address: str, why: str) -> None:
+        if address not in self._given_up:
+            self._given_up.add(address)
+            self.events.append(
+                f"worker {address} {why} for {self.SILENT_SECONDS:.0f} s: given up on, "
+                "the other workers run the loop"
+            )
 
     def worker_count(self) -> int:
         return len(self.ids)
@@ -382,9 +459,26 @@ class DaskBackend(Backend):
         for module in local:
             cp.register_pickle_by_value(module)
         try:
-            self.ids = self.state.workers.refresh()
-            self._check_versions()
-            self.keys = self.state.transport.broadcast(self._inputs, self.ids)
+            while True:
+                self.ids = self.state.workers.refresh(self.SILENT_SECONDS)
+                self._check_versions()
+                if not self.ids:
+                    raise WorkerLostError(
+                        "no Dask worker answers (all were silent for "
+                        f"{self.SILENT_SECONDS:.0f} s); nothing ran"
+                    )
+                try:
+                    self.keys = self.state.transport.broadcast(
+                        self._inputs, self.ids, timeout=self.SILENT_SECONDS + 2
+                    )
+                    break
+                except TimeoutError:
+                    # a worker took long to store the inputs: the silent ones
+                    # are given up on, the others asked again (each only
+                    # for what it has not got)
+                    engines = self.state.workers._engines
+                    for address in self._silent_now({engines[n] for n in self.ids}):
+                        self._give_up(address, "did not take the inputs")
         finally:
             for module in local:
                 cp.unregister_pickle_by_value(module)
@@ -451,12 +545,7 @@ class DaskBackend(Backend):
                 ours = [(k, self._running[k]) for k in keys if k in self._running]
             if not ours:
                 continue
-            if address not in self._given_up:
-                self._given_up.add(address)
-                self.events.append(
-                    f"worker {address} was silent for {self.SILENT_SECONDS:.0f} s: its "
-                    "chunks ran again on the other workers"
-                )
+            self._give_up(address, "was silent")
             for key, (_task, start, fut, payload, retries_left) in ours:
                 with self._lock:
                     self._running.pop(key, None)
@@ -525,19 +614,27 @@ class DaskBackend(Backend):
             self.client.cancel(doomed)
 
     def interrupt(self) -> None:
-        """Pending tasks are cancelled; running ones get KeyboardInterrupt in
-        their worker thread (the workers stay up)."""
+        """Running tasks get KeyboardInterrupt in their worker thread (they
+        stop at once and send back the iterations they completed, which the
+        dispatcher commits); the tasks not started yet are cancelled.  The
+        workers stay up."""
         import sys
 
         print("parloop: interrupting the Dask tasks", file=sys.stderr)
+        self._cancel_from = -1
         with self._lock:
             keys = list(self._running)
-        self.cancel_after(-1)
+        hit: set[str] = set()
         if keys:
             try:
-                self.client.run(_raise_in_tasks, keys)
+                for stopped in self.client.run(_raise_in_tasks, keys).values():
+                    hit.update(stopped)
             except Exception as e:  # noqa: BLE001 - a worker gone meanwhile
                 log.debug("interrupting the Dask tasks: %s", e)
+        with self._lock:
+            waiting = [task for key, (task, *_) in self._running.items() if key not in hit]
+        if waiting:
+            self.client.cancel(waiting)
 
     def finish(self) -> None:
         if self._subscribed:

@@ -210,7 +210,7 @@ class EngineBackend(Backend):
             for module in local:
                 cloudpickle.register_pickle_by_value(module)
             try:
-                self.keys = self.transport.broadcast(self._inputs, self.ids)
+                self.keys = self._broadcast(self._inputs)
             finally:
                 for module in local:
                     cloudpickle.unregister_pickle_by_value(module)
@@ -223,6 +223,25 @@ class EngineBackend(Backend):
         fut: Future[ChunkResult] = Future()
         self._send(fut, payload, start, self.retries)
         return fut
+
+    def _broadcast(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """The inputs to the engines; one that is lost meanwhile (hung, cut
+        off, killed: the controller says so after its heartbeat) is dropped
+        and the others get them -- or, with none left, a WorkerLostError."""
+        while True:
+            if not self.ids:
+                raise WorkerLostError(
+                    "no engine is left to run the loop (they were lost while the inputs were sent)"
+                )
+            try:
+                return self.transport.broadcast(inputs, self.ids)
+            except Exception as e:
+                if not _engine_lost(e):
+                    raise
+                alive = set(self.client.ids)
+                gone = [eid for eid in self.ids if eid not in alive] or self.ids[:1]
+                for eid in gone:
+                    self._lost(eid, "was lost while the inputs were sent")
 
     @property
     def dispatch(self) -> str:
@@ -352,7 +371,11 @@ class EngineBackend(Backend):
                     self._retried(start)
                     try:
                         self._send(fut, payload, start, retries_left - 1)
-                    except Exception as again:  # noqa: BLE001 - no engine left
+                    except WorkerLostError as again:  # no engine left
+                        fut.set_exception(
+                            WorkerLostError(f"iterations from {start} could not run again: {again}")
+                        )
+                    except Exception as again:  # noqa: BLE001
                         fut.set_exception(_as_local(again, start))
                     return
                 fut.set_exception(_as_local(e, start))
@@ -382,12 +405,12 @@ class EngineBackend(Backend):
             if self.channel is not None:
                 self.channel.engine_gone(self.run, eid, retry=True, make_error=_retries_used_up)
 
-    def _lost(self, eid: int) -> None:
+    def _lost(self, eid: int, why: str = "was lost during the run") -> None:
         with self._lock:
             if eid in self.views:
                 del self.views[eid]
                 self.ids.remove(eid)
-                self.events.append(f"engine {eid} died during the run")
+                self.events.append(f"engine {eid} {why}")
 
     def _forget(self, ar: Any) -> None:
         """Let the chunk's result go once it is read.  The Client keeps every
