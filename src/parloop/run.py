@@ -37,7 +37,7 @@ from .rewrite import (
     classify_call_roots,
 )
 from .runtime import LoopShape, OutputCapture
-from .schedule import ThreadCount, cpu_count, dispatch, make_taker
+from .schedule import Dispatcher, ThreadCount, cpu_count, make_taker
 from .tracking import run_lock
 
 
@@ -367,7 +367,7 @@ def run_cell(
                         plan, cell, ns, opts, backend, take, total, record, threads, start=ran
                     )
                 if not record.native and not committer.stopped:
-                    dispatch(
+                    Dispatcher(
                         backend,
                         take,
                         total,
@@ -379,7 +379,7 @@ def run_cell(
                         threads,
                         start=ran,
                         measured=measured,
-                    )
+                    ).run()
             except KeyboardInterrupt:
                 record.interrupted = True
                 raise

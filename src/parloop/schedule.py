@@ -500,25 +500,6 @@ class Dispatcher:
             raise IterationFailed(failure)
 
 
-def dispatch(
-    backend: Backend,
-    take: Any,
-    total: int | None,
-    opts: Options,
-    committer: Committer,
-    record: LastRun,
-    progress: Progress,
-    live: LiveState,
-    threads: ThreadCount | None,
-    start: int = 0,
-    measured: tuple[int, float, float] | None = None,
-) -> None:
-    """Run the loop's remaining iterations on ``backend`` (see :class:`Dispatcher`)."""
-    Dispatcher(
-        backend, take, total, opts, committer, record, progress, live, threads, start, measured
-    ).run()
-
-
 def _serial_rest(
     committer: Committer,
     pending: list[Chunk],
