@@ -20,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from helpers import deep_diff, differential, materialize, reset, run_cell, run_cell_result, snapshot
+from helpers import (
+    deep_diff,
+    differential,
+    materialize,
+    reset,
+    run_cell,
+    run_cell_result,
+    run_live,
+    snapshot,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -191,6 +200,29 @@ def test_seeded_runs_match_threads(ip, ray_cluster):
     assert len(set(on_ray.values())) == 20
 
 
+def test_live_rows_show_progress_inside_a_running_chunk(ip, ray_cluster):
+    """Workers report per iteration (through the progress actor): the live
+    view sees each worker part-way through its chunk, not only chunk by chunk."""
+    reset(ip)
+    run_cell(ip, "import time\nout = {}")
+    spy = run_live(
+        ip,
+        "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
+        "parallel",
+        "ray chunksize=20",
+    )
+    assert ip.user_ns["out"] == {i: i for i in range(40)}
+    mid = [
+        (name, partial, current)
+        for row in spy.rows
+        for name, (_, partial, current) in row.items()
+        if 0 < partial < 20
+    ]
+    assert mid, f"no reading caught a worker mid-chunk: {spy.rows[-5:]}"
+    assert all(name.startswith("worker ") for name, _, _ in mid)
+    assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen
+
+
 def test_inputs_are_loaded_once_per_worker_process_per_cell(ip, ray_cluster):
     """An input whose unpickling counts, per process, how often it ran: within
     one cell every chunk a process runs sees the same count (chunks of one
@@ -343,14 +375,16 @@ def test_interrupt_kills_tasks_that_ignore_sigint(ip, ray_cluster, capsys):
     differential(ip, "out = {}", "for i in range(10):\n    out[i] = -i\n", MAGIC, ["out"])
 
 
-def _kill_mid_run(ip, tmp_path, options: str = "") -> tuple[Any, list[int]]:
+def _kill_mid_run(
+    ip, tmp_path, options: str = "", sig: int = signal.SIGKILL, killed: list[int] | None = None
+) -> tuple[Any, list[int]]:
     """Run 40 iterations; the one at 10 writes its process's pid to a file
-    and sleeps, and a thread here SIGKILLs that process.  Returns the cell's
-    result and the pids killed."""
+    and sleeps, and a thread here sends that process ``sig`` (SIGKILL).
+    Returns the cell's result and the pids signalled (also put in ``killed``)."""
     pidfile = tmp_path / "worker.pid"
     reset(ip)
     run_cell(ip, f"import os, time\nout = {{}}\nPIDFILE = {str(pidfile)!r}")
-    killed: list[int] = []
+    killed = [] if killed is None else killed
 
     def kill_when_written() -> None:
         end = time.monotonic() + 60
@@ -361,7 +395,7 @@ def _kill_mid_run(ip, tmp_path, options: str = "") -> tuple[Any, list[int]]:
                 time.sleep(0.02)
                 continue
             if pid != os.getpid():  # never this process (the test then fails below)
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             killed.append(pid)
 
     killer = threading.Thread(target=kill_when_written, daemon=True)
@@ -404,6 +438,61 @@ def test_a_killed_worker_without_retries_names_the_lost_iterations(ip, ray_clust
     m = re.search(r"iterations (\d+)\.\.(\d+)", str(err))
     assert m and int(m[1]) <= 10 <= int(m[2]), str(err)
     assert "retries (0)" in str(err)
+    out = ip.user_ns["out"]
+    assert out == {i: i * 3 for i in range(len(out))} and len(out) <= int(m[1])
+
+
+def _hung_mid_run(ip, tmp_path, options: str = "") -> tuple[Any, int, float]:
+    """SIGSTOP the Ray worker process running iteration 10 (hung, or cut
+    off: Ray itself notices nothing -- the process is there, its node
+    answers); SIGCONT it once the cell is over, and wait until Ray has both
+    CPUs free again.  Returns the cell's result, the pid, the cell's time."""
+    t0 = time.monotonic()
+    stopped: list[int] = []
+    try:
+        res, _ = _kill_mid_run(ip, tmp_path, options, signal.SIGSTOP, stopped)
+        elapsed = time.monotonic() - t0
+    finally:
+        for pid in stopped:
+            if pid != os.getpid():
+                os.kill(pid, signal.SIGCONT)
+    end = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < end:
+        time.sleep(0.2)
+    return res, stopped[0], elapsed
+
+
+def test_a_hung_worker_is_given_up_on_by_parloops_deadline(ip, ray_cluster, tmp_path):
+    """A stopped worker stops reporting: after RayBackend.SILENT_SECONDS its
+    chunk runs again on the other worker (Ray would wait for ever: the
+    process is alive), the first copy to finish is committed, the answer is
+    the serial one, and the notes name the silent worker."""
+    import parloop
+    from parloop.backends.ray import RayBackend
+
+    res, pid, elapsed = _hung_mid_run(ip, tmp_path)
+    assert res.error_in_exec is None, repr(res.error_in_exec)
+    assert ip.user_ns["out"] == {i: i * 3 for i in range(40)}
+    assert RayBackend.SILENT_SECONDS <= elapsed < RayBackend.SILENT_SECONDS + 15, elapsed
+    silent = [n for n in parloop.last_run.notes if "silent" in n]
+    assert silent and f":{pid} " in silent[0] and "ran again" in silent[0], parloop.last_run.notes
+    assert parloop.last_run.chunks and any(c.retried for c in parloop.last_run.chunks)
+
+
+def test_a_hung_worker_without_retries_names_the_lost_iterations(ip, ray_cluster, tmp_path):
+    """``retries=0``: the silent worker's chunk is not run again; the cell
+    fails with WorkerLostError naming the worker and the iterations, and
+    what completed before them is applied."""
+    from parloop.backends.ray import RayBackend
+    from parloop.errors import WorkerLostError
+
+    res, pid, elapsed = _hung_mid_run(ip, tmp_path, "retries=0")
+    err = res.error_in_exec
+    assert isinstance(err, WorkerLostError), repr(err)
+    m = re.search(r"iterations (\d+)\.\.(\d+)", str(err))
+    assert m and int(m[1]) <= 10 <= int(m[2]), str(err)
+    assert f":{pid} " in str(err) and "silent" in str(err) and "retries (0)" in str(err), str(err)
+    assert elapsed < RayBackend.SILENT_SECONDS + 15, elapsed
     out = ip.user_ns["out"]
     assert out == {i: i * 3 for i in range(len(out))} and len(out) <= int(m[1])
 
