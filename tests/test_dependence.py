@@ -402,3 +402,34 @@ def test_same_key_objects_record_no_reads(ip, magic):
         ["acc"],
     )
     assert parloop.last_run.reruns == [] and parloop.last_run.reads == 0
+
+
+def test_setattr_and_getattr_of_constant_names_are_attribute_writes_and_reads(ip):
+    """``setattr(o, "x", v)`` / ``getattr(o, "x")`` mean ``o.x = v`` / ``o.x``:
+    the dependence test sees them (before, ``o`` was only an object handed to
+    code, and under threads a first iteration that wrote the value already
+    there hid the writes: a wrong answer depending on timing)."""
+    import ast
+
+    import parloop
+    from parloop.analysis.desugar import desugar
+
+    tree = desugar(ast.parse('setattr(o, "x", 1)\ny = getattr(o, "x")\nz = getattr(o, "x", 0)'), {})
+    assert ast.unparse(tree) == "o.x = 1\ny = o.x\nz = getattr(o, 'x', 0)"
+    # a cell (or notebook) with its own setattr is left alone
+    kept = 'setattr = print\nsetattr(o, "x", 1)'
+    assert ast.unparse(desugar(ast.parse(kept), {})) == "setattr = print\nsetattr(o, 'x', 1)"
+    assert "setattr(o" in ast.unparse(desugar(ast.parse('setattr(o, "x", 1)'), {"setattr": 1}))
+
+    reset(ip)
+    run_cell(ip, "class O:\n    pass\no = O()")
+    for _ in range(10):
+        run_cell(ip, "o.x = 0\nseen = {}")
+        _, err = run_cell(
+            ip,
+            "%%threaded threads=3 chunksize=2 progress=off\nfor i in range(6):\n"
+            '    seen[i] = getattr(o, "x")\n    setattr(o, "x", i * 2)\n',
+        )
+        assert err is None
+        assert ip.user_ns["seen"] == {0: 0, 1: 0, 2: 2, 3: 4, 4: 6, 5: 8}
+    assert parloop.last_run.roles["o"] == "shared"

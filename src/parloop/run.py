@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
+from .analysis.desugar import desugar
 from .analysis.functions import notebook_functions
 from .analysis.namespace import alias_groups, cell_sources, plain_roots, stored, submodules, watched
 from .backends.base import Backend, Job
@@ -206,7 +207,7 @@ def run_cell(
     import parloop
 
     __tracebackhide__ = True  # IPython: tracebacks start at the user's cell
-    tree = cell.parse()
+    tree = desugar(cell.parse(), ns)
     plain, stateful = plain_roots(tree, ns)
     plan = analyse(tree, plain_roots=plain, copies=opts.private, stateful=stateful)
     _check_supported(plan, opts, ns)
