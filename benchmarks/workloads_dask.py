@@ -10,7 +10,6 @@ processes on 127.0.0.1 with a default client, as a user would make it."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 from . import work
@@ -21,9 +20,9 @@ from .workloads_engines import _scaled, _timed
 def _cluster(n: int):
     import distributed
 
-    main = sys.modules["__main__"]
-    if not hasattr(main, "__spec__"):  # spawn reads it (IPython's __main__ has none)
-        main.__spec__ = None
+    from parloop.backends.dask import _spawnable_main
+
+    _spawnable_main()  # the nannies' spawn reads __main__.__spec__ (IPython's has none)
     cluster = distributed.LocalCluster(
         n_workers=n,
         threads_per_worker=1,

@@ -261,6 +261,21 @@ def engine_call(keys, fname, *args):
 engine_call.__module__ = "__main__"  # what ipyparallel.interactive does
 
 
+def assert_seen_mid_chunk(spy: LiveSpy, size: int, noun: str) -> None:
+    """The live view caught ``noun`` rows part-way through a chunk of ``size``
+    iterations, in both of a two-chunk run (progress per iteration, not per
+    chunk)."""
+    mid = [
+        (name, partial, current)
+        for row in spy.rows
+        for name, (_, partial, current) in row.items()
+        if 0 < partial < size
+    ]
+    assert mid, f"no reading caught a(n) {noun} mid-chunk: {spy.rows[-5:]}"
+    assert all(name.startswith(f"{noun} ") for name, _, _ in mid)
+    assert {current >= size for _, _, current in mid} == {False, True}  # both chunks seen
+
+
 def run_live(ip, source: str, magic: str, options: str) -> LiveSpy:
     """Run a loop through parloop.run.run_cell with a LiveSpy as its view."""
     from parloop.backends import make_backend

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import differential, reset, run_cell, run_cell_result, run_live
+from helpers import assert_seen_mid_chunk, differential, reset, run_cell, run_cell_result, run_live
 
 distributed = pytest.importorskip("distributed")
 
@@ -132,15 +132,7 @@ def test_live_rows_show_progress_inside_a_running_chunk(ip, client):
         "dask chunksize=20",
     )
     assert ip.user_ns["out"] == {i: i for i in range(40)}
-    mid = [
-        (name, partial, current)
-        for row in spy.rows
-        for name, (_, partial, current) in row.items()
-        if 0 < partial < 20
-    ]
-    assert mid, f"no reading caught a worker mid-chunk: {spy.rows[-5:]}"
-    assert all(name.startswith("worker ") for name, _, _ in mid)
-    assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen
+    assert_seen_mid_chunk(spy, 20, "worker")
 
 
 def test_inputs_travel_once_per_worker_and_not_again_while_unchanged(ip, client):

@@ -20,6 +20,7 @@ pytest.importorskip("ipyparallel")
 import parloop  # noqa: E402
 from helpers import (  # noqa: E402
     alive,
+    assert_seen_mid_chunk,
     differential,
     reset,
     run_cell,
@@ -600,12 +601,4 @@ def test_live_rows_per_engine_mid_chunk(ip, cluster, dispatch):
     )
     assert ip.user_ns["out"] == {i: i for i in range(40)}
     assert parloop.last_run.dispatch == dispatch
-    mid = [
-        (name, partial, current)
-        for row in spy.rows
-        for name, (_, partial, current) in row.items()
-        if 0 < partial < 20
-    ]
-    assert mid, f"no reading caught an engine mid-chunk: {spy.rows[-5:]}"
-    assert all(name.startswith("engine ") for name, _, _ in mid)
-    assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen
+    assert_seen_mid_chunk(spy, 20, "engine")

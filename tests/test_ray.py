@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from helpers import (
+    assert_seen_mid_chunk,
     deep_diff,
     differential,
     materialize,
@@ -212,15 +213,7 @@ def test_live_rows_show_progress_inside_a_running_chunk(ip, ray_cluster):
         "ray chunksize=20",
     )
     assert ip.user_ns["out"] == {i: i for i in range(40)}
-    mid = [
-        (name, partial, current)
-        for row in spy.rows
-        for name, (_, partial, current) in row.items()
-        if 0 < partial < 20
-    ]
-    assert mid, f"no reading caught a worker mid-chunk: {spy.rows[-5:]}"
-    assert all(name.startswith("worker ") for name, _, _ in mid)
-    assert {current >= 20 for _, _, current in mid} == {False, True}  # both chunks seen
+    assert_seen_mid_chunk(spy, 20, "worker")
 
 
 def test_inputs_are_loaded_once_per_worker_process_per_cell(ip, ray_cluster):
