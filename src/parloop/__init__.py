@@ -7,11 +7,13 @@ them and shuts down what parloop started.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .decorators import parallel, threaded
 from .errors import LoopAnalysisError, WorkerLostError
 from .record import LastRun
+
+if TYPE_CHECKING:
+    from .decorators import parallel, threaded
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,22 @@ __all__ = [
 ]
 
 _loaded: dict[int, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``parloop.parallel`` and ``parloop.threaded``, imported on first use.
+
+    The decorators pull in the analysis, the magics' options and IPython.  A
+    Dask or Ray worker imports this package only to run chunks
+    (``parloop.backends.engines.worker``), and its environment need not have
+    IPython, pyzmq or ipyparallel (see parloop.backends.shipping)."""
+    if name in ("parallel", "threaded"):
+        from . import decorators
+
+        value = getattr(decorators, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'parloop' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -37,7 +37,7 @@ BACKENDS: dict[str, str | type[Backend]] = {
     "threads": "parloop.backends.threads:ThreadBackend",
     "serial": "parloop.backends.threads:SerialBackend",
     "tasks": "parloop.backends.tasks:TaskBackend",
-    "engines": "parloop.backends.engines:EngineBackend",
+    "engines": "parloop.backends.engines.backend:EngineBackend",
     "dask": "parloop.backends.dask:DaskBackend",
     "ray": "parloop.backends.ray:RayBackend",
 }

@@ -19,6 +19,20 @@
 
 from __future__ import annotations
 
-from .backend import EngineBackend, status, stop_managed
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import EngineBackend, status, stop_managed
 
 __all__ = ["EngineBackend", "status", "stop_managed"]
+
+
+def __getattr__(name: str) -> Any:
+    """The kernel's side, imported on first use: a worker that imports
+    :mod:`.worker` (a Dask or Ray worker runs chunks through it) needs
+    neither ipyparallel nor IPython."""
+    if name in __all__:
+        from . import backend
+
+        return getattr(backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

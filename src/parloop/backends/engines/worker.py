@@ -33,25 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import cloudpickle
-import zmq
 
 from ... import seeding
 from ...runtime import ChunkResult, LoopShape, OutputCapture, run_chunk
 from . import shm as _shm
-from .channel import (
-    CHUNK,
-    CREDITS,
-    HELLO,
-    MISSED_PINGS,
-    PING,
-    PING_AFTER,
-    RESULT,
-    STOP,
-    pack,
-    send,
-    unpack,
-    verified,
-)
 
 #: the Dask event topic of live progress (Program.progress == "dask")
 PROGRESS_TOPIC = "parloop-progress"
@@ -483,39 +468,48 @@ def _engine_store(index: dict, *blobs) -> dict:
 # the chunk channel, engine side (parloop.backends.engines.channel)
 # ---------------------------------------------------------------------------
 class EngineLink:
-    """Engine side: the DEALER socket of one serve task."""
+    """Engine side: the DEALER socket of one serve task.
+
+    The channel module (and pyzmq with it) is imported here, on first use,
+    not with this module: a Dask or Ray worker runs :func:`run_remote` only,
+    and its environment need not have pyzmq (nor IPython, nor parloop itself:
+    see parloop.backends.shipping)."""
 
     def __init__(self, address: str, key: bytes, ident: str):
+        from . import channel
+
+        self.ch = channel
         self.key = key
-        self.sock: Any = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.IDENTITY, ident.encode())
+        self.sock: Any = channel.zmq.Context.instance().socket(channel.zmq.DEALER)
+        self.sock.setsockopt(channel.zmq.LINGER, 2000)
+        self.sock.setsockopt(channel.zmq.IDENTITY, ident.encode())
         self.sock.connect(address)
-        send(self.sock, key, HELLO, str(CREDITS).encode())
+        channel.send(self.sock, key, channel.HELLO, str(channel.CREDITS).encode())
 
     def next_chunk(self) -> tuple[int, memoryview] | None:
         """The next ``(seq, payload)``, or None when the run is over (or the
         kernel stopped answering)."""
+        ch = self.ch
         missed = 0
         while True:
-            if self.sock.poll(int(PING_AFTER * 1000)):
-                msg = verified(self.key, self.sock.recv_multipart(copy=False))
+            if self.sock.poll(int(ch.PING_AFTER * 1000)):
+                msg = ch.verified(self.key, self.sock.recv_multipart(copy=False))
                 if msg is None:
                     continue
                 kind, body = msg
-                if kind == CHUNK:
-                    return unpack(body)
-                if kind == STOP:
+                if kind == ch.CHUNK:
+                    return ch.unpack(body)
+                if kind == ch.STOP:
                     return None
                 missed = 0  # a pong
             else:
                 missed += 1
-                if missed > MISSED_PINGS:
+                if missed > ch.MISSED_PINGS:
                     return None
-                send(self.sock, self.key, PING)
+                ch.send(self.sock, self.key, ch.PING)
 
     def result(self, seq: int, payload: bytes) -> None:
-        send(self.sock, self.key, RESULT, pack(seq, payload))
+        self.ch.send(self.sock, self.key, self.ch.RESULT, self.ch.pack(seq, payload))
 
     def close(self) -> None:
         self.sock.close()
