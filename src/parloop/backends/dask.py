@@ -33,7 +33,6 @@ Interrupt: ``client.cancel`` does not stop a running task (dask/distributed
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import pickle
 import sys
@@ -47,6 +46,7 @@ import cloudpickle
 from ..errors import WorkerLostError
 from ..runtime import ChunkResult
 from .base import Backend, Job
+from .dask_remote import call, raise_in_tasks, silent_workers
 from .engines.backend import _local_modules, job_inputs
 from .engines.transport import Transport, TransportError
 from .engines.transport import loads as transport_loads
@@ -86,8 +86,8 @@ class _WorkerView:
         # frames travel as bytes: Dask pickles task arguments whole
         args = tuple(bytes(a) if isinstance(a, memoryview) else a for a in args)
         fut = self.client.submit(
-            fn,
-            *args,
+            call,
+            cloudpickle.dumps((fn, args)),
             workers=[self.address],
             allow_other_workers=False,
             pure=False,
@@ -137,6 +137,7 @@ class _ClientState:
         self.workers = _Workers(client)
         self.transport = Transport(self.workers)
         self.checked: set[str] = set()  # workers whose versions were compared
+        self.shipped = False  # parloop sent to the workers (parloop.backends.shipping)
 
 
 def _spawnable_main() -> None:
@@ -148,32 +149,6 @@ def _spawnable_main() -> None:
     main = sys.modules.get("__main__")
     if main is not None and not hasattr(main, "__spec__"):
         main.__spec__ = None
-
-
-def _silent_workers(stale: float, dask_scheduler: Any = None) -> dict[str, list[str]]:
-    """Runs ON THE SCHEDULER: the workers not heard from for ``stale``
-    seconds, with the keys of the tasks they are running."""
-    from time import time
-
-    now = time()
-    return {
-        ws.address: [ts.key for ts in ws.processing]
-        for ws in dask_scheduler.workers.values()
-        if now - ws.last_seen > stale and ws.processing
-    }
-
-
-def _raise_in_tasks(keys: list[str], dask_worker: Any = None) -> list[str]:
-    """Runs IN A WORKER (``client.run``): raise KeyboardInterrupt in the
-    threads executing these task keys; returns the keys it reached."""
-    wanted = set(keys)
-    hit = []
-    for ident, key in list(getattr(dask_worker, "active_threads", {}).items()):
-        if key in wanted and ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
-        ):
-            hit.append(key)
-    return hit
 
 
 class DaskBackend(Backend):
@@ -336,8 +311,10 @@ class DaskBackend(Backend):
 
     def _check_versions(self) -> None:
         """First contact with a worker: Python, cloudpickle and parloop as in
-        the kernel, or a clear error before anything runs."""
-        from .versions import check_versions, process_versions
+        the kernel, or a clear error before anything runs.  Workers that lack
+        only parloop are sent this kernel's (parloop.backends.shipping) and
+        asked again."""
+        from .versions import check_versions
 
         new = [
             a
@@ -346,6 +323,29 @@ class DaskBackend(Backend):
         ]
         if not new:
             return
+        answers = self._versions(new)
+        lacking = [a for a, v in answers.items() if v.get("parloop") is None]
+        if lacking and not self.state.shipped:
+            from .shipping import ship_to_dask
+
+            ship_to_dask(self.client)
+            self.state.shipped = True
+            answers.update(self._versions(lacking))
+            self.events.append(
+                f"parloop is not installed on {len(lacking)} Dask worker(s): this kernel's "
+                "parloop was sent to the cluster's workers (and to those that join later)"
+            )
+        for address, versions in answers.items():
+            check_versions(versions, f"Dask worker {address}")
+            self.state.checked.add(address)
+        self.ids = self.state.workers.refresh(self.SILENT_SECONDS)
+        self.ids = [n for n in self.ids if self.state.workers._engines[n] not in self._given_up]
+
+    def _versions(self, workers: list[str]) -> dict[str, Any]:
+        """Each worker's :func:`~parloop.backends.versions.process_versions`
+        (it travels by value: it answers where parloop is not installed)."""
+        from .versions import process_versions
+
         tasks = {
             a: self.client.submit(
                 process_versions,
@@ -354,13 +354,9 @@ class DaskBackend(Backend):
                 pure=False,
                 key=f"parloop-versions-{uuid.uuid4().hex}",
             )
-            for a in new
+            for a in workers
         }
-        for address, versions in self._answers(tasks).items():
-            check_versions(versions, f"Dask worker {address}")
-            self.state.checked.add(address)
-        self.ids = self.state.workers.refresh(self.SILENT_SECONDS)
-        self.ids = [n for n in self.ids if self.state.workers._engines[n] not in self._given_up]
+        return self._answers(tasks)
 
     def _answers(self, tasks: dict[str, Any]) -> dict[str, Any]:
         """Wait for one task per worker; a worker that stops answering (the
@@ -500,7 +496,8 @@ class DaskBackend(Backend):
         where: dict[str, Any] = (
             {"workers": others, "allow_other_workers": False} if avoid and others else {}
         )
-        task = self.client.submit(run_remote, self.keys, payload, pure=False, key=key, **where)
+        blob = cloudpickle.dumps((run_remote, (self.keys, payload)))
+        task = self.client.submit(call, blob, pure=False, key=key, **where)
         with self._lock:
             self._running[key] = (task, start, fut, payload, retries_left)
 
@@ -536,7 +533,7 @@ class DaskBackend(Backend):
             return
         self._polled = now
         try:
-            silent = self.client.run_on_scheduler(_silent_workers, self.SILENT_SECONDS)
+            silent = self.client.run_on_scheduler(silent_workers, self.SILENT_SECONDS)
         except Exception as e:  # noqa: BLE001 - the scheduler itself is unreachable
             log.debug("asking the scheduler for silent workers: %s", e)
             return
@@ -627,7 +624,7 @@ class DaskBackend(Backend):
         hit: set[str] = set()
         if keys:
             try:
-                for stopped in self.client.run(_raise_in_tasks, keys).values():
+                for stopped in self.client.run(raise_in_tasks, keys).values():
                     hit.update(stopped)
             except Exception as e:  # noqa: BLE001 - a worker gone meanwhile
                 log.debug("interrupting the Dask tasks: %s", e)

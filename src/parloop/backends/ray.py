@@ -322,6 +322,11 @@ class _Connection:
     #: the progress actor (:class:`_Progress`) and its name, made on the first run
     progress: tuple[Any, str] | None = None
     progress_ready: bool = False  # it answered once (or was waited for long enough)
+    #: the workers lack parloop: the connection's job takes this kernel's
+    #: package along (``{"py_modules": [its directory]}``)
+    runtime_env: dict[str, Any] | None = None
+    #: said once, by the first run after parloop was found missing
+    note: str = ""
 
 
 _CONN: list[_Connection | None] = [None]
@@ -439,20 +444,57 @@ def _forget(conn: _Connection) -> None:
 def _check_versions(ray: Any, conn: _Connection) -> None:
     """First contact: one tiny task (no CPU asked, so a busy cluster runs it
     too) reports a worker's Python, cloudpickle and parloop; a difference is
-    a clear error before anything runs."""
-    from .versions import check_versions, process_versions
+    a clear error before anything runs.
+
+    A cluster at ``ray=ADDRESS`` that lacks only parloop gets this kernel's:
+    parloop connects again with Ray's own ``runtime_env={"py_modules":
+    [...]}``, which Ray uploads once (by content) and unpacks on each node
+    (per task it takes only remote URIs; see parloop.backends.shipping for
+    why a package, not by-value pickling).  On the notebook's own
+    ``ray.init()`` the job's environment is the notebook's to set: the
+    error says how."""
+    from .versions import VersionMismatchError, check_versions, process_versions
 
     if conn.checked:
         return
-    probe = ray.remote(process_versions).options(num_cpus=0, max_retries=1)
+    remote = _probe(ray, conn, process_versions)
+    if remote.get("parloop") is None and conn.how == "connected" and conn.runtime_env is None:
+        import parloop
+
+        conn.runtime_env = {"py_modules": [os.path.dirname(parloop.__file__)]}
+        ray.shutdown()  # its progress actor goes with the job: made again
+        conn.progress, conn.progress_ready, conn.chunk_task = None, False, None
+        ray.init(
+            address=str(conn.asked),
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env=conn.runtime_env,
+        )
+        remote = _probe(ray, conn, process_versions)
+        conn.note = (
+            "parloop is not installed on the Ray cluster's workers: this kernel's parloop "
+            "goes with its tasks (runtime_env py_modules)"
+        )
     try:
-        remote = ray.get(probe.remote(), timeout=300)
+        check_versions(remote, f"a Ray worker of {conn.address}")
+    except VersionMismatchError as e:
+        if remote.get("parloop") is None and conn.how == "notebook":
+            raise VersionMismatchError(
+                f"{e} Or let Ray send this kernel's parloop with the job: "
+                "ray.init(..., runtime_env={'py_modules': [parloop]})"
+            ) from None
+        raise
+    conn.checked = True
+
+
+def _probe(ray: Any, conn: _Connection, fn: Any) -> dict[str, Any]:
+    probe = ray.remote(fn).options(num_cpus=0, max_retries=1)
+    try:
+        return ray.get(probe.remote(), timeout=300)
     except ray.exceptions.GetTimeoutError:
         raise WorkerLostError(
             f"parloop: no Ray worker at {conn.address} answered within 300 s"
         ) from None
-    check_versions(remote, f"a Ray worker of {conn.address}")
-    conn.checked = True
 
 
 # ---------------------------------------------------------------------------
@@ -524,6 +566,9 @@ class RayBackend(Backend):
         if conn.chunk_task is None:
             conn.chunk_task = ray.remote(_run_chunk)
         self.task = conn.chunk_task.options(max_retries=self.retries, retry_exceptions=False)
+        if conn.note:
+            self.events.append(conn.note)
+            conn.note = ""
         self.actor, self.actor_name = _progress_actor(ray, conn)
         self.run = uuid.uuid4().hex[:12]
         self.period = QUIET_PERIOD
@@ -551,6 +596,7 @@ class RayBackend(Backend):
         ray = _import_ray()
         _progress_actor(ray, conn)  # starts while the versions are compared
         _check_versions(ray, conn)
+        _progress_actor(ray, conn)  # again if the check had to send parloop along
         _progress_ready(ray, conn)
         return cls(conn, opts)
 
