@@ -12,8 +12,7 @@ reaches it as any external cluster: ``profile=<profile dir>`` or
 The faults are the ones a real cluster has: a worker killed, a worker hung
 (SIGSTOP: alive to the OS, silent to the cluster), the network between the
 hosts cut, and a cell started while a worker is hung.  Each cell must end with
-the serial answer or a clear error within a bounded time, never hang; where
-parloop falls short the case says so (xfail, with what happens instead).
+the serial answer or a clear error within a bounded time, never hang.
 
 ipyparallel engines run with their default nanny, as ``ipcluster`` starts
 them: it relays parloop's interrupt (the kernel cannot signal a pid on another
@@ -601,14 +600,9 @@ def test_cell_started_while_an_engine_hangs(ip, site, first):
     assert elapsed < HEARTBEAT_S + 5, elapsed
     if err is not None:
         _assert_prefix(ip, n)
-        if not isinstance(err, parloop.WorkerLostError):
-            # Transport.broadcast (called from EngineBackend.submit) waits on
-            # every engine's store task and lets ipyparallel's error through:
-            # no retry on the engine that is left, no iteration named
-            pytest.xfail(
-                "parloop: an engine lost during the inputs' broadcast ends the cell with "
-                f"ipyparallel's {type(err).__name__} ({err}), not a WorkerLostError"
-            )
+        # an engine lost during the inputs' broadcast is dropped (before it
+        # could be addressed, ipyparallel said IndexError: No such engine)
+        assert isinstance(err, parloop.WorkerLostError), f"{type(err).__name__}: {err}"
     else:
         _assert_serial_answer(ip, expected, out)
 

@@ -229,6 +229,11 @@ class EngineBackend(Backend):
         off, killed: the controller says so after its heartbeat) is dropped
         and the others get them -- or, with none left, a WorkerLostError."""
         while True:
+            # an engine the controller dropped since (a hung one, after its
+            # heartbeat) cannot even be addressed: ipyparallel says IndexError
+            alive = set(self.client.ids)
+            for eid in [eid for eid in self.ids if eid not in alive]:
+                self._lost(eid, "was lost while the inputs were sent")
             if not self.ids:
                 raise WorkerLostError(
                     "no engine is left to run the loop (they were lost while the inputs were sent)"
@@ -236,7 +241,7 @@ class EngineBackend(Backend):
             try:
                 return self.transport.broadcast(inputs, self.ids)
             except Exception as e:
-                if not _engine_lost(e):
+                if not (_engine_lost(e) or "No such engine" in str(e)):
                     raise
                 alive = set(self.client.ids)
                 gone = [eid for eid in self.ids if eid not in alive] or self.ids[:1]
