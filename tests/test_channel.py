@@ -13,7 +13,6 @@ import pytest
 import zmq
 
 from parloop.backends.engines import channel as ch
-from parloop.backends.engines import worker
 from parloop.backends.engines.channel import ChunkChannel
 from parloop.backends.engines.worker import EngineLink
 
@@ -176,8 +175,7 @@ def test_lost_engine_chunks_are_retried_then_fail(chan):
 
 @pytest.mark.timeout(30)
 def test_engine_gives_up_when_the_kernel_is_gone(monkeypatch):
-    monkeypatch.setattr(ch, "PING_AFTER", 0.1)
-    monkeypatch.setattr(worker, "PING_AFTER", 0.1)  # the engine end reads it there
+    monkeypatch.setattr(ch, "PING_AFTER", 0.1)  # both ends read it there
     chan = ChunkChannel()
     run = chan.begin([0], lambda *a: None, lambda s: None)
     link = EngineLink(chan.address, chan.key, chan.ident(run, 0))
