@@ -13,8 +13,10 @@ copy).  Objects that cannot change are never fingerprinted (see
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import pickle
+import random
 import threading
 import types
 from dataclasses import dataclass
@@ -122,6 +124,9 @@ class Watched:
     label: str  # for messages: "`net`", "`SEEN` (a global of `record`)"
     obj: Any
     print: bytes | str  # the digest, or why there is none
+    #: threads: the object's pickle at the same moment, to put its state back
+    #: (:func:`restore`) when concurrent iterations changed it
+    saved: bytes | None = None
 
     def change(self, who: str = "") -> str:
         """Why the object may have changed since (``who``: "iteration 0"),
@@ -155,26 +160,118 @@ def resolve(path: tuple[str, ...], names: dict[str, Any]) -> tuple[str, Any]:
     )
 
 
-def watch(label: str, obj: Any) -> Watched:
+def watch(label: str, obj: Any, keep: bool = False) -> Watched:
     try:
-        return Watched(label, obj, fingerprint(obj))
+        w = Watched(label, obj, fingerprint(obj))
     except Unfingerprintable as e:
         return Watched(label, obj, f"cannot be fingerprinted ({e})")
+    if keep:
+        w.saved = cloudpickle.dumps(obj, protocol=5)
+    return w
 
 
 def watch_all(
     paths: tuple[tuple[str, ...], ...],
     names: dict[str, Any],
     skip: Callable[[Any], bool] = lambda obj: False,
+    keep: bool = False,
 ) -> list[Watched]:
     """Fingerprint every watched object found in ``names`` (``skip``: objects
-    watched some other way, e.g. arrays made read-only)."""
+    watched some other way, e.g. arrays made read-only; ``keep``: also keep
+    each object's pickle, for :func:`restore`)."""
     out = []
     for path in paths:
         label, obj = resolve(path, names)
         if obj is not _MISSING and not skip(obj):
-            out.append(watch(label, obj))
+            out.append(watch(label, obj, keep))
     return out
+
+
+def restore(w: Watched) -> bool:
+    """Put ``w.obj``'s state back to what :func:`watch` saved, in place (the
+    notebook's names and other objects keep referring to the same object).
+    Returns False for an object whose state cannot be put back from outside.
+
+    Threads share the kernel's objects: when iterations changed a watched
+    object behind the log's back, iterations that ran at the same time may
+    have changed it too, out of order; the kernel puts it back to its state
+    after the last trusted iteration, then runs the rest serially (see
+    parloop.run).  What the object holds comes back as copies: an object
+    inside it that something else also refers to is a copy afterwards."""
+    if w.saved is None:
+        return False
+    obj = w.obj
+    try:
+        old = pickle.loads(w.saved)
+    except Exception:  # noqa: BLE001 - cannot be rebuilt: not restorable
+        return False
+    if type(old) is not type(obj):
+        return False
+    if isinstance(obj, type):
+        for k, v in _class_data(old).items():
+            setattr(obj, k, v)
+        return True
+    done = _restore_contents(obj, old)
+    if done is False:
+        return False
+    if hasattr(obj, "__dict__"):
+        try:
+            obj.__dict__.clear()
+            obj.__dict__.update(old.__dict__)
+        except (AttributeError, TypeError):
+            return False
+        done = True
+    for klass in type(obj).__mro__:
+        for slot in getattr(klass, "__slots__", ()):
+            if slot not in ("__dict__", "__weakref__") and hasattr(old, slot):
+                setattr(obj, slot, getattr(old, slot))
+                done = True
+    return bool(done)
+
+
+def restorable(w: Watched) -> bool:
+    """Whether :func:`restore` could put ``w.obj`` back (checked before the
+    threads start: an object it could not is never left to them)."""
+    obj = w.obj
+    if w.saved is None:
+        return False
+    if isinstance(obj, (type, dict, list, bytearray, set, collections.deque, random.Random)):
+        return True
+    if type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
+        return bool(obj.flags.writeable)
+    return (
+        hasattr(obj, "__dict__")
+        or hasattr(obj, "bit_generator")
+        or any(getattr(k, "__slots__", ()) for k in type(obj).__mro__)
+    )
+
+
+def _restore_contents(obj: Any, old: Any) -> bool | None:
+    """The contents of the containers and generators that hold state outside
+    ``__dict__``: True when put back, False when they cannot be, None for
+    other objects."""
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(old)
+    elif isinstance(obj, (list, bytearray)):
+        obj[:] = old
+    elif isinstance(obj, set):
+        obj.clear()
+        obj.update(old)
+    elif isinstance(obj, collections.deque):
+        obj.clear()
+        obj.extend(old)
+    elif type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray":
+        if obj.shape != old.shape or obj.dtype != old.dtype or not obj.flags.writeable:
+            return False
+        obj[...] = old
+    elif isinstance(obj, random.Random):
+        obj.setstate(old.getstate())
+    elif hasattr(obj, "bit_generator") and hasattr(old, "bit_generator"):  # numpy Generator
+        obj.bit_generator.state = old.bit_generator.state
+    else:
+        return None
+    return True
 
 
 def first_change(watched: list[Watched], who: str = "") -> str:

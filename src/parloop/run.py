@@ -25,6 +25,7 @@ from .analysis.functions import notebook_functions
 from .analysis.namespace import alias_groups, cell_sources, plain_roots, stored, submodules, watched
 from .backends.base import Backend, Job
 from .errors import LoopAnalysisError
+from .fingerprint import watch_all
 from .log.commit import Committer, Interrupted, IterationFailed, Speculation, TargetBinder
 from .options import Options
 from .progress.base import LiveState, Progress
@@ -349,6 +350,8 @@ def run_cell(
     committer = Committer(
         ns, targets, record, opts.on_error, t0, bool(sync_names), spec, frozenset(plan.copies)
     )
+    if backend.shares_memory:
+        committer.before_serial = lambda index: _put_back(backend, job, index)
     seeded = opts.seed is not None or plan.body_seeds
     if seeded:
         seeding.begin_run()
@@ -361,12 +364,19 @@ def run_cell(
             try:
                 ran = 0
                 if spec is not None and shape.watch and backend.shares_memory:
-                    ran = _hidden_probe(shape, ns, committer, take, opts, total, view, record, live)
+                    ran = _hidden_probe(
+                        shape, ns, committer, take, opts, total, view, record, live, job, backend
+                    )
                 measured = None
                 if not committer.stopped:
+                    probed = ran
                     ran, measured = _native_first(
                         plan, cell, ns, opts, backend, take, total, record, threads, start=ran
                     )
+                    if job.baseline is not None and ran > probed:
+                        # iterations ran in the kernel meanwhile, in order:
+                        # what they changed is the serial state
+                        job.baseline = watch_all(shape.watch, ns, keep=True)
                 if not record.native and not committer.stopped:
                     Dispatcher(
                         backend,
@@ -420,22 +430,42 @@ def _hidden_probe(
     view: Progress,
     record: LastRun,
     live: LiveState,
+    job: Job,
+    backend: Backend,
 ) -> int:
     """Threads share the kernel's objects, so a hidden change would race: the
     first iteration runs in the kernel with the watched objects fingerprinted
     around it; if one changed, the whole loop runs serially in the kernel.
-    Returns the iterations run."""
-    from .fingerprint import first_change, watch_all
+
+    Otherwise the fingerprints, and the objects' pickles, become the run's
+    baseline (``job.baseline``): every chunk compares the objects with it at
+    its end, and a change found there -- an iteration after the first that
+    takes another path -- makes the kernel stop the threads, put the objects
+    back (:func:`parloop.fingerprint.restore`) and run serially from the
+    first chunk that saw it (:func:`_put_back`).  An object whose state
+    cannot be put back keeps the whole loop serial instead.  Returns the
+    iterations run."""
+    from .fingerprint import first_change, restorable
     from .schedule import ChunkSizer, _serial_rest
 
     items = take(0, 1)
     if not items:
         return 0
-    before = watch_all(shape.watch, ns)
+    concurrent = backend.max_in_flight() > 1
+    before = watch_all(shape.watch, ns, keep=concurrent)
     committer.run_direct(items, 0)
     if committer.stopped:
         return 1
     why = first_change(before, "iteration 0")
+    if not why and concurrent:
+        fixed = [w for w in before if not restorable(w)]
+        if fixed:
+            why = (
+                f"{fixed[0].label} is handed to code parloop cannot see, and its state cannot "
+                "be put back should a later iteration change it while other threads run"
+            )
+        else:
+            job.baseline = before
     if not why:
         return 1
     committer.serial = True
@@ -444,6 +474,29 @@ def _hidden_probe(
     sizer = ChunkSizer(opts.chunksize, 1, total)
     _serial_rest(committer, [], take, 1, False, sizer, view, record, live)
     return committer.next
+
+
+def _put_back(backend: Backend, job: Job, index: int) -> None:
+    """A chunk found a watched object changed (hidden state) and the rest of
+    the loop runs serially from its first iteration ``index``.  Workers that
+    share the kernel's objects may have changed them out of order meanwhile:
+    stop them, wait, and put every changed object back to the baseline --
+    the state the chunks before ``index`` saw, since each of them found it
+    unchanged at its end."""
+    from .fingerprint import restore
+
+    backend.quiesce(index)
+    for w in job.baseline or ():
+        if not w.change():
+            continue
+        if not restore(w) or w.change():
+            raise RuntimeError(
+                f"parloop: iterations from {index} on changed {w.label} through a path the "
+                "log does not hold while other threads ran, and its state could not be put "
+                f"back: iterations 0..{index - 1} are applied in order, but {w.label} holds "
+                "changes of later iterations. Run this loop serially, or under %%parallel "
+                "(each engine works on its own copy)"
+            )
 
 
 def _check_supported(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> None:

@@ -51,6 +51,11 @@ class Job:
     #: loop, not as the commits of earlier iterations leave them -- and the
     #: generators that ``seed=`` streams are made like
     originals: dict[str, Any] | None = None
+    #: workers that share the kernel's objects: the watched objects
+    #: (``shape.watch``) as fingerprinted, and saved, once the first iteration
+    #: left them unchanged; every chunk compares them at its end (see
+    #: parloop.run._hidden_probe)
+    baseline: list[Any] | None = None
 
 
 class Backend(abc.ABC):
@@ -140,6 +145,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel_after(self, index: int) -> None:
         """Chunks that start after iteration ``index`` are no longer needed."""
+
+    def quiesce(self, index: int) -> None:
+        """Chunks that start after iteration ``index`` are no longer needed,
+        and none may still be running when this returns.  Backends that share
+        the kernel's objects need it before the kernel puts a watched object
+        back (hidden state, see parloop.run); the others run on copies and
+        need not wait."""
+        self.cancel_after(index)
 
     @abc.abstractmethod
     def interrupt(self) -> None:

@@ -136,6 +136,7 @@ class ThreadBackend(Backend):
         self._free: set[int] = set()
         self._next_slot = 0
         self._names: dict[int, str] = {}  # chunk start -> worker running it
+        self._submitted: set[Future[ChunkResult]] = set()  # not finished yet
 
     def running(self) -> dict[int, tuple[str, int]]:
         """chunk start -> (worker, iterations done in it so far), for the live view."""
@@ -174,6 +175,7 @@ class ThreadBackend(Backend):
                 shape=job.shape,
                 lock=job.lock,
                 originals=job.originals,
+                baseline=job.baseline,
             )
         finally:
             self._tracker.done(start)
@@ -182,10 +184,21 @@ class ThreadBackend(Backend):
                 self._free.add(slot)
 
     def submit(self, items: list, start: int) -> "Future[ChunkResult]":
-        return _pool(MAX_THREADS).submit(self._run, items, start)
+        fut = _pool(MAX_THREADS).submit(self._run, items, start)
+        self._submitted.add(fut)
+        fut.add_done_callback(self._submitted.discard)
+        return fut
 
     def cancel_after(self, index: int) -> None:
         self._tracker.cancel_after(index)
+
+    def quiesce(self, index: int) -> None:
+        """Stop the chunks after ``index`` (each at its next iteration) and
+        wait until no chunk of this run is running or queued."""
+        from concurrent.futures import wait
+
+        self._tracker.cancel_after(index)
+        wait(list(self._submitted))
 
     def interrupt(self) -> None:
         self._interrupted = True

@@ -119,6 +119,10 @@ class Committer:
         #: conflicts dominate: the rest of the loop runs serially in the kernel
         self.serial = False
         self.checked = 0
+        #: called with a chunk's first iteration before that chunk and the rest
+        #: run serially after hidden state (threads: stop them, put the
+        #: watched objects back; see parloop.run._put_back)
+        self.before_serial: Callable[[int], None] | None = None
         self.synced = synced  # the log holds TARGET entries
         self.ns = ns
         self.targets = targets
@@ -139,6 +143,8 @@ class Committer:
         if res.hidden and self.spec is not None:
             # hidden state: nothing of this chunk is trusted; it and the rest of
             # the loop run serially in the kernel, on the kernel's own objects
+            if self.before_serial is not None:
+                self.before_serial(chunk.start)
             self.serial = True
             rec = self.record
             rec.serial_from = chunk.start
