@@ -1,5 +1,6 @@
 """The cost of hidden-state detection (docs/design.md §3): an object the body hands
-to code is fingerprinted around each engine chunk (parloop.fingerprint).
+to code is fingerprinted around each engine chunk, and after each thread chunk
+(parloop.fingerprint).
 
 Measured here, per chunk: the fingerprint of a 10 MB object graph (a dict of
 lists of floats), of a 100 MB NumPy array hashed in place, and what parloop
@@ -66,6 +67,16 @@ def fingerprint_cost(ip, rounds: int) -> Result:
             lambda: run_cell(ip, "%%parallel processes=2 chunksize=8 progress=off\n" + read),
             True,
         ),
+        Variant(
+            "%%threaded, 10 MB dict handed to a function (watched)",
+            lambda: run_cell(ip, "%%threaded threads=2 chunksize=8 progress=off\n" + passed),
+            True,
+        ),
+        Variant(
+            "%%threaded, 10 MB dict only read (not watched)",
+            lambda: run_cell(ip, "%%threaded threads=2 chunksize=8 progress=off\n" + read),
+            True,
+        ),
     ]
     res = measure(
         "Hidden-state detection: fingerprint costs, 8 chunks of 8 iterations", variants, rounds
@@ -73,6 +84,9 @@ def fingerprint_cost(ip, rounds: int) -> Result:
     res.extra.append(
         "The fingerprint rows are one call each (in the kernel); a watched input costs two "
         "per chunk on each engine (one baseline per run, one after every chunk). The two "
-        "%%parallel rows differ by that, and both include sending GRAPH once."
+        "%%parallel rows differ by that, and both include sending GRAPH once. Under "
+        "%%threaded a watched input is fingerprinted and pickled once around the first "
+        "iteration (the baseline, kept to put the object back) and fingerprinted after "
+        "every chunk."
     )
     return res

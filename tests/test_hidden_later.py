@@ -182,3 +182,30 @@ def test_property_hidden_writes_on_random_branches(ip, branch, threads):
     differential(
         ip, setup, cell, f"%%threaded threads={threads} chunksize=1 progress=off", ["log", "out"]
     )
+
+
+@pytest.mark.parametrize("end", ["break", "raise"])
+def test_iterations_after_a_break_or_failure_leave_no_hidden_change(ip, end):
+    """Chunks after a ``break`` (or a failed iteration) ran on while it was
+    committed, and changed a watched object behind the log's back: the
+    kernel puts it back, as serial execution never ran them (the check before
+    the chunk's commit sees the change here; the one after the run catches
+    a change made between that check and the threads' stop)."""
+    setup = "import operator, time\nclass Stop(Exception):\n    pass\nd = {'k': 0}\nout = {}"
+    stop = "break" if end == "break" else "raise Stop(i)"
+    cell = (
+        "for i in range(60):\n    time.sleep(0.003)\n    if i > 20:\n"
+        "        operator.setitem(d, 'k', i)\n    out[i] = i\n"
+        f"    if i == 20:\n        {stop}\n"
+    )
+    if end == "break":
+        differential(ip, setup, cell, "%%threaded threads=2 progress=off", ["d", "out"])
+        return
+    from helpers import reset, run_cell
+
+    reset(ip)
+    run_cell(ip, setup)
+    _, err = run_cell(ip, "%%threaded threads=2 progress=off\n" + cell)
+    assert type(err).__name__ == "Stop"
+    assert ip.user_ns["d"] == {"k": 0}
+    assert ip.user_ns["out"] == {i: i for i in range(21)}

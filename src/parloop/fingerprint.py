@@ -18,6 +18,7 @@ import hashlib
 import pickle
 import random
 import threading
+import time
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -272,6 +273,56 @@ def _restore_contents(obj: Any, old: Any) -> bool | None:
     else:
         return None
     return True
+
+
+class Baseline:
+    """Threads: the watched objects as they were when the threads started,
+    checked once for every chunk that finished before the check.
+
+    A change behind the log's back stays until the kernel undoes it, so a
+    check that finds every object as it was at time T vouches for every
+    chunk that finished before T: none of them ran while an object was
+    changed.  So the kernel need not fingerprint after each chunk: it holds
+    finished chunks back until a check vouches for them, and checks at most
+    every :data:`CHECK_SHARE` times a check's own cost (a fingerprint holds
+    the GIL), or when nothing runs any more.  A check that finds a change
+    sends the loop serial from the first chunk not vouched for, once the
+    objects are put back (:meth:`put_back`)."""
+
+    #: seconds between checks, as a multiple of what one check costs
+    CHECK_SHARE = 10.0
+
+    def __init__(self, watched: list[Watched], cost: float):
+        self.watched = watched
+        self.cost = cost
+        #: the start of the last check that found nothing (perf_counter)
+        self.vouched = time.perf_counter()
+        self.checks = 0
+
+    def vouches_for(self, finished: float) -> bool:
+        return finished <= self.vouched
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.vouched >= self.CHECK_SHARE * self.cost
+
+    def check(self) -> str:
+        """Why an object differs from the baseline, or "" (and every chunk
+        that finished before now is vouched for)."""
+        t = time.perf_counter()
+        why = first_change(self.watched)
+        self.cost = max(self.cost, time.perf_counter() - t)
+        self.checks += 1
+        if not why:
+            self.vouched = t
+        return why
+
+    def put_back(self) -> str:
+        """Put every changed object back; "" when all are as they were, else
+        the label of one that could not be."""
+        for w in self.watched:
+            if w.change() and (not restore(w) or w.change()):
+                return w.label
+        return ""
 
 
 def first_change(watched: list[Watched], who: str = "") -> str:

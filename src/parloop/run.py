@@ -25,7 +25,7 @@ from .analysis.functions import notebook_functions
 from .analysis.namespace import alias_groups, cell_sources, plain_roots, stored, submodules, watched
 from .backends.base import Backend, Job
 from .errors import LoopAnalysisError
-from .fingerprint import watch_all
+from .fingerprint import Baseline, watch_all
 from .log.commit import Committer, Interrupted, IterationFailed, Speculation, TargetBinder
 from .options import Options
 from .progress.base import LiveState, Progress
@@ -376,7 +376,10 @@ def run_cell(
                     if job.baseline is not None and ran > probed:
                         # iterations ran in the kernel meanwhile, in order:
                         # what they changed is the serial state
-                        job.baseline = watch_all(shape.watch, ns, keep=True)
+                        job.baseline = Baseline(
+                            watch_all(shape.watch, ns, keep=True), job.baseline.cost
+                        )
+                    committer.baseline = job.baseline
                 if not record.native and not committer.stopped:
                     Dispatcher(
                         backend,
@@ -456,7 +459,9 @@ def _hidden_probe(
     committer.run_direct(items, 0)
     if committer.stopped:
         return 1
+    t = time.perf_counter()
     why = first_change(before, "iteration 0")
+    cost = time.perf_counter() - t
     if not why and concurrent:
         fixed = [w for w in before if not restorable(w)]
         if fixed:
@@ -465,7 +470,7 @@ def _hidden_probe(
                 "be put back should a later iteration change it while other threads run"
             )
         else:
-            job.baseline = before
+            job.baseline = Baseline(before, cost)
     if not why:
         return 1
     committer.serial = True
@@ -477,26 +482,24 @@ def _hidden_probe(
 
 
 def _put_back(backend: Backend, job: Job, index: int) -> None:
-    """A chunk found a watched object changed (hidden state) and the rest of
-    the loop runs serially from its first iteration ``index``.  Workers that
-    share the kernel's objects may have changed them out of order meanwhile:
-    stop them, wait, and put every changed object back to the baseline --
-    the state the chunks before ``index`` saw, since each of them found it
-    unchanged at its end."""
-    from .fingerprint import restore
-
+    """A check found a watched object changed (hidden state), and the rest of
+    the loop runs serially from iteration ``index``, the first that no check
+    vouched for.  Workers that share the kernel's objects may have changed
+    them out of order meanwhile: stop them, wait, and put every changed
+    object back to the baseline -- the state the iterations before ``index``
+    saw (see parloop.fingerprint.Baseline)."""
+    if job.baseline is None:
+        return
     backend.quiesce(index)
-    for w in job.baseline or ():
-        if not w.change():
-            continue
-        if not restore(w) or w.change():
-            raise RuntimeError(
-                f"parloop: iterations from {index} on changed {w.label} through a path the "
-                "log does not hold while other threads ran, and its state could not be put "
-                f"back: iterations 0..{index - 1} are applied in order, but {w.label} holds "
-                "changes of later iterations. Run this loop serially, or under %%parallel "
-                "(each engine works on its own copy)"
-            )
+    label = job.baseline.put_back()
+    if label:
+        raise RuntimeError(
+            f"parloop: iterations from {index} on changed {label} through a path the "
+            "log does not hold while other threads ran, and its state could not be put "
+            f"back: iterations 0..{index - 1} are applied in order, but {label} holds "
+            "changes of later iterations. Run this loop serially, or under %%parallel "
+            "(each engine works on its own copy)"
+        )
 
 
 def _check_supported(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> None:

@@ -503,7 +503,6 @@ def run_chunk(
     init: dict[str, Any] | None = None,
     originals: dict[str, Any] | None = None,
     watch: bool = False,
-    baseline: list[Any] | None = None,
 ) -> ChunkResult:
     """Run one chunk through the generated function ``fn``.
 
@@ -511,10 +510,7 @@ def run_chunk(
     an iteration that runs longer, as an IterationTimeout raised in it.
     ``direct``: a log whose ``append`` applies each entry at once (the kernel
     re-executing an iteration, see parloop.tracking.ApplyingLog).
-    ``watch`` (engines): fingerprint ``shape.watch`` around the chunk.
-    ``baseline`` (threads): the watched objects as the kernel fingerprinted
-    them before the threads started, compared at the chunk's end -- not at
-    its start, when another thread may already have changed them."""
+    ``watch`` (engines): fingerprint ``shape.watch`` around the chunk."""
     log: Any = direct if direct is not None else []
     parts: list[str] = []
     if originals is None and shape is not None and (shape.copies or shape.streams):
@@ -539,7 +535,7 @@ def run_chunk(
     if register is not None:
         register(ctl)
     tw = time.perf_counter()
-    watched = _watched(fn, shape) if watch and shape is not None and shape.watch else baseline
+    watched = _watched(fn, shape) if watch and shape is not None and shape.watch else None
     watch_seconds = time.perf_counter() - tw
     ctl_token = None
     if shape is not None and shape.functions:

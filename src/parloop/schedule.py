@@ -375,6 +375,8 @@ class Dispatcher:
         order; raise :class:`_Failed` at a failed iteration."""
         committer, results = self.committer, self.results
         while committer.next in results:
+            if not self.vouched(results[committer.next][1]):
+                return
             chunk, res = results.pop(committer.next)
             if res.halted and (self.stop_at is None or res.start <= self.stop_at):
                 committer.commit(chunk, res)
@@ -390,6 +392,22 @@ class Dispatcher:
                 )
             if committer.stopped:
                 return
+
+    def vouched(self, res: ChunkResult) -> bool:
+        """Threads with watched objects: a chunk is committed once a check of
+        the baseline vouches for it (parloop.fingerprint.Baseline: checks are
+        spaced out while chunks run, and made at once when none runs); a
+        check that finds a change marks the chunk hidden, and the committer
+        puts the objects back and runs serially from it."""
+        base = self.committer.baseline
+        if base is None or res.hidden or base.vouches_for(res.t_end):
+            return True
+        if self.in_flight and not base.due():
+            return False
+        why = base.check()
+        if why:
+            res.hidden = why
+        return True
 
     def stopped(self) -> IterationError | None:
         """A break was committed, or conflicts dominate: nothing the workers
@@ -480,6 +498,17 @@ class Dispatcher:
             self.backend.cancel_after(self.stop_at)
         if self.in_flight and not self.record.interrupted:
             wait(list(self.in_flight), timeout=5.0)
+        base, committer = self.committer.baseline, self.committer
+        if (
+            base is not None
+            and (failure is not None or committer.broke)
+            and not committer.serial
+            and not self.record.interrupted
+            and base.check()
+        ):
+            # the chunks after a failure or a break ran on meanwhile, and
+            # what they changed behind the log's back is not the serial state
+            _put_back_or_note(base, self.record)
         self.record.by_worker = {
             name: WorkerTotals(name, w.done, w.busy, w.failed, w.chunks)
             for name, w in self.live.workers.items()
@@ -563,6 +592,15 @@ class Taker:
         return out
 
 
+def _put_back_or_note(base: Any, record: LastRun) -> None:
+    label = base.put_back()
+    if label:
+        record.notes.append(
+            f"parloop: {label} was changed by iterations that ran after the last applied one, "
+            "through a path the log does not hold, and could not be put back"
+        )
+
+
 def drain(
     in_flight: dict[Future, Chunk],
     results: dict[int, tuple[Chunk, ChunkResult]],
@@ -572,6 +610,7 @@ def drain(
     """After an interrupt: take what finishes within ``timeout`` and commit the
     contiguous prefix of completed iterations."""
     deadline = time.monotonic() + timeout
+    base = committer.baseline
     while in_flight and time.monotonic() < deadline:
         done, _ = wait(
             list(in_flight),
@@ -584,7 +623,14 @@ def drain(
                 results[chunk.start] = (chunk, fut.result())
             except BaseException:  # noqa: BLE001 - a worker lost while stopping
                 pass
+    if base is not None and not committer.serial and base.check():
+        # changed behind the log's back: only what a check vouched for is
+        # applied, and the objects are put back to what those iterations left
+        _put_back_or_note(base, committer.record)
     while committer.next in results:
+        if base is not None and not committer.serial:
+            if not base.vouches_for(results[committer.next][1].t_end):
+                break
         chunk, res = results.pop(committer.next)
         try:
             committer.commit(chunk, res)

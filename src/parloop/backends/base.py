@@ -53,9 +53,9 @@ class Job:
     originals: dict[str, Any] | None = None
     #: workers that share the kernel's objects: the watched objects
     #: (``shape.watch``) as fingerprinted, and saved, once the first iteration
-    #: left them unchanged; every chunk compares them at its end (see
+    #: left them unchanged (a :class:`parloop.fingerprint.Baseline`; see
     #: parloop.run._hidden_probe)
-    baseline: list[Any] | None = None
+    baseline: Any = None
 
 
 class Backend(abc.ABC):

@@ -175,7 +175,6 @@ class ThreadBackend(Backend):
                 shape=job.shape,
                 lock=job.lock,
                 originals=job.originals,
-                baseline=job.baseline,
             )
         finally:
             self._tracker.done(start)

@@ -123,6 +123,9 @@ class Committer:
         #: run serially after hidden state (threads: stop them, put the
         #: watched objects back; see parloop.run._put_back)
         self.before_serial: Callable[[int], None] | None = None
+        #: threads with watched objects: the parloop.fingerprint.Baseline a
+        #: chunk waits for before it is committed (see schedule.Dispatcher)
+        self.baseline: Any = None
         self.synced = synced  # the log holds TARGET entries
         self.ns = ns
         self.targets = targets
