@@ -214,7 +214,8 @@ def render(plan: LoopPlan, opts: Options, ns: dict[str, Any]) -> str:
         where = (
             "on the engines around every chunk"
             if opts.magic == "parallel"
-            else "around the first iteration, which runs in the kernel"
+            else "around the first iteration, which runs in the kernel, and again while "
+            "the threads run (a change then: they stop, the objects are put back)"
         )
         lines.append(
             f"  these are fingerprinted {where}; if one changes, the loop runs "
