@@ -292,7 +292,11 @@ class DaskBackend(Backend):
         if state is None or state.client is not client:
             state = self._states[id(client)] = _ClientState(client)
         self.state = state
-        self.ids = state.workers.refresh(self.SILENT_SECONDS)
+        # the workers the last cell saw, without a round trip to the scheduler:
+        # a loop that runs natively needs no more (a cell's first chunk asks
+        # the scheduler again, and compares the versions of new workers)
+        known = sorted(state.workers._engines)
+        self.ids = known or state.workers.refresh(self.SILENT_SECONDS)
         if not self.ids:
             raise WorkerLostError("the Dask cluster has no workers")
         self._inputs: dict[str, Any] | None = None
@@ -307,7 +311,8 @@ class DaskBackend(Backend):
         self._run_id = uuid.uuid4().hex[:12]
         self._progress: dict[int, tuple[str, int]] = {}  # chunk start -> (worker, done)
         self._subscribed = False
-        self._check_versions()
+        if not known:
+            self._check_versions()
 
     def _check_versions(self) -> None:
         """First contact with a worker: Python, cloudpickle and parloop as in
