@@ -59,6 +59,38 @@ def _finder(installed: list[str]) -> str:
     )
 
 
+#: (setup, cell, checks) run plainly and on workers of the bare environment:
+#: a notebook class and function with numpy (by value), a reduction, print
+#: order, and a loop whose iterations depend on each other
+CELLS = [
+    (
+        "import numpy as np\n"
+        "class Scaler:\n    def __init__(self, k):\n        self.k = k\n"
+        "    def __call__(self, v):\n        return v * self.k\n"
+        "def shape(v):\n    return float(np.sin(v))\n"
+        "s = Scaler(3)\nout = {}\ntotal = 0",
+        "for i in range(40):\n    out[i] = s(shape(i))\n    total += i\n"
+        "    if i % 10 == 0:\n        print('at', i)\n",
+        ["out", "total", "i"],
+    ),
+    ("x = [1.0] + [0.0] * 12", "for i in range(12):\n    x[i + 1] = x[i] * 1.5 + i\n", ["x"]),
+]
+
+
+def run_cells(ip, magic: str, backend: str, note: str) -> None:
+    """Each of :data:`CELLS` plainly and under ``magic`` (the same answer and
+    output); the first run, which found the workers without parloop, says so
+    in a note containing ``note``."""
+    import parloop
+    from helpers import differential
+
+    for n, (setup, cell, checks) in enumerate(CELLS):
+        differential(ip, setup, cell, magic, checks)
+        assert parloop.last_run.backend == backend
+        if n == 0:
+            assert any(note in m for m in parloop.last_run.notes), parloop.last_run.notes
+
+
 def make_bare_python(root: Path) -> str:
     """Create the environment under ``root``; return its python."""
     import parloop

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from bareenv import bare_env, make_bare_python, where_parloop_comes_from
-from helpers import differential, reset, run_cell, stop_processes
+from bareenv import bare_env, make_bare_python, run_cells, where_parloop_comes_from
+from helpers import reset, run_cell, stop_processes
 
 distributed = pytest.importorskip("distributed")
 
@@ -92,33 +92,9 @@ def bare_cluster(bare_python, tmp_path_factory):
         stop_processes(procs)
 
 
-CELLS = [
-    (
-        "import numpy as np\n"
-        "class Scaler:\n    def __init__(self, k):\n        self.k = k\n"
-        "    def __call__(self, v):\n        return v * self.k\n"
-        "def shape(v):\n    return float(np.sin(v))\n"
-        "s = Scaler(3)\nout = {}\ntotal = 0",
-        "for i in range(40):\n    out[i] = s(shape(i))\n    total += i\n"
-        "    if i % 10 == 0:\n        print('at', i)\n",
-        ["out", "total", "i"],
-    ),
-    ("x = [1.0] + [0.0] * 12", "for i in range(12):\n    x[i + 1] = x[i] * 1.5 + i\n", ["x"]),
-]
-
-
 def test_workers_without_parloop_are_sent_it_and_give_the_serial_answer(ip, bare_cluster):
     scheduler_file, client, _procs, _tmp = bare_cluster
-    magic = f"%%parallel dask={scheduler_file} progress=off"
-    import parloop
-
-    for n, (setup, cell, checks) in enumerate(CELLS):
-        differential(ip, setup, cell, magic, checks)
-        assert parloop.last_run.backend == "dask"
-        if n == 0:  # the run that found the workers without parloop says so
-            assert any("parloop was sent" in note for note in parloop.last_run.notes), (
-                parloop.last_run.notes
-            )
+    run_cells(ip, f"%%parallel dask={scheduler_file} progress=off", "dask", "parloop was sent")
     answers = client.run(where_parloop_comes_from)
     assert len(answers) == 2
     for where in answers.values():

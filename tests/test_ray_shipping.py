@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from bareenv import bare_env, make_bare_python, where_parloop_comes_from
-from helpers import differential, stop_processes
+from bareenv import bare_env, make_bare_python, run_cells, where_parloop_comes_from
+from helpers import stop_processes
 
 ray = pytest.importorskip("ray")
 
@@ -80,35 +80,11 @@ def bare_ray(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-CELLS = [
-    (
-        "import numpy as np\n"
-        "class Scaler:\n    def __init__(self, k):\n        self.k = k\n"
-        "    def __call__(self, v):\n        return v * self.k\n"
-        "def shape(v):\n    return float(np.sin(v))\n"
-        "s = Scaler(3)\nout = {}\ntotal = 0",
-        "for i in range(40):\n    out[i] = s(shape(i))\n    total += i\n"
-        "    if i % 10 == 0:\n        print('at', i)\n",
-        ["out", "total", "i"],
-    ),
-    ("x = [1.0] + [0.0] * 12", "for i in range(12):\n    x[i + 1] = x[i] * 1.5 + i\n", ["x"]),
-]
-
-
 def test_ray_workers_without_parloop_get_it_with_the_tasks(ip, bare_ray):
-    import parloop
-
     saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     try:
-        magic = f"%%parallel ray={bare_ray} progress=off"
-        for n, (setup, cell, checks) in enumerate(CELLS):
-            differential(ip, setup, cell, magic, checks)
-            assert parloop.last_run.backend == "ray"
-            if n == 0:  # the run that found the workers without parloop says so
-                assert any("not installed on the Ray" in m for m in parloop.last_run.notes), (
-                    parloop.last_run.notes
-                )
+        run_cells(ip, f"%%parallel ray={bare_ray} progress=off", "ray", "not installed on the Ray")
         # where the tasks' parloop came from: the job's package, not this
         # environment (make_bare_python checked that it has none)
         from parloop.backends.ray import _CONN
