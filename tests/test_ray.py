@@ -203,12 +203,14 @@ def test_seeded_runs_match_threads(ip, ray_cluster):
 
 def test_live_rows_show_progress_inside_a_running_chunk(ip, ray_cluster):
     """Workers report per iteration (through the progress actor): the live
-    view sees each worker part-way through its chunk, not only chunk by chunk."""
+    view sees each worker part-way through its chunk, not only chunk by chunk.
+    Chunks of 2 s: a report passes a worker's timer (0.25 s), the actor and
+    the kernel's throttled asking, and CI twice missed all of a 1 s chunk's."""
     reset(ip)
     run_cell(ip, "import time\nout = {}")
     spy = run_live(
         ip,
-        "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
+        "for i in range(40):\n    time.sleep(0.1)\n    out[i] = i\n",
         "parallel",
         "ray chunksize=20",
     )
