@@ -7,6 +7,8 @@ difference; ``explain`` says what it found."""
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 
 import parloop
@@ -448,3 +450,36 @@ def test_method_writing_notebook_globals(ip, magic):
     differential(ip, setup, cell, magic, ["out", "AUDIT", "SEEN", "sc.w"])
     rec = parloop.last_run
     assert not rec.hidden and rec.reruns == [], rec.notes
+
+
+def test_a_notebook_functions_module_calls_run_in_the_worker(ip):
+    """A notebook function's statement calls through a module (``time.sleep``)
+    or a class run in the worker, as in the loop body: they are not writes to
+    the module's name, so the loop is not held to one chunk at a time.  A
+    module with global state of its own (``plt``) stays replayed in order."""
+    import parloop.analysis.functions as functions
+
+    reset(ip)
+    run_cell(
+        ip,
+        "import time, math\nimport matplotlib\nmatplotlib.use('Agg')\n"
+        "import matplotlib.pyplot as plt\n"
+        "def work(i):\n    time.sleep(0.001)\n    return math.sqrt(i)\n"
+        "def draw(i):\n    plt.plot([i], [i])\n    return i\nout = {}",
+    )
+    fns = functions.notebook_functions(
+        ast.parse("work(1)\ndraw(1)").body, ip.user_ns, frozenset(), {}
+    )
+    assert fns["work"].writes() == set()
+    assert fns["draw"].writes() == {"plt"}
+    differential(
+        ip,
+        "import time, math\ndef work(i):\n    time.sleep(0.002)\n    return math.sqrt(i)\nout = {}",
+        "for i in range(200):\n    out[i] = work(i)\n",
+        "%%threaded threads=4 progress=off",
+        ["out"],
+    )
+    assert not parloop.last_run.reruns and parloop.last_run.serial_from is None
+    # chunks ran side by side: the workers were busy more than the wall time
+    busy = sum(c.t_end - c.t_start for c in parloop.last_run.chunks)
+    assert busy > 1.5 * parloop.last_run.wall, (busy, parloop.last_run.wall)

@@ -75,6 +75,7 @@ def _plan(
     fdef: ast.FunctionDef,
     plain: frozenset[str],
     stateful: dict[str, str],
+    worker_roots: frozenset[str] = frozenset(),
 ) -> FunctionPlan:
     declared: set[str] = set()
     for n in walk_scope(fdef):
@@ -150,7 +151,7 @@ def _plan(
             f"in `{name}`, called by the loop: {msg}", lineno=e.lineno, name=e.name
         ) from None
     roots = {m.root for m in muts.found if m.kind != "call"}
-    call_roots = muts.call_roots - roots
+    call_roots = muts.call_roots - roots - worker_roots
     return FunctionPlan(
         name=name,
         path=path,
@@ -185,6 +186,26 @@ def _method(obj: Any, name: str, ns: dict[str, Any]) -> types.FunctionType | Non
 _CACHE: dict[tuple, FunctionPlan | None] = {}
 
 
+def _own_plain(fn: types.FunctionType) -> frozenset[str]:
+    """The function's own globals bound to modules, classes and functions:
+    its statement calls through them (``time.sleep(d)``, ``np.save(...)``)
+    run in the worker, and calls through them inside expressions are calls,
+    not writes -- as for the loop body (rewrite.classify_call_roots,
+    namespace.plain_roots), which only sees the names the cell mentions.
+    Modules with global state of their own (``plt``) stay call roots,
+    replayed in the kernel in order."""
+    from ..rewrite import is_plain_callable_root
+
+    names: set[str] = set()
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    g = fn.__globals__
+    return frozenset(n for n in names if n in g and is_plain_callable_root(g[n]))
+
+
 def _analysed(
     fn: types.FunctionType,
     name: str,
@@ -192,12 +213,13 @@ def _analysed(
     plain: frozenset[str],
     stateful: dict[str, str],
 ) -> FunctionPlan | None:
-    key = (fn.__code__, plain, tuple(sorted(stateful.items())))
+    own = _own_plain(fn)
+    key = (fn.__code__, plain | own, tuple(sorted(stateful.items())))
     if key not in _CACHE:
         fdef = _source(fn)
         if len(_CACHE) > 256:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = None if fdef is None else _plan(name, path, fdef, plain, stateful)
+        _CACHE[key] = None if fdef is None else _plan(name, path, fdef, plain | own, stateful, own)
     fp = _CACHE[key]
     if fp is None:
         return None
