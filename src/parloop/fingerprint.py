@@ -76,7 +76,20 @@ def _class_data(cls: type) -> dict[str, Any]:
         k: v
         for k, v in vars(cls).items()
         if not k.startswith("__")
-        and not isinstance(v, (types.FunctionType, classmethod, staticmethod, property))
+        and not isinstance(
+            v,
+            (
+                types.FunctionType,
+                classmethod,
+                staticmethod,
+                property,
+                # the slots' descriptors: pickled, they take the class by value,
+                # which changes once copyreg caches __slotnames__ on it (at the
+                # first pickle of an instance), and the digest with it
+                types.MemberDescriptorType,
+                types.GetSetDescriptorType,
+            ),
+        )
     }
 
 
