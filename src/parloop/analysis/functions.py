@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LoopAnalysisError
-from .scopes import ScopeNames, walk_scope
+from .scopes import ScopeNames, code_names, walk_scope
 from .writes import AUG_OPS, Mutations
 
 #: how deep the body's calls are followed
@@ -196,14 +196,8 @@ def _own_plain(fn: types.FunctionType) -> frozenset[str]:
     replayed in the kernel in order."""
     from ..rewrite import is_plain_callable_root
 
-    names: set[str] = set()
-    codes = [fn.__code__]
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
     g = fn.__globals__
-    return frozenset(n for n in names if n in g and is_plain_callable_root(g[n]))
+    return frozenset(n for n in code_names(fn.__code__) if n in g and is_plain_callable_root(g[n]))
 
 
 def _analysed(

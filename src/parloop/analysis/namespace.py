@@ -12,6 +12,7 @@ import types
 from typing import Any
 
 from . import LoopPlan
+from .scopes import code_names
 
 
 def stored(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
@@ -179,13 +180,7 @@ def watched(
         seen.add(id(fn))
         if not isinstance(fn, types.FunctionType) or fn.__globals__ is not ns:
             return
-        codes = [fn.__code__]
-        names: set[str] = set()
-        while codes:
-            code = codes.pop()
-            names.update(code.co_names)
-            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        for g in sorted(names):
+        for g in sorted(code_names(fn.__code__)):
             v = ns.get(g)
             if isinstance(v, types.FunctionType):
                 globals_of(fname, v, depth + 1)

@@ -4,11 +4,24 @@ that every other analysis module uses.  Pure functions over :mod:`ast`."""
 from __future__ import annotations
 
 import ast
+import types
 from typing import Iterator, Sequence
 
 from ..errors import LoopAnalysisError
 
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+
+
+def code_names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a compiled function uses, its nested
+    functions, lambdas and comprehensions included (``co_names``, recursively)."""
+    names: set[str] = set()
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        names.update(c.co_names)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return names
 
 
 def walk_scope(node: ast.AST) -> Iterator[ast.AST]:

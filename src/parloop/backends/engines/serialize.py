@@ -326,15 +326,11 @@ def _culprit(value: Any, depth: int = 3) -> tuple[list[str], Any, Exception] | N
         return None
     parts: list[tuple[str, Any]] = []
     if isinstance(value, types.FunctionType):
-        code_names: set[str] = set()
-        stack = [value.__code__]
-        while stack:
-            code = stack.pop()
-            code_names.update(code.co_names)
-            stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        from ...analysis.scopes import code_names
+
         parts += [
             (f"global {n}", value.__globals__[n])
-            for n in sorted(code_names)
+            for n in sorted(code_names(value.__code__))
             if n in value.__globals__
         ]
         for var, cell in zip(value.__code__.co_freevars, value.__closure__ or ()):
