@@ -218,6 +218,46 @@ def test_live_rows_show_progress_inside_a_running_chunk(ip, ray_cluster):
     assert_seen_mid_chunk(spy, 20, "worker")
 
 
+def _unreachable_for(name: str, seconds: float) -> int:
+    """On a Ray worker: its process could not reach the progress actor just
+    now (as when the actor is not registered yet at a connection's first
+    chunk); returns its pid."""
+    import os
+    import time
+
+    from parloop.backends import ray as ray_backend
+
+    ray_backend._MISSING[name] = time.monotonic() + seconds
+    ray_backend._ACTORS.pop(name, None)
+    time.sleep(0.3)  # the other task lands on the other process
+    return os.getpid()
+
+
+_unreachable_for.__module__ = "__main__"  # by value: the workers cannot import the tests
+
+
+def test_live_rows_recover_after_a_failed_actor_lookup(ip, ray_cluster):
+    """A worker process whose lookup of the progress actor failed reports
+    again a moment later, within the chunk -- it used to stay silent for a
+    minute (no live rows, and a chunk longer than the deadline ran again)."""
+    from parloop.backends.ray import _CONN
+
+    reset(ip)
+    run_cell(ip, "out = {}")
+    run_cell(ip, f"{MAGIC}\nfor i in range(4):\n    out[i] = i\n")  # the actor exists
+    name = _CONN[0].progress[1]
+    ray.get([ray.remote(_unreachable_for).remote(name, 0.8) for _ in range(4)])
+    run_cell(ip, "import time\nout = {}")
+    spy = run_live(
+        ip,
+        "for i in range(40):\n    time.sleep(0.1)\n    out[i] = i\n",
+        "parallel",
+        "ray chunksize=20",
+    )
+    assert ip.user_ns["out"] == {i: i for i in range(40)}
+    assert_seen_mid_chunk(spy, 20, "worker")
+
+
 def test_inputs_are_loaded_once_per_worker_process_per_cell(ip, ray_cluster):
     """An input whose unpickling counts, per process, how often it ran: within
     one cell every chunk a process runs sees the same count (chunks of one

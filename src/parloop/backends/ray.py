@@ -197,19 +197,20 @@ class _Reporter:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._chunk: tuple[Any, tuple[str, int, int], float, _Reading] | None = None
+        self._chunk: tuple[str, tuple[str, int, int], float, _Reading] | None = None
         self._thread: threading.Thread | None = None
         self.me = ""
 
     def begin(self, progress: tuple[str, tuple[str, int, int], float], reading: _Reading) -> None:
         name, key, period = progress
-        actor = _actor(name)
-        if actor is None:
-            return
         self.me = self.me or _worker()
-        self._send(actor, key, 0)
+        actor = _actor(name)
+        if actor is not None:
+            self._send(actor, key, 0)
+        # an actor not reachable now is looked up again by the timer thread:
+        # a chunk that never reported would look silent to the kernel
         with self._cond:
-            self._chunk = (actor, key, period, reading)
+            self._chunk = (name, key, period, reading)
             self._cond.notify()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -236,15 +237,19 @@ class _Reporter:
                 self._cond.wait(chunk[2])  # woken early by the next chunk (reported already)
                 if self._chunk is not chunk:
                     continue
-            actor, key, _, reading = chunk
-            self._send(actor, key, reading.done())
+            name, key, _, reading = chunk
+            actor = _actor(name)
+            if actor is not None:
+                self._send(actor, key, reading.done())
 
 
 def _actor(name: str) -> Any:
     """The progress actor called ``name``, looked up once per process and
     called once and waited for (so that its address is known here and the
     next reports go out at once); None if it cannot be reached now (asked
-    again a minute later)."""
+    again RETRY_SECONDS later: a minute, as it was, kept a worker process
+    silent through the next runs when the actor was not registered yet at
+    the first chunk of a connection)."""
     actor = _ACTORS.get(name)
     if actor is not None or time.monotonic() < _MISSING.get(name, 0.0):
         return actor
@@ -255,7 +260,7 @@ def _actor(name: str) -> Any:
         ray.get(actor.ping.remote(), timeout=10)
     except Exception as e:  # noqa: BLE001 - the run goes on without reports
         log.debug("parloop progress actor %s: %s", name, e)
-        _MISSING[name] = time.monotonic() + 60
+        _MISSING[name] = time.monotonic() + RETRY_SECONDS
         return None
     _ACTORS[name] = actor
     return actor
@@ -267,6 +272,8 @@ _REPORTER = _Reporter()
 _ACTORS: dict[str, Any] = {}
 #: actors that could not be reached: not before this time again
 _MISSING: dict[str, float] = {}
+#: seconds before an actor that could not be reached is looked up again
+RETRY_SECONDS = 2.0
 
 
 class _Progress:
