@@ -351,7 +351,7 @@ def run_cell(
         ns, targets, record, opts.on_error, t0, bool(sync_names), spec, frozenset(plan.copies)
     )
     if backend.shares_memory:
-        committer.before_serial = lambda index: _put_back(backend, job, index)
+        committer.before_serial = lambda index: _put_back(backend, committer.baseline, index)
     seeded = opts.seed is not None or plan.body_seeds
     if seeded:
         seeding.begin_run()
@@ -365,7 +365,7 @@ def run_cell(
                 ran = 0
                 if spec is not None and shape.watch and backend.shares_memory:
                     ran = _hidden_probe(
-                        shape, ns, committer, take, opts, total, view, record, live, job, backend
+                        shape, ns, committer, take, opts, total, view, record, live, backend
                     )
                 measured = None
                 if not committer.stopped:
@@ -373,13 +373,12 @@ def run_cell(
                     ran, measured = _native_first(
                         plan, cell, ns, opts, backend, take, total, record, threads, start=ran
                     )
-                    if job.baseline is not None and ran > probed:
+                    if committer.baseline is not None and ran > probed:
                         # iterations ran in the kernel meanwhile, in order:
                         # what they changed is the serial state
-                        job.baseline = Baseline(
-                            watch_all(shape.watch, ns, keep=True), job.baseline.cost
+                        committer.baseline = Baseline(
+                            watch_all(shape.watch, ns, keep=True), committer.baseline.cost
                         )
-                    committer.baseline = job.baseline
                 if not record.native and not committer.stopped:
                     Dispatcher(
                         backend,
@@ -433,7 +432,6 @@ def _hidden_probe(
     view: Progress,
     record: LastRun,
     live: LiveState,
-    job: Job,
     backend: Backend,
 ) -> int:
     """Threads share the kernel's objects, so a hidden change would race: the
@@ -441,13 +439,14 @@ def _hidden_probe(
     around it; if one changed, the whole loop runs serially in the kernel.
 
     Otherwise the fingerprints, and the objects' pickles, become the run's
-    baseline (``job.baseline``): every chunk compares the objects with it at
-    its end, and a change found there -- an iteration after the first that
-    takes another path -- makes the kernel stop the threads, put the objects
-    back (:func:`parloop.fingerprint.restore`) and run serially from the
-    first chunk that saw it (:func:`_put_back`).  An object whose state
-    cannot be put back keeps the whole loop serial instead.  Returns the
-    iterations run."""
+    baseline (``committer.baseline``): the dispatcher commits a chunk once a
+    check against it vouches for the chunk (schedule.Dispatcher.vouched), and
+    a change found there -- an iteration after the first that takes another
+    path -- makes the kernel stop the threads, put the objects back
+    (:func:`parloop.fingerprint.restore`) and run serially from the first
+    chunk not vouched for (:func:`_put_back`).  An object whose state cannot
+    be put back keeps the whole loop serial instead.  Returns the iterations
+    run."""
     from .fingerprint import first_change, restorable
     from .schedule import ChunkSizer, _serial_rest
 
@@ -470,7 +469,7 @@ def _hidden_probe(
                 "be put back should a later iteration change it while other threads run"
             )
         else:
-            job.baseline = Baseline(before, cost)
+            committer.baseline = Baseline(before, cost)
     if not why:
         return 1
     committer.serial = True
@@ -481,17 +480,17 @@ def _hidden_probe(
     return committer.next
 
 
-def _put_back(backend: Backend, job: Job, index: int) -> None:
+def _put_back(backend: Backend, baseline: Baseline | None, index: int) -> None:
     """A check found a watched object changed (hidden state), and the rest of
     the loop runs serially from iteration ``index``, the first that no check
     vouched for.  Workers that share the kernel's objects may have changed
     them out of order meanwhile: stop them, wait, and put every changed
     object back to the baseline -- the state the iterations before ``index``
     saw (see parloop.fingerprint.Baseline)."""
-    if job.baseline is None:
+    if baseline is None:
         return
     backend.quiesce(index)
-    label = job.baseline.put_back()
+    label = baseline.put_back()
     if label:
         raise RuntimeError(
             f"parloop: iterations from {index} on changed {label} through a path the "

@@ -51,11 +51,6 @@ class Job:
     #: loop, not as the commits of earlier iterations leave them -- and the
     #: generators that ``seed=`` streams are made like
     originals: dict[str, Any] | None = None
-    #: workers that share the kernel's objects: the watched objects
-    #: (``shape.watch``) as fingerprinted, and saved, once the first iteration
-    #: left them unchanged (a :class:`parloop.fingerprint.Baseline`; see
-    #: parloop.run._hidden_probe)
-    baseline: Any = None
 
 
 class Backend(abc.ABC):

@@ -124,7 +124,8 @@ class Committer:
         #: watched objects back; see parloop.run._put_back)
         self.before_serial: Callable[[int], None] | None = None
         #: threads with watched objects: the parloop.fingerprint.Baseline a
-        #: chunk waits for before it is committed (see schedule.Dispatcher)
+        #: chunk waits for before it is committed (set by run._hidden_probe;
+        #: see schedule.Dispatcher.vouched)
         self.baseline: Any = None
         self.synced = synced  # the log holds TARGET entries
         self.ns = ns
