@@ -3,7 +3,17 @@ managed 2-engine cluster; the session's one JupyterLab server."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+# The interrupt tests send SIGINT to this process, as Jupyter does to a
+# kernel.  A shell without job control that starts pytest in the background
+# (`cmd &`) leaves SIGINT ignored, and Python keeps it so: every interrupt
+# test then failed.  Put back what a kernel has (its children, engines and
+# Ray's processes among them, then start with the default again).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
+import shutil
 import sys
+import tempfile
+import time
 from typing import Any, Iterable
 
 __all__ = [
@@ -233,19 +237,32 @@ def wait_gone(pids, timeout: float = 10.0) -> list[int]:
 class LiveSpy:
     """A live view that records, at every update, each worker's row
     ``{name: (iterations shown done, iterations done in its running chunk,
-    the iteration it is on)}`` (the live view's inputs, no rendering)."""
+    the iteration it is on)}`` (the live view's inputs, no rendering).
+
+    With ``gate`` (a folder) and ``size`` (the chunk size), every reading of
+    a worker part-way through chunk k also creates the file ``seen-k`` there:
+    what :func:`run_live_mid_chunk`'s loop waits for."""
 
     wants_live = True
 
-    def __init__(self):
+    def __init__(self, gate: str | None = None, size: int = 0):
         self.rows: list[dict[str, tuple[int, int, int | None]]] = []
+        self.gate, self.size = gate, size
+        self.notes: list[str] = []
 
     def start(self, record, live) -> None: ...
 
-    def close(self, record, live) -> None: ...
+    def close(self, record, live) -> None:
+        self.notes = list(record.notes)
 
     def update(self, record, live) -> None:
-        self.rows.append({k: (w.shown_done, w.partial, w.current) for k, w in live.workers.items()})
+        row = {k: (w.shown_done, w.partial, w.current) for k, w in live.workers.items()}
+        self.rows.append(row)
+        if self.gate is None:
+            return
+        for _, partial, current in row.values():
+            if 0 < partial < self.size and current is not None:
+                open(os.path.join(self.gate, f"seen-{current // self.size}"), "a").close()
 
 
 def engine_call(keys, fname, *args):
@@ -261,29 +278,71 @@ def engine_call(keys, fname, *args):
 engine_call.__module__ = "__main__"  # what ipyparallel.interactive does
 
 
-def assert_seen_mid_chunk(spy: LiveSpy, size: int, noun: str) -> None:
-    """The live view caught ``noun`` rows part-way through a chunk of ``size``
-    iterations, in both of a two-chunk run (progress per iteration, not per
-    chunk)."""
-    mid = [
-        (name, partial, current)
-        for row in spy.rows
-        for name, (_, partial, current) in row.items()
-        if 0 < partial < size
-    ]
-    assert mid, f"no reading caught a(n) {noun} mid-chunk: {spy.rows[-5:]}"
-    assert all(name.startswith(f"{noun} ") for name, _, _ in mid)
-    assert {current >= size for _, _, current in mid} == {False, True}  # both chunks seen
+#: a notebook function for run_live_mid_chunk's loop: iteration ``size // 2``
+#: of chunk k waits (for a minute at most) until the live view has seen a
+#: worker part-way through chunk k.  The test waits on what the kernel saw,
+#: not on time: a busy CI machine once let a whole 2 s chunk pass unseen.
+GATED_LOOP_SETUP = """\
+import os, time
+def wait_until_seen(i, gate, size):
+    time.sleep(0.01)
+    if i % size == size // 2:
+        flag = os.path.join(gate, f"seen-{i // size}")
+        t = time.monotonic()
+        while not os.path.exists(flag) and time.monotonic() - t < 60:
+            time.sleep(0.01)
+out = {}
+"""
 
 
-def run_live(ip, source: str, magic: str, options: str) -> LiveSpy:
+def run_live_mid_chunk(ip, magic: str, options: str, noun: str, size: int = 20) -> LiveSpy:
+    """Two chunks of ``size`` iterations under a live view (``options`` sets
+    ``chunksize=size``): the serial answer, and the view caught ``noun`` rows
+    part-way through each chunk (progress per iteration, not per chunk).
+
+    Each chunk waits half-way until the view has seen it there (or a minute
+    has passed), so a slow machine cannot make the view miss a chunk: only
+    reports that never arrive can."""
+    gate = tempfile.mkdtemp(prefix="pl-gate-")
+    try:
+        run_cell(ip, GATED_LOOP_SETUP + f"gate = {gate!r}\n")
+        t0 = time.monotonic()
+        spy = run_live(
+            ip,
+            f"for i in range({2 * size}):\n    wait_until_seen(i, gate, {size})\n    out[i] = i\n",
+            magic,
+            options,
+            LiveSpy(gate, size),
+        )
+        took = time.monotonic() - t0
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
+    assert ip.user_ns["out"] == {i: i for i in range(2 * size)}
+    mid = sorted(
+        {
+            (name, partial, current)
+            for row in spy.rows
+            for name, (_, partial, current) in row.items()
+            if 0 < partial < size and current is not None
+        }
+    )
+    assert all(name.startswith(f"{noun} ") for name, _, _ in mid), mid
+    seen = {current // size for _, _, current in mid}
+    assert seen == {0, 1}, (
+        f"chunks seen part-way: {sorted(seen)} of [0, 1] in {took:.1f} s "
+        f"({len(spy.rows)} readings): {mid}; the run's notes: {spy.notes}"
+    )
+    return spy
+
+
+def run_live(ip, source: str, magic: str, options: str, spy: LiveSpy | None = None) -> LiveSpy:
     """Run a loop through parloop.run.run_cell with a LiveSpy as its view."""
     from parloop.backends import make_backend
     from parloop.options import parse_options
     from parloop.run import Cell
     from parloop.run import run_cell as run_loop
 
-    spy = LiveSpy()
+    spy = spy or LiveSpy()
     run_loop(
         Cell(source=source, filename=f"<live {magic}>"),
         ip.user_ns,

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import assert_seen_mid_chunk, differential, reset, run_cell, run_cell_result, run_live
+from helpers import differential, reset, run_cell, run_cell_result, run_live_mid_chunk
 
 distributed = pytest.importorskip("distributed")
 
@@ -124,15 +124,7 @@ def test_live_rows_show_progress_inside_a_running_chunk(ip, client):
     """Workers report per iteration (Dask worker events): the live view sees
     each worker part-way through its chunk, not only chunk by chunk."""
     reset(ip)
-    run_cell(ip, "import time\nout = {}")
-    spy = run_live(
-        ip,
-        "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
-        "parallel",
-        "dask chunksize=20",
-    )
-    assert ip.user_ns["out"] == {i: i for i in range(40)}
-    assert_seen_mid_chunk(spy, 20, "worker")
+    run_live_mid_chunk(ip, "parallel", "dask chunksize=20", "worker")
 
 
 def test_inputs_travel_once_per_worker_and_not_again_while_unchanged(ip, client):

@@ -20,12 +20,11 @@ pytest.importorskip("ipyparallel")
 import parloop  # noqa: E402
 from helpers import (  # noqa: E402
     alive,
-    assert_seen_mid_chunk,
     differential,
     reset,
     run_cell,
     run_cell_result,
-    run_live,
+    run_live_mid_chunk,
     stop_processes,
     wait_gone,
 )
@@ -592,13 +591,5 @@ def test_live_rows_per_engine_mid_chunk(ip, cluster, dispatch):
     """Engines report how far into a chunk they are (the live view's rows):
     a reading in the middle of one long chunk sees iterations done in it."""
     reset(ip)
-    ok(ip, "import time\nout = {}")
-    spy = run_live(
-        ip,
-        "for i in range(40):\n    time.sleep(0.05)\n    out[i] = i\n",
-        "parallel",
-        "processes=2 chunksize=20",
-    )
-    assert ip.user_ns["out"] == {i: i for i in range(40)}
+    run_live_mid_chunk(ip, "parallel", "processes=2 chunksize=20", "engine")
     assert parloop.last_run.dispatch == dispatch
-    assert_seen_mid_chunk(spy, 20, "engine")

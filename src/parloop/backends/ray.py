@@ -247,9 +247,9 @@ def _actor(name: str) -> Any:
     """The progress actor called ``name``, looked up once per process and
     called once and waited for (so that its address is known here and the
     next reports go out at once); None if it cannot be reached now (asked
-    again RETRY_SECONDS later: a minute, as it was, kept a worker process
-    silent through the next runs when the actor was not registered yet at
-    the first chunk of a connection)."""
+    again RETRY_SECONDS later, by the reporter thread: a minute, as it was,
+    kept a worker process silent through the next runs when the actor was
+    not registered yet at the first chunk of a connection)."""
     actor = _ACTORS.get(name)
     if actor is not None or time.monotonic() < _MISSING.get(name, 0.0):
         return actor
@@ -272,8 +272,9 @@ _REPORTER = _Reporter()
 _ACTORS: dict[str, Any] = {}
 #: actors that could not be reached: not before this time again
 _MISSING: dict[str, float] = {}
-#: seconds before an actor that could not be reached is looked up again
-RETRY_SECONDS = 2.0
+#: seconds before an actor that could not be reached is looked up again (a
+#: failed lookup is one quick GCS request; 2 s let a whole 2 s chunk go unseen)
+RETRY_SECONDS = 0.5
 
 
 class _Progress:
