@@ -246,6 +246,59 @@ def test_live_rows_recover_after_a_failed_actor_lookup(ip, ray_cluster):
     _two_chunks_seen_mid_chunk(ip)
 
 
+def _threads_of_report_calls(name: str) -> list[str]:
+    """On a Ray worker: begin and end a chunk through the process's reporter;
+    the names of the threads that looked the progress actor up and sent the
+    reports (the task's own thread is "MainThread")."""
+    import threading
+    import time
+
+    from parloop.backends import ray as ray_backend
+
+    seen: list[str] = []
+    looked_up, sent = ray_backend._actor, ray_backend._Reporter._send
+
+    def lookup(actor_name):
+        seen.append(threading.current_thread().name)
+        return looked_up(actor_name)
+
+    def send(self, actor, key, done):
+        seen.append(threading.current_thread().name)
+        return sent(self, actor, key, done)
+
+    ray_backend._actor, ray_backend._Reporter._send = lookup, send
+    try:
+        ray_backend._ACTORS.pop(name, None)  # looked up again, from somewhere
+        reading = ray_backend._Reading()
+        ray_backend._REPORTER.begin((name, ("probe", 0, 0), 0.05), reading)
+        time.sleep(0.3)
+        ray_backend._REPORTER.end()
+        time.sleep(0.1)
+    finally:
+        ray_backend._actor, ray_backend._Reporter._send = looked_up, sent
+    return seen
+
+
+_threads_of_report_calls.__module__ = "__main__"  # by value: the workers cannot import the tests
+
+
+def test_reports_are_never_sent_from_the_tasks_own_thread(ip, ray_cluster):
+    """A cancel's KeyboardInterrupt lands in the task's own thread; one that
+    landed inside a report's actor call left the process's later reports
+    queued behind it for good (CI: a chunk's live row never came, twice).
+    So the reporter looks the actor up and sends from its own thread only:
+    at once when a chunk begins, then every period."""
+    from parloop.backends.ray import _CONN
+
+    reset(ip)
+    run_cell(ip, "out = {}")
+    run_cell(ip, f"{MAGIC}\nfor i in range(4):\n    out[i] = i\n")  # the actor exists
+    name = _CONN[0].progress[1]
+    threads = ray.get(ray.remote(_threads_of_report_calls).remote(name))
+    assert len(threads) >= 4, threads  # a lookup and a report at once, then each period
+    assert set(threads) == {"parloop-ray-progress"}, threads
+
+
 def test_inputs_are_loaded_once_per_worker_process_per_cell(ip, ray_cluster):
     """An input whose unpickling counts, per process, how often it ran: within
     one cell every chunk a process runs sees the same count (chunks of one

@@ -83,7 +83,7 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -188,29 +188,34 @@ class _Reading(_ProgressPublisher):
 
 
 class _Reporter:
-    """A worker process's reporter.  The chunk's first report goes from the
-    task's own thread before the chunk runs (the kernel then knows it runs,
-    rather than waits in Ray's queue, even if the worker stops at its first
-    iteration); then one daemon thread reports every period, however long
-    the iterations are: it is a timer, so only a stopped or cut-off worker
-    goes silent.  Reports are fire-and-forget actor calls."""
+    """A worker process's reporter: one daemon thread that reports the
+    running chunk at once when it begins (the kernel then knows it runs,
+    rather than waits in Ray's queue), then every period, however long the
+    iterations are: it is a timer, so only a stopped or cut-off worker goes
+    silent.  Reports are fire-and-forget actor calls.
+
+    Every Ray call of the reports -- the actor's lookup included -- is made
+    from that thread, never from the task's own: a cancel's
+    KeyboardInterrupt lands in the task's thread, and one that landed inside
+    ``actor.report.remote()`` left that process's later reports queued
+    behind a call that was never sent (the actor runs one caller's calls in
+    the order they were numbered).  Its reports then never arrived: no live
+    rows from it, and no deadline for its chunks, for the rest of the
+    connection."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._chunk: tuple[str, tuple[str, int, int], float, _Reading] | None = None
+        self._begun = False  # a chunk began that has not been reported yet
         self._thread: threading.Thread | None = None
         self.me = ""
 
     def begin(self, progress: tuple[str, tuple[str, int, int], float], reading: _Reading) -> None:
         name, key, period = progress
         self.me = self.me or _worker()
-        actor = _actor(name)
-        if actor is not None:
-            self._send(actor, key, 0)
-        # an actor not reachable now is looked up again by the timer thread:
-        # a chunk that never reported would look silent to the kernel
         with self._cond:
             self._chunk = (name, key, period, reading)
+            self._begun = True
             self._cond.notify()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -234,10 +239,13 @@ class _Reporter:
                 while self._chunk is None:
                     self._cond.wait()
                 chunk = self._chunk
-                self._cond.wait(chunk[2])  # woken early by the next chunk (reported already)
-                if self._chunk is not chunk:
-                    continue
+                if not self._begun:
+                    self._cond.wait(chunk[2])  # woken early by the next chunk
+                    if self._chunk is not chunk:
+                        continue
+                self._begun = False
             name, key, _, reading = chunk
+            # not reachable now: looked up again at a later report
             actor = _actor(name)
             if actor is not None:
                 self._send(actor, key, reading.done())
@@ -247,7 +255,7 @@ def _actor(name: str) -> Any:
     """The progress actor called ``name``, looked up once per process and
     called once and waited for (so that its address is known here and the
     next reports go out at once); None if it cannot be reached now (asked
-    again RETRY_SECONDS later, by the reporter thread: a minute, as it was,
+    again RETRY_SECONDS later: a minute, as it was,
     kept a worker process silent through the next runs when the actor was
     not registered yet at the first chunk of a connection)."""
     actor = _ACTORS.get(name)
@@ -822,12 +830,19 @@ class RayBackend(Backend):
             self._asking = True
             with self._lock:
                 forget, self._forget = self._forget, []
-            try:
-                ref = self.actor.snapshot.remote(self.run, forget)
-            except Exception as e:  # noqa: BLE001 - the connection went meanwhile
-                log.debug("the progress actor: %s", e)
-                return
-            ref.future().add_done_callback(self._answered)
+            _ACTOR_CALLS.submit(self.actor.snapshot.remote, self.run, forget).add_done_callback(
+                self._asked_actor
+            )
+
+    def _asked_actor(self, sent: Future) -> None:
+        """The question went (in the actor-call thread): wait for the answer."""
+        try:
+            ref = sent.result()
+        except Exception as e:  # noqa: BLE001 - the connection went meanwhile
+            log.debug("the progress actor: %s", e)
+            self._asking = False
+            return
+        ref.future().add_done_callback(self._answered)
 
     def _answered(self, fut: Future) -> None:
         """The actor answered (in Ray's thread): kept for the next poll()."""
@@ -945,10 +960,15 @@ class RayBackend(Backend):
         # interrupt, or a silent worker's task that a copy beat)
         self._cancel(self._attempts(-1))
         self._store = None  # Ray frees the object once no task refers to it
-        try:
-            self.actor.drop.remote(self.run)
-        except Exception as e:  # noqa: BLE001 - the connection went meanwhile
-            log.debug("the progress actor: %s", e)
+        _ACTOR_CALLS.submit(self.actor.drop.remote, self.run)  # an error: the actor is gone
+
+
+#: the kernel's calls to its progress actors go from this one thread, never
+#: from the cell's: a KeyboardInterrupt (the stop button) that lands inside
+#: an actor call leaves this process's later calls to that actor queued
+#: behind it for good (see _Reporter) -- no live rows and no deadlines for
+#: the rest of the connection
+_ACTOR_CALLS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parloop-ray-actor")
 
 
 def _progress_actor(ray: Any, conn: _Connection) -> tuple[Any, str]:
@@ -978,6 +998,7 @@ def _progress_ready(ray: Any, conn: _Connection) -> None:
         return
     conn.progress_ready = True
     try:
-        ray.get(conn.progress[0].snapshot.remote("", []), timeout=30)
+        sent = _ACTOR_CALLS.submit(conn.progress[0].snapshot.remote, "", [])
+        ray.get(sent.result(timeout=30), timeout=30)
     except Exception as e:  # noqa: BLE001 - the run goes on without rows for now
         log.debug("the progress actor is not up yet: %s", e)
