@@ -192,6 +192,76 @@ for i in range(6):
 """,
         ["arrs"],
     ),
+    # a notebook function's own state: its calls change it, and a worker's
+    # copy of the function changes only its own (these gave other answers
+    # under %%parallel until the function's closure, attributes and
+    # defaults were fingerprinted)
+    (
+        "closure_counter",
+        """
+def make_counter():
+    n = 0
+    def inc():
+        nonlocal n
+        n += 1
+        return n
+    return inc
+inc = make_counter()
+out = {}
+""",
+        """
+for i in range(8):
+    out[i] = inc()
+""",
+        ["out", "inc()"],
+    ),
+    (
+        "closure_cell_list",
+        """
+def make_log():
+    seen = []
+    def log(v):
+        seen.append(v)
+        return len(seen)
+    return log
+log = make_log()
+out = {}
+""",
+        """
+for i in range(8):
+    out[i] = log(i * i)
+""",
+        ["out"],
+    ),
+    (
+        "function_attribute_counter",
+        """
+def tick(x):
+    tick.calls += 1
+    return x * tick.calls
+tick.calls = 0
+out = {}
+""",
+        """
+for i in range(10):
+    out[i] = tick(i)
+""",
+        ["out", "tick.calls"],
+    ),
+    (
+        "mutable_default_counter",
+        """
+def nxt(c=[0]):
+    c[0] += 1
+    return c[0]
+out = {}
+""",
+        """
+for i in range(10):
+    out[i] = nxt()
+""",
+        ["out", "nxt()"],
+    ),
 ]
 
 
@@ -263,6 +333,32 @@ def test_notebook_function_reading_its_global_is_rejected(ip):
     _, err = run_cell(ip, MAGICS[0] + "\nfor i in range(4):\n    out[i] = count(i)\n")
     assert isinstance(err, parloop.LoopAnalysisError), err
     assert "count" in str(err) and "`n`" in str(err)
+
+
+def test_a_decorators_wrapper_is_not_watched(ip):
+    """A closure whose cells hold only what cannot change (the wrapped
+    function) has no state of its own: no hidden-state probe for it."""
+    from parloop.fingerprint import watchable
+
+    reset(ip)
+    run_cell(
+        ip,
+        "import functools\n"
+        "def logged(f):\n"
+        "    @functools.wraps(f)\n"
+        "    def wrapper(*a):\n"
+        "        return f(*a)\n"
+        "    return wrapper\n"
+        "@logged\n"
+        "def double(x):\n"
+        "    return 2 * x\n",
+    )
+    assert not watchable(ip.user_ns["double"])
+    run_cell(
+        ip,
+        "def make():\n    n = 0\n    def f():\n        nonlocal n\n        n += 1\n    return f\ng = make()",
+    )
+    assert watchable(ip.user_ns["g"])
 
 
 def test_explain_states_hidden_state(ip):

@@ -14,6 +14,7 @@ copy).  Objects that cannot change are never fingerprinted (see
 from __future__ import annotations
 
 import collections
+import dis
 import hashlib
 import pickle
 import random
@@ -56,6 +57,8 @@ def watchable(value: Any) -> bool:
     class defined in the notebook can, in its class attributes)."""
     if isinstance(value, type):
         return getattr(value, "__module__", None) == "__main__"
+    if isinstance(value, types.FunctionType):
+        return _function_state(value) is not None
     if isinstance(value, _IMMUTABLE) or isinstance(value, _SYNC):
         return False
     if type(value) is tuple:
@@ -93,12 +96,67 @@ def _class_data(cls: type) -> dict[str, Any]:
     }
 
 
+def _rebinds_cells(code: types.CodeType) -> bool:
+    """Whether the function (or code nested in it) rebinds one of its free
+    variables (``nonlocal n; n += 1``)."""
+    free = set(code.co_freevars)
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        if any(
+            i.opname in ("STORE_DEREF", "DELETE_DEREF") and i.argval in free
+            for i in dis.get_instructions(c)
+        ):
+            return True
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return False
+
+
+def _function_state(fn: types.FunctionType) -> tuple | None:
+    """A notebook function's own state, None if it has none: what its
+    closure cells hold (``nonlocal n; n += 1``), its attributes
+    (``tick.calls += 1``) and its defaults (``def nxt(c=[0])``).  Calls
+    change these behind the log's back, and a worker's copy of the function
+    changes only its own.  Functions among them count by name: code is not
+    state (by value they would take in their globals)."""
+    if getattr(fn, "__module__", None) != "__main__":
+        return None
+    cells = []
+    for c in fn.__closure__ or ():
+        try:
+            cells.append(c.cell_contents)
+        except ValueError:  # a cell not bound yet
+            cells.append(None)
+    attrs = {k: v for k, v in vars(fn).items() if k != "__wrapped__"}
+    defaults = list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+    if not (
+        attrs
+        or any(watchable(v) for v in cells + defaults)
+        or (cells and _rebinds_cells(fn.__code__))
+    ):
+        return None  # a decorator's wrapper, say: its cells hold what never changes
+
+    def named(v: Any) -> Any:
+        return f"<function {v.__qualname__}>" if isinstance(v, types.FunctionType) else v
+
+    return (
+        "function",
+        fn.__qualname__,
+        [named(c) for c in cells],
+        {k: named(v) for k, v in attrs.items()},
+        [named(d) for d in defaults],
+    )
+
+
 def _state(value: Any) -> Any:
     """What of ``value`` is state: an instance of a notebook class is its
-    attributes and its class's data attributes, a notebook class its data."""
+    attributes and its class's data attributes, a notebook class its data,
+    a notebook function its closure, attributes and defaults."""
     cls = type(value)
     if isinstance(value, type):
         return ("class", value.__qualname__, _class_data(value))
+    if isinstance(value, types.FunctionType):
+        return _function_state(value)
     if getattr(cls, "__module__", None) == "__main__":
         slots = {
             s: getattr(value, s)

@@ -22,7 +22,16 @@ from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
 from .analysis.desugar import desugar
 from .analysis.functions import notebook_functions
-from .analysis.namespace import alias_groups, cell_sources, plain_roots, stored, submodules, watched
+from .analysis.namespace import (
+    alias_groups,
+    cell_sources,
+    check_helpers_read_no_body_names,
+    check_iterated_not_changed,
+    plain_roots,
+    stored,
+    submodules,
+    watched,
+)
 from .backends.base import Backend, Job
 from .errors import LoopAnalysisError
 from .fingerprint import Baseline, watch_all
@@ -213,6 +222,8 @@ def run_cell(
     plan = analyse(tree, plain_roots=plain, copies=opts.private, stateful=stateful)
     _check_supported(plan, opts, ns)
     functions = {} if plan.is_async else notebook_functions(plan.loop.body, ns, plain, stateful)
+    check_helpers_read_no_body_names(plan, ns, functions)
+    check_iterated_not_changed(plan, ns, functions)
     if opts.explain:
         from .analysis.explain import render
 

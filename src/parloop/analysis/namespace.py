@@ -11,8 +11,9 @@ import sys
 import types
 from typing import Any
 
+from ..errors import LoopAnalysisError
 from . import LoopPlan
-from .scopes import code_names
+from .scopes import code_names, global_loads, walk_scope
 
 
 def stored(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
@@ -138,6 +139,198 @@ def submodules(plan: LoopPlan, ns: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def check_helpers_read_no_body_names(
+    plan: LoopPlan, ns: dict[str, Any], functions: dict[str, Any]
+) -> None:
+    """Reject a loop whose body binds a name (its target, or a name it
+    assigns or reduces) that a notebook function it calls reads as a global
+    (``scale = scale * 2`` in the body, ``return v * scale`` in ``apply``).
+    In serial Python such a function sees the value the body bound last --
+    this iteration's, or the one before's -- but a loop body's names are
+    private to each iteration here, so a copy of the function in a worker
+    would see the value from before the loop: a silently different answer.
+    Functions are followed three calls deep, by their bytecode (closures,
+    which the analysis does not rewrite, included)."""
+    bound = plan.private | set(plan.targets) | set(plan.reductions)
+    if not bound:
+        return
+    seen: set[int] = set()
+
+    def reads(fn: Any, depth: int) -> tuple[str, str] | None:
+        if id(fn) in seen or depth > 3:
+            return None
+        seen.add(id(fn))
+        if not isinstance(fn, types.FunctionType) or fn.__globals__ is not ns:
+            return None
+        loads = global_loads(fn.__code__)
+        if loads & bound:
+            return fn.__name__, min(loads & bound)
+        for g in sorted(loads):
+            found = reads(ns.get(g), depth + 1)
+            if found is not None:
+                return found
+        return None
+
+    def reject(line: int, called: str, fname: str, g: str) -> None:
+        via = "" if fname == called else f" (through `{fname}`)"
+        raise LoopAnalysisError(
+            f"`{called}` (called by the loop){via} reads the global `{g}`, which the loop "
+            f"body binds: in serial Python each call sees the value the body bound last, "
+            f"here a worker's copy would see the value from before the loop; pass `{g}` "
+            f"to `{called}` as an argument",
+            lineno=line,
+            name=g,
+        )
+
+    for st in plan.loop.body:
+        for n in walk_scope(st):
+            if not isinstance(n, ast.Call):
+                continue
+            if isinstance(n.func, ast.Name):
+                found = reads(ns.get(n.func.id), 1)
+                if found is not None:
+                    reject(n.lineno, n.func.id, *found)
+            elif isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name):
+                key = f"{n.func.value.id}.{n.func.attr}"
+                fp = functions.get(key)
+                if fp is not None and fp.reads & bound:
+                    reject(n.lineno, key, key, min(fp.reads & bound))
+
+
+#: calls that iterate their argument in place (``sorted``, ``list``... copy it)
+_IN_PLACE = frozenset({"enumerate", "zip", "reversed", "iter"})
+
+
+def _iterated(node: ast.expr, ns: dict[str, Any]) -> set[str]:
+    """The outside names whose objects the loop's iterable runs over lazily,
+    as serial Python does: ``items``, ``enumerate(items)``, ``d.items()``."""
+    if isinstance(node, ast.Name):
+        return {node.id}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id in _IN_PLACE and not isinstance(ns.get(node.func.id), types.FunctionType):
+            return set().union(*(_iterated(a, ns) for a in node.args)) if node.args else set()
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("items", "keys", "values")
+        and isinstance(node.func.value, ast.Name)
+        and isinstance(ns.get(node.func.value.id), dict)
+    ):
+        return {node.func.value.id}
+    return set()
+
+
+def _current_key(loop: ast.For | ast.AsyncFor, root: str, ns: dict[str, Any]) -> str | None:
+    """The loop target that names the item being visited in ``root``, when
+    writing ``root[key] = v`` only replaces it (``for i, v in
+    enumerate(xs)``: ``i``; ``for k in d`` or ``for k, v in d.items()``: ``k``)."""
+    it, target = loop.iter, loop.target
+
+    def first(t: ast.expr) -> str | None:
+        if isinstance(t, ast.Tuple) and t.elts and isinstance(t.elts[0], ast.Name):
+            return t.elts[0].id
+        return None
+
+    if (
+        isinstance(it, ast.Call)
+        and isinstance(it.func, ast.Name)
+        and it.func.id == "enumerate"
+        and len(it.args) == 1
+        and not it.keywords
+        and isinstance(it.args[0], ast.Name)
+        and it.args[0].id == root
+    ):
+        return first(target)
+    if isinstance(ns.get(root), dict):
+        if isinstance(it, ast.Name) and isinstance(target, ast.Name):
+            return target.id
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Attribute):
+            if it.func.attr == "keys" and isinstance(target, ast.Name):
+                return target.id
+            if it.func.attr == "items":
+                return first(target)
+    return None
+
+
+def check_iterated_not_changed(
+    plan: LoopPlan, ns: dict[str, Any], functions: dict[str, Any]
+) -> None:
+    """Reject a loop whose body changes the object it iterates over
+    (``for x in items: items.append(...)``, ``del d[k]`` inside ``for k in
+    d``).  Serial Python's loop sees such changes as it goes (more items,
+    other items, or a RuntimeError for a dict that changed size); parloop
+    takes the items when the loop starts.  Replacing the item being visited
+    (``xs[i] = ...`` in ``for i, x in enumerate(xs)``, ``d[k] = ...`` in
+    ``for k in d``) changes nothing the loop sees, and stays allowed."""
+    roots = _iterated(plan.loop.iter, ns) - plan.private
+    if not roots:
+        return
+    for fp in functions.values():
+        hit = roots & fp.writes()
+        if hit:
+            raise _changes_iterated(min(hit), plan.loop.lineno, f" (in `{fp.name}`)")
+    for st in plan.loop.body:
+        for n in walk_scope(st):
+            if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                targets = n.targets if isinstance(n, (ast.Assign, ast.Delete)) else [n.target]
+                for t in targets:
+                    _check_target(t, roots, plan, ns, isinstance(n, ast.Delete))
+            elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                recv = n.func.value
+                if (
+                    isinstance(recv, ast.Name)
+                    and recv.id in roots
+                    and any(
+                        m.kind == "call" and m.root == recv.id and m.lineno == n.lineno
+                        for m in plan.mutations
+                    )
+                ):
+                    raise _changes_iterated(recv.id, n.lineno, "")
+
+
+def _check_target(
+    t: ast.expr, roots: set[str], plan: LoopPlan, ns: dict[str, Any], deleting: bool
+) -> None:
+    if isinstance(t, (ast.Tuple, ast.List)):
+        for e in t.elts:
+            _check_target(e, roots, plan, ns, deleting)
+        return
+    if isinstance(t, ast.Starred):
+        _check_target(t.value, roots, plan, ns, deleting)
+        return
+    if isinstance(t, ast.Name):
+        if t.id in roots and t.id in plan.reductions:
+            raise _changes_iterated(t.id, t.lineno, "")
+        return
+    node = t
+    while isinstance(node, (ast.Subscript, ast.Attribute)):
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id not in roots:
+        return
+    if (
+        not deleting
+        and isinstance(t, ast.Subscript)
+        and t.value is node
+        and isinstance(t.slice, ast.Name)
+        and t.slice.id == _current_key(plan.loop, node.id, ns)
+    ):
+        return  # the visited item replaced: nothing the loop sees changes
+    if isinstance(t, ast.Subscript | ast.Attribute) and t.value is not node:
+        return  # inside an item (``rows[i]["x"] = v``): the items stay the same objects
+    raise _changes_iterated(node.id, t.lineno, "")
+
+
+def _changes_iterated(name: str, line: int, where: str) -> LoopAnalysisError:
+    return LoopAnalysisError(
+        f"the loop iterates over `{name}`, which the body changes{where}: serial Python's "
+        "loop would see the change as it goes (other items, more items, or a RuntimeError "
+        "for a dict that changed size), parloop takes the items when the loop starts; "
+        f"iterate over a copy (`list({name})`) if that is what you mean, or keep this loop serial",
+        lineno=line,
+        name=name,
+    )
+
+
 def watched(
     plan: LoopPlan,
     ns: dict[str, Any],
@@ -188,7 +381,12 @@ def watched(
                 out.append((fname, g))
 
     for f in sorted(called_names(plan.loop.body) - local):
-        globals_of(f, ns.get(f), 0)
+        fn = ns.get(f)
+        # a notebook function with state of its own (closure cells,
+        # attributes, mutable defaults) that its calls may change
+        if isinstance(fn, types.FunctionType) and (f,) not in out and watchable(fn):
+            out.append((f,))
+        globals_of(f, fn, 0)
     return tuple(out)
 
 

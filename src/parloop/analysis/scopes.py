@@ -4,6 +4,7 @@ that every other analysis module uses.  Pure functions over :mod:`ast`."""
 from __future__ import annotations
 
 import ast
+import dis
 import types
 from typing import Iterator, Sequence
 
@@ -20,6 +21,21 @@ def code_names(code: types.CodeType) -> set[str]:
     while codes:
         c = codes.pop()
         names.update(c.co_names)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return names
+
+
+def global_loads(code: types.CodeType) -> set[str]:
+    """The globals a compiled function reads (``LOAD_GLOBAL``/``LOAD_NAME``),
+    its nested functions, lambdas and comprehensions included: unlike
+    :func:`code_names`, not the attribute names it uses (``obj.scale``)."""
+    names: set[str] = set()
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        names.update(
+            i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+        )
         codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
     return names
 
