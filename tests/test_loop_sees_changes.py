@@ -202,6 +202,90 @@ def test_a_function_reading_an_attribute_of_that_name_is_not_rejected(ip, magic)
     )
 
 
+# ------------------------------------------------ iterables that produce lazily
+REJECTED_LAZY = {
+    "generator_reads_what_the_body_appends": (
+        "data = [1, 2]\ndef walk():\n    k = 0\n    while k < len(data) and k < 6:\n"
+        "        yield data[k]\n        k += 1\nout = []",
+        "for v in walk():\n    out.append(v)\n    data.append(v * 10)\n",
+        ["data", "out"],
+        "reads `data`",
+    ),
+    "generator_expression_over_changed_values": (
+        "w = {k: 1.0 for k in range(5)}\nout = []",
+        "for v in (w[k] for k in range(5)):\n    out.append(v)\n    w[len(out) % 5] = v * 2\n",
+        ["w", "out"],
+        "reads `w`",
+    ),
+    "iter_with_a_sentinel": (
+        "queue = [None, 3, 2]\ndone = []",
+        "for job in iter(queue.pop, None):\n    done.append(job)\n    if job > 1:\n"
+        "        queue.append(job - 1)\n",
+        ["queue", "done"],
+        "reads `queue`",
+    ),
+    "generator_object_made_before": (
+        "data = [1, 2, 3]\ndef each(xs):\n    for x in xs:\n        yield x\n"
+        "it = each(data)\nout = []",
+        "for v in it:\n    out.append(v)\n    if v < 3:\n        data.append(v + 10)\n",
+        ["data", "out"],
+        "reads `data`",
+    ),
+    "generator_that_prints": (
+        "def produce(n):\n    for k in range(n):\n        print('producing', k)\n"
+        "        yield k\nout = {}",
+        "for k in produce(6):\n    out[k] = k * k\n",
+        ["out"],
+        "prints while it produces",
+    ),
+    "map_with_a_function_that_prints": (
+        "def loud(v):\n    print(v)\n    return v\nout = []",
+        "for v in map(loud, range(5)):\n    out.append(v)\n",
+        ["out"],
+        "prints while it produces",
+    ),
+}
+
+
+@pytest.mark.parametrize("magic", BOTH)
+@pytest.mark.parametrize("name", list(REJECTED_LAZY))
+def test_a_lazy_iterable_that_reads_what_the_body_changes_is_rejected(ip, magic, name):
+    setup, cell, checks, says = REJECTED_LAZY[name]
+    msg = rejected(ip, setup, cell, magic, checks)
+    assert msg.startswith("line 2: the loop's iterable") and says in msg, msg
+
+
+ACCEPTED_LAZY = {
+    "map_over_a_list": (
+        "def sq(v):\n    return v * v\ndata = list(range(12))\nout = []",
+        "for v in map(sq, data):\n    out.append(v + 1)\n",
+        ["out"],
+    ),
+    "generator_expression": (
+        "data = list(range(12))\nout = {}",
+        "for k, v in ((k, v * 3) for k, v in enumerate(data)):\n    out[k] = v\n",
+        ["out"],
+    ),
+    "generator_of_its_own_state": (
+        "def squares(n):\n    for k in range(n):\n        yield k * k\nout = []",
+        "for v in squares(10):\n    out.append(v)\n",
+        ["out"],
+    ),
+    "zip_of_untouched_lists": (
+        "a = [1, 2, 3, 4]\nb = [5, 6, 7, 8]\nout = []",
+        "for x, y in zip(a, b):\n    out.append(x * y)\n",
+        ["out"],
+    ),
+}
+
+
+@pytest.mark.parametrize("magic", BOTH)
+@pytest.mark.parametrize("name", list(ACCEPTED_LAZY))
+def test_a_lazy_iterable_of_untouched_state_stays_parallel(ip, magic, name):
+    setup, cell, checks = ACCEPTED_LAZY[name]
+    differential(ip, setup, cell, magic, checks)
+
+
 # ------------------------------------------------------------------ property
 EXAMPLES = int(os.environ.get("PARLOOP_PROPERTY_EXAMPLES", "25"))
 

@@ -26,6 +26,7 @@ from .analysis.namespace import (
     alias_groups,
     cell_sources,
     check_helpers_read_no_body_names,
+    check_iterable_reads_nothing_the_body_changes,
     check_iterated_not_changed,
     plain_roots,
     stored,
@@ -224,6 +225,7 @@ def run_cell(
     functions = {} if plan.is_async else notebook_functions(plan.loop.body, ns, plain, stateful)
     check_helpers_read_no_body_names(plan, ns, functions)
     check_iterated_not_changed(plan, ns, functions)
+    check_iterable_reads_nothing_the_body_changes(plan, ns, functions)
     if opts.explain:
         from .analysis.explain import render
 

@@ -6,6 +6,7 @@ the namespace, runs nothing."""
 from __future__ import annotations
 
 import ast
+import inspect
 import itertools
 import sys
 import types
@@ -286,6 +287,119 @@ def check_iterated_not_changed(
                     )
                 ):
                     raise _changes_iterated(recv.id, n.lineno, "")
+
+
+#: builtins and itertools that consume their arguments lazily, item by item
+_LAZY_CALLS = frozenset({"map", "filter", "zip", "enumerate", "iter", "reversed"})
+
+
+def _notebook_function(value: Any, ns: dict[str, Any]) -> types.FunctionType | None:
+    if isinstance(value, types.FunctionType) and value.__globals__ is ns:
+        return value
+    return None
+
+
+def _lazy_reads(node: ast.expr, ns: dict[str, Any]) -> tuple[set[str], bool]:
+    """The outside names a lazy iterable reads while it produces items (a
+    generator expression, a notebook generator function's call, ``map``,
+    ``zip``..., a generator object made before the loop), and whether it
+    prints as it goes.  An eager iterable (a list, a range, ``sorted(...)``)
+    reads nothing later: ``(set(), False)``."""
+    names: set[str] = set()
+    prints = False
+    seen: set[int] = set()
+
+    def function(fn: types.FunctionType | None, depth: int) -> None:
+        nonlocal prints
+        if fn is None or id(fn) in seen or depth > 3:
+            return
+        seen.add(id(fn))
+        loads = global_loads(fn.__code__)
+        prints = prints or ("print" in loads and "print" not in ns)
+        for g in loads:
+            if g in ns:
+                names.add(g)
+                function(_notebook_function(ns[g], ns), depth + 1)
+
+    def loads_in(expr: ast.AST) -> None:
+        for n in ast.walk(expr):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                names.add(n.id)
+                function(_notebook_function(ns.get(n.id), ns), 1)
+
+    if isinstance(node, ast.GeneratorExp):
+        loads_in(node)
+        # its own loop variables are its locals, not outside names
+        names.difference_update(
+            n.id for g in node.generators for n in ast.walk(g.target) if isinstance(n, ast.Name)
+        )
+    elif isinstance(node, ast.Call):
+        fn = (
+            _notebook_function(ns.get(node.func.id), ns)
+            if isinstance(node.func, ast.Name)
+            else None
+        )
+        if fn is not None and fn.__code__.co_flags & inspect.CO_GENERATOR:
+            function(fn, 1)
+            for a in [*node.args, *(k.value for k in node.keywords)]:
+                loads_in(a)
+        elif isinstance(node.func, ast.Name) and node.func.id in _LAZY_CALLS:
+            for a in node.args:
+                sub, p = _lazy_reads(a, ns)
+                names |= sub
+                prints = prints or p
+                loads_in(a)
+    elif isinstance(node, ast.Name):
+        gen = ns.get(node.id)
+        if isinstance(gen, types.GeneratorType) and gen.gi_frame is not None:
+            if gen.gi_frame.f_globals is ns:
+                function(types.FunctionType(gen.gi_code, ns), 1)
+            # what it holds in its frame: outside objects it goes on reading
+            held = {id(v) for v in gen.gi_frame.f_locals.values()}
+            names |= {k for k, v in ns.items() if id(v) in held and not k.startswith("_")}
+    return names - {"print"}, prints
+
+
+def check_iterable_reads_nothing_the_body_changes(
+    plan: LoopPlan, ns: dict[str, Any], functions: dict[str, Any]
+) -> None:
+    """Reject a loop whose iterable produces its items lazily (a generator)
+    from state the body changes, or prints as it goes.  Serial Python
+    produces item k after iterations 0..k-1 ran, and prints what producing
+    it prints right before what iteration k prints; parloop takes items
+    ahead of the iterations, so it would see the state from before them,
+    and the output would come in another order."""
+    iterable = plan.loop.iter
+    reads, prints = _lazy_reads(iterable, ns)
+    line = plan.loop.lineno
+    shown = ast.unparse(iterable)
+    if prints:
+        raise LoopAnalysisError(
+            f"the loop's iterable `{shown}` prints while it produces items: serial Python "
+            "interleaves that output with the iterations', parloop takes items ahead of "
+            "them, so the output would come in another order; print in the loop body "
+            "instead, or keep this loop serial",
+            lineno=line,
+        )
+    changed = (
+        plan.roots
+        | plan.call_roots
+        | set(plan.reductions)
+        | plan.private
+        | set(plan.targets)
+        | set().union(*(fp.writes() for fp in functions.values()))
+    )
+    hit = (reads & changed) - _iterated(iterable, ns)
+    if hit:
+        name = min(hit)
+        raise LoopAnalysisError(
+            f"the loop's iterable `{shown}` reads `{name}` as it produces items, and the body "
+            f"changes `{name}`: serial Python produces each item after the iterations before "
+            "it ran, parloop takes items ahead of them; make the items first "
+            f"(`list({shown})`) if that is what you mean, or keep this loop serial",
+            lineno=line,
+            name=name,
+        )
 
 
 def _check_target(
