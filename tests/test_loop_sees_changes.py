@@ -286,6 +286,49 @@ def test_a_lazy_iterable_of_untouched_state_stays_parallel(ip, magic, name):
     differential(ip, setup, cell, magic, checks)
 
 
+# ------------------------------------------------------- one file for all of them
+FILE_SETUP = "import os, tempfile\nd = tempfile.mkdtemp()\npath = os.path.join(d, 'log.txt')\n"
+
+
+@pytest.mark.parametrize("magic", BOTH)
+@pytest.mark.parametrize(
+    "setup,cell,where",
+    [
+        (
+            "",
+            "for i in range(10):\n    with open(path, 'a') as f:\n        f.write(f'{i}\\n')\n",
+            "",
+        ),
+        ("", "for i in range(10):\n    open(path, mode='w').write(str(i))\n", ""),
+        (
+            "def log(msg):\n    with open(path, 'a') as fh:\n        fh.write(msg)\n",
+            "for i in range(10):\n    log(str(i))\n",
+            " in `log` (called by the loop)",
+        ),
+    ],
+    ids=["append_in_body", "write_in_body", "append_in_a_function"],
+)
+def test_iterations_writing_one_file_are_rejected(ip, magic, setup, cell, where):
+    """Serial Python writes the file in iteration order; parallel iterations
+    would append in the order they run (seen: lines 0 1 2 3 6 7 4 5...)."""
+    msg = rejected(ip, FILE_SETUP + setup, cell, magic, ["path"])
+    assert f"{where} writes the same file in every iteration" in msg, msg
+
+
+@pytest.mark.parametrize("magic", BOTH)
+def test_a_file_per_iteration_stays_parallel(ip, magic):
+    differential(
+        ip,
+        FILE_SETUP + "def save(k, text):\n    with open(os.path.join(d, f'{k}.txt'), 'w') as fh:\n"
+        "        fh.write(text)\n",
+        "for i in range(10):\n    with open(os.path.join(d, f'out_{i}.txt'), 'w') as f:\n"
+        "        f.write(str(i * i))\n    save(i, str(i))\n"
+        "texts = [open(os.path.join(d, f'out_{i}.txt')).read() for i in range(10)]\n",
+        magic,
+        ["texts"],
+    )
+
+
 # ------------------------------------------------------------------ property
 EXAMPLES = int(os.environ.get("PARLOOP_PROPERTY_EXAMPLES", "25"))
 

@@ -28,6 +28,7 @@ from .analysis.namespace import (
     check_helpers_read_no_body_names,
     check_iterable_reads_nothing_the_body_changes,
     check_iterated_not_changed,
+    check_no_shared_file_writes,
     plain_roots,
     stored,
     submodules,
@@ -226,6 +227,7 @@ def run_cell(
     check_helpers_read_no_body_names(plan, ns, functions)
     check_iterated_not_changed(plan, ns, functions)
     check_iterable_reads_nothing_the_body_changes(plan, ns, functions)
+    check_no_shared_file_writes(plan, ns, functions)
     if opts.explain:
         from .analysis.explain import render
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import io
 import itertools
 import sys
 import types
@@ -443,6 +444,64 @@ def _changes_iterated(name: str, line: int, where: str) -> LoopAnalysisError:
         lineno=line,
         name=name,
     )
+
+
+def _shared_file_writes(
+    statements: list[ast.stmt], per_call: set[str], ns: dict[str, Any]
+) -> ast.Call | None:
+    """The first ``open(path, mode)`` among ``statements`` that writes
+    (``w``, ``a``, ``x`` or ``+`` in a constant mode) a path built from none
+    of ``per_call`` (the names that differ between iterations or calls):
+    the same file in every iteration."""
+    bound = ns.get("open", io.open)
+    if bound is not io.open and getattr(bound, "__wrapped__", None) is not io.open:
+        return None  # not the builtin (IPython's wraps it, to guard its own streams)
+    for st in statements:
+        for n in walk_scope(st):
+            if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
+                continue
+            if n.func.id != "open" or not n.args:
+                continue
+            mode_node = n.args[1] if len(n.args) > 1 else None
+            for k in n.keywords:
+                if k.arg == "mode":
+                    mode_node = k.value
+            if not (isinstance(mode_node, ast.Constant) and isinstance(mode_node.value, str)):
+                continue  # reading (the default), or a mode only known at run time
+            if not set(mode_node.value) & set("wax+"):
+                continue
+            used = {x.id for x in ast.walk(n.args[0]) if isinstance(x, ast.Name)}
+            if not used & per_call:
+                return n
+    return None
+
+
+def check_no_shared_file_writes(
+    plan: LoopPlan, ns: dict[str, Any], functions: dict[str, Any]
+) -> None:
+    """Reject a loop whose iterations write one and the same file (``with
+    open(LOG, "a") as f: f.write(...)`` in the body or in a notebook function
+    it calls): serial Python writes it in iteration order, parallel
+    iterations in whatever order they run -- and for ``"w"`` the last one to
+    run wins.  A path built from the iteration's own names (``f"out_{i}.csv"``,
+    or a function's parameters) is a file per iteration, and stays parallel."""
+    per_iteration = plan.private | set(plan.targets)
+    call = _shared_file_writes(plan.loop.body, per_iteration, ns)
+    where = ""
+    if call is None:
+        for fp in functions.values():
+            call = _shared_file_writes(fp.fdef.body, fp.locals, ns)
+            if call is not None:
+                where = f" in `{fp.name}` (called by the loop)"
+                break
+    if call is not None:
+        raise LoopAnalysisError(
+            f"`{ast.unparse(call)}`{where} writes the same file in every iteration (its path "
+            "does not change with the iteration): serial Python writes it in iteration order, "
+            "parallel iterations would not; collect what to write in a list and write the file "
+            "after the loop, write one file per iteration, or keep this loop serial",
+            lineno=call.lineno,
+        )
 
 
 def watched(
