@@ -262,6 +262,45 @@ for i in range(10):
 """,
         ["out", "nxt()"],
     ),
+    # the loop's items changed behind the log's back on engines (each
+    # worker has copies): a changed item goes back and the kernel's item
+    # takes its state (these were lost before)
+    (
+        "item_extended_in_place",
+        "\nlists = [[i] for i in range(6)]\n",
+        "\nfor lst in lists:\n    lst += [lst[0] * 10]\n",
+        ["lists"],
+    ),
+    (
+        "array_row_scaled_in_place",
+        "\nimport numpy as np\narr = np.arange(12.0).reshape(6, 2)\n",
+        "\nfor row in arr:\n    row *= 2\n",
+        ["arr"],
+    ),
+    (
+        "item_changed_through_an_alias",
+        "\nrows = [[i] for i in range(6)]\n",
+        "\nfor row in rows:\n    r = row\n    r.append(len(r))\n",
+        ["rows"],
+    ),
+    (
+        "item_handed_to_a_library",
+        "\nimport heapq\nlists = [[5, 3, 9, 1], [8, 2, 7], [4, 6, 1, 0], [9, 9, 1], [3, 2, 1], [7, 5, 3]]\n",
+        "\nfor lst in lists:\n    heapq.heapify(lst)\n",
+        ["lists"],
+    ),
+    (
+        "item_handed_to_a_notebook_function",
+        "\ndef bump(r):\n    r['n'] = r['n'] * 3\nrecs = [{'n': i} for i in range(6)]\n",
+        "\nfor rec in recs:\n    bump(rec)\n",
+        ["recs"],
+    ),
+    (
+        "items_only_read_by_a_function",
+        "\ndef total(r):\n    return sum(r)\nrows = [[i, i + 1] for i in range(8)]\nout = {}\n",
+        "\nfor i, row in enumerate(rows):\n    out[i] = total(row)\n",
+        ["rows", "out"],
+    ),
 ]
 
 

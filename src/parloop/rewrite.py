@@ -19,7 +19,7 @@ import builtins
 import copy
 import inspect
 import types
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .analysis import AUG_OPS, MUTATING_METHODS, LoopPlan, chain_root
 from .analysis.dependence import rebind_operand
@@ -747,6 +747,24 @@ class _BodyRewriter:
         return self._emit(root, entry, st.lineno)
 
 
+def changed_targets(plan: LoopPlan, watch_candidates: Callable[..., set[str]]) -> set[str]:
+    """Loop-target names whose items the body may change where the log does
+    not see it: handed to code (``heapq.heapify(lst)``, ``bump(rec)``,
+    ``r = row`` then written through ``r``) or changed in place by an
+    augmented assignment (``lst += [x]``, ``row *= 2`` on an array's row).
+    A worker with its own copies sends such an item back when the iteration
+    changed it, and the kernel brings its own item to that state."""
+    augmented = {
+        n.target.id
+        for st in plan.loop.body
+        for n in ast.walk(st)
+        if isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Name)
+    }
+    return set(plan.targets) & (
+        watch_candidates(plan.loop.body, statement_receivers=False) | augmented
+    )
+
+
 def build_chunk_function(
     plan: LoopPlan,
     worker_call_roots: set[str],
@@ -794,9 +812,8 @@ def build_chunk_function(
             for t in n.targets
         }
         mutated = sorted(
-            sync_names
-            & plan.target_roots
-            & (watch_candidates(plan.loop.body, statement_receivers=False) | deleted_through)
+            sync_names & changed_targets(plan, watch_candidates)
+            | (sync_names & plan.target_roots & deleted_through)
         )
         # only what must come back travels back: an item a write stores (the
         # kernel stores its own), or one handed to code (synced whole); an
@@ -805,6 +822,10 @@ def build_chunk_function(
         back = sorted((sync_names & plan.stored_targets) | set(mutated))
         if back:
             sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {back!r}, {mutated!r})").body
+            if mutated:
+                # what they are before the iteration: only a changed one goes back
+                at = inner.index(target) + 1
+                inner[at:at] = ast.parse(f"___ctl.watch_items(___h.locals(), {mutated!r})").body
             inner = [ast.Try(body=inner, handlers=[], orelse=[], finalbody=sync)]
     # per-iteration set-up (seed=, timeout=, seeds in the body): only paid for when asked
     hook = ast.parse("___ctl.begin(___n)").body if hooked else []

@@ -22,6 +22,7 @@ from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
 from .analysis.desugar import desugar
 from .analysis.functions import notebook_functions
+from .analysis.hidden import watch_candidates
 from .analysis.namespace import (
     alias_groups,
     cell_sources,
@@ -47,6 +48,7 @@ from .rewrite import (
     build_chunk_function,
     build_function_factory,
     build_iteration_function,
+    changed_targets,
     classify_call_roots,
 )
 from .runtime import LoopShape, OutputCapture
@@ -241,7 +243,14 @@ def run_cell(
     total = _total(iterable)
     worker_roots = classify_call_roots(plan, ns)
     # workers with their own copies of the items send the loop target back
-    sync_names = set() if backend.shares_memory else plan.target_roots | plan.stored_targets
+    sync_names = (
+        set()
+        if backend.shares_memory
+        # a range's items are ints: nothing to change in place
+        else plan.target_roots
+        | plan.stored_targets
+        | (set() if isinstance(iterable, range) else changed_targets(plan, watch_candidates))
+    )
     hooked = opts.seed is not None or opts.timeout is not None or plan.body_seeds
     # notebook functions the body calls run as rewritten copies in the workers:
     # their writes to globals are logged; globals written and read are shared

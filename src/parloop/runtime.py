@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
 from . import seeding
-from .fingerprint import first_change, watch_all
+from .fingerprint import Unfingerprintable, fingerprint, first_change, watch_all
 from .log.entries import SCALARS, TARGET
 from .record import IterationError
 from .tracking import DELETED, DirectReader, NeedsKernel, Reader
@@ -83,6 +83,14 @@ class _Router(io.TextIOBase):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fallback, name)
+
+
+def _print_of(value: Any) -> bytes | None:
+    """A loop item's fingerprint; None (always "changed") if it has none."""
+    try:
+        return fingerprint(value)
+    except Unfingerprintable:
+        return None
 
 
 class OutputCapture:
@@ -286,6 +294,7 @@ class ChunkControl:
         "_fresh_streams",
         "hidden",
         "fns",
+        "_item_prints",
     )
 
     def __init__(
@@ -325,6 +334,8 @@ class ChunkControl:
         self.dels: set[str] = set()
         self.hidden = ""
         self.fns: dict[str, Callable] = {}
+        #: the fingerprints of this iteration's items (see watch_items)
+        self._item_prints: dict[str, bytes | None] = {}
         self._fresh_streams = bool(shape and shape.body_seeds)
         self.iters: IterationRecords | None = None
         self.reader: Any = DirectReader()
@@ -369,10 +380,27 @@ class ChunkControl:
         send the loop target's objects back (see replay.TARGET)."""
         if self.direct:
             return
+        before, self._item_prints = self._item_prints, {}
         for name in names:
             v = local_vars.get(name, _NOTHING)
-            if v is not _NOTHING and not isinstance(v, SCALARS):
-                self.log.append((TARGET, n, name, v, name in mutated))
+            if v is _NOTHING or isinstance(v, SCALARS):
+                continue
+            now = _print_of(v) if name in mutated else None
+            changed = name in mutated and (now is None or now != before.get(name))
+            if changed or name not in mutated:
+                self.log.append((TARGET, n, name, v, changed))
+
+    def watch_items(self, local_vars: dict[str, Any], names: list[str]) -> None:
+        """Start of an iteration on a worker with its own copies of the
+        items: what the items the body may change behind the log's back are
+        now (:meth:`sync` sends back only those it changed)."""
+        if self.direct:
+            return
+        self._item_prints = {
+            name: _print_of(v)
+            for name in names
+            if not isinstance(v := local_vars.get(name, _NOTHING), SCALARS) and v is not _NOTHING
+        }
 
     def begin(self, n: int) -> None:
         """Per-iteration set-up, emitted only when seed=, timeout= or a seed
