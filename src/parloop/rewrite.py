@@ -19,7 +19,7 @@ import builtins
 import copy
 import inspect
 import types
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .analysis import AUG_OPS, MUTATING_METHODS, LoopPlan, chain_root
 from .analysis.dependence import rebind_operand
@@ -747,13 +747,15 @@ class _BodyRewriter:
         return self._emit(root, entry, st.lineno)
 
 
-def changed_targets(plan: LoopPlan, watch_candidates: Callable[..., set[str]]) -> set[str]:
+def changed_targets(plan: LoopPlan) -> set[str]:
     """Loop-target names whose items the body may change where the log does
     not see it: handed to code (``heapq.heapify(lst)``, ``bump(rec)``,
     ``r = row`` then written through ``r``) or changed in place by an
     augmented assignment (``lst += [x]``, ``row *= 2`` on an array's row).
     A worker with its own copies sends such an item back when the iteration
     changed it, and the kernel brings its own item to that state."""
+    from .analysis.hidden import watch_candidates
+
     augmented = {
         n.target.id
         for st in plan.loop.body
@@ -800,10 +802,8 @@ def build_chunk_function(
     inner: list[ast.stmt] = [*_copies(plan), target, *rewritten]
     if sync_names:
         # a finally: `continue` and exceptions pass through it too
-        # targets handed to code that may change them are synced back whole;
-        # the writes the body makes through them are replayed (see above)
-        from .analysis.hidden import watch_candidates
-
+        # targets handed to code that may change them are synced back whole
+        # (when changed); the writes the body makes through them are replayed
         deleted_through = {
             chain_root(t)[0]
             for st in plan.loop.body
@@ -812,8 +812,7 @@ def build_chunk_function(
             for t in n.targets
         }
         mutated = sorted(
-            sync_names & changed_targets(plan, watch_candidates)
-            | (sync_names & plan.target_roots & deleted_through)
+            sync_names & changed_targets(plan) | (sync_names & plan.target_roots & deleted_through)
         )
         # only what must come back travels back: an item a write stores (the
         # kernel stores its own), or one handed to code (synced whole); an

@@ -22,7 +22,6 @@ from . import native, seeding
 from .analysis import LoopPlan, analyse, prologue_names
 from .analysis.desugar import desugar
 from .analysis.functions import notebook_functions
-from .analysis.hidden import watch_candidates
 from .analysis.namespace import (
     alias_groups,
     cell_sources,
@@ -249,7 +248,7 @@ def run_cell(
         # a range's items are ints: nothing to change in place
         else plan.target_roots
         | plan.stored_targets
-        | (set() if isinstance(iterable, range) else changed_targets(plan, watch_candidates))
+        | (set() if isinstance(iterable, range) else changed_targets(plan))
     )
     hooked = opts.seed is not None or opts.timeout is not None or plan.body_seeds
     # notebook functions the body calls run as rewritten copies in the workers:
