@@ -301,6 +301,12 @@ for i in range(10):
         "\nfor i, row in enumerate(rows):\n    out[i] = total(row)\n",
         ["rows", "out"],
     ),
+    (
+        "item_inside_a_tuple_handed_to_a_library",
+        "\nimport heapq\npairs = [(k, [5 - k, 9, k, 1]) for k in range(6)]\n",
+        "\nfor p in pairs:\n    heapq.heapify(p[1])\n",
+        ["pairs"],
+    ),
 ]
 
 

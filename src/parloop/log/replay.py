@@ -143,6 +143,11 @@ def sync_into(dst: Any, src: Any, _memo: set[int] | None = None) -> None:
     elif isinstance(dst, set):
         dst.clear()
         dst.update(src)
+    elif type(dst) is tuple and type(src) is tuple and len(dst) == len(src):
+        # a tuple stays itself: what changes is inside it (``heapify(t[1])``)
+        for a, b in zip(dst, src):
+            if _syncable(a, b):
+                sync_into(a, b, memo)
     elif _is_array(dst):
         if dst.shape == src.shape and dst.dtype == src.dtype:
             dst[...] = src
