@@ -818,9 +818,9 @@ def build_chunk_function(
         # kernel stores its own), or one handed to code (synced whole); an
         # item merely written through does not (an Axes would come back with
         # its figure, and register it with the kernel's pyplot)
-        back = sorted((sync_names & plan.stored_targets) | set(mutated))
-        if back:
-            sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {back!r}, {mutated!r})").body
+        stored = sorted(sync_names & plan.stored_targets)
+        if stored or mutated:
+            sync = ast.parse(f"___ctl.sync(___n, ___h.locals(), {stored!r}, {mutated!r})").body
             if mutated:
                 # what they are before the iteration: only a changed one goes back
                 at = inner.index(target) + 1

@@ -374,20 +374,25 @@ class ChunkControl:
         return copy.deepcopy(self.originals[name])
 
     def sync(
-        self, n: int, local_vars: dict[str, Any], names: list[str], mutated: list[str]
+        self, n: int, local_vars: dict[str, Any], stored: list[str], mutated: list[str]
     ) -> None:
         """End of an iteration on a worker with its own copies of the items:
-        send the loop target's objects back (see replay.TARGET)."""
+        send the loop target's objects back (see replay.TARGET): ``stored``
+        ones always (a write may have stored the copy: the kernel puts its
+        own item in its place), ``mutated`` ones when the iteration changed
+        them (the kernel's item then takes the copy's state)."""
         if self.direct:
             return
         before, self._item_prints = self._item_prints, {}
-        for name in names:
+        for name in sorted({*stored, *mutated}):
             v = local_vars.get(name, _NOTHING)
             if v is _NOTHING or isinstance(v, SCALARS):
                 continue
-            now = _print_of(v) if name in mutated else None
-            changed = name in mutated and (now is None or now != before.get(name))
-            if changed or name not in mutated:
+            changed = False
+            if name in mutated:
+                now = _print_of(v)
+                changed = now is None or now != before.get(name)
+            if changed or name in stored:
                 self.log.append((TARGET, n, name, v, changed))
 
     def watch_items(self, local_vars: dict[str, Any], names: list[str]) -> None:
