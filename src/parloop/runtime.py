@@ -85,12 +85,31 @@ class _Router(io.TextIOBase):
         return getattr(self._fallback, name)
 
 
-def _print_of(value: Any) -> bytes | None:
-    """A loop item's fingerprint; None (always "changed") if it has none."""
+def _print_of(value: Any) -> Any:
+    """What a loop item is now, to tell later whether it changed: a plain
+    array's own copy (a copy and a comparison cost a fraction of hashing
+    it), anything else's fingerprint; None if it has none."""
+    if type(value).__name__ == "ndarray" and getattr(value, "dtype", None) is not None:
+        if value.dtype.kind not in "OV":
+            return value.copy()
     try:
         return fingerprint(value)
     except Unfingerprintable:
         return None
+
+
+def _changed(before: Any, value: Any) -> bool:
+    """Whether the item ``value`` differs from ``before`` (:func:`_print_of`)."""
+    if before is None:
+        return True
+    if isinstance(before, bytes):
+        return _print_of(value) != before
+    return (
+        type(value) is not type(before)
+        or value.shape != before.shape
+        or value.dtype != before.dtype
+        or value.tobytes() != before.tobytes()
+    )
 
 
 class OutputCapture:
@@ -334,8 +353,8 @@ class ChunkControl:
         self.dels: set[str] = set()
         self.hidden = ""
         self.fns: dict[str, Callable] = {}
-        #: the fingerprints of this iteration's items (see watch_items)
-        self._item_prints: dict[str, bytes | None] = {}
+        #: what this iteration's items were when it began (see watch_items)
+        self._item_prints: dict[str, Any] = {}
         self._fresh_streams = bool(shape and shape.body_seeds)
         self.iters: IterationRecords | None = None
         self.reader: Any = DirectReader()
@@ -390,8 +409,7 @@ class ChunkControl:
                 continue
             changed = False
             if name in mutated:
-                now = _print_of(v)
-                changed = now is None or now != before.get(name)
+                changed = _changed(before.get(name), v)
             if changed or name in stored:
                 self.log.append((TARGET, n, name, v, changed))
 
