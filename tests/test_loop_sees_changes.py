@@ -311,6 +311,20 @@ def test_iterations_writing_one_file_are_rejected(ip, magic, setup, cell, where)
 
 
 @pytest.mark.parametrize("magic", BOTH)
+def test_a_file_written_on_some_paths_only_stays_parallel(ip, magic):
+    """One iteration writes a fixed file (a checkpoint, a pid file): nothing
+    says several do, so the loop is not rejected."""
+    differential(
+        ip,
+        FILE_SETUP,
+        "for i in range(10):\n    if i == 6:\n        with open(path, 'w') as f:\n"
+        "            f.write(str(i))\ntext = open(path).read()\n",
+        magic,
+        ["text"],
+    )
+
+
+@pytest.mark.parametrize("magic", BOTH)
 def test_a_file_per_iteration_stays_parallel(ip, magic):
     differential(
         ip,

@@ -446,21 +446,38 @@ def _changes_iterated(name: str, line: int, where: str) -> LoopAnalysisError:
     )
 
 
+def _conditional(statements: list[ast.stmt]) -> set[int]:
+    """The ids of the nodes that run only on some paths: inside an ``if``
+    (or an ``except``) of ``statements``."""
+    out: set[int] = set()
+    for st in statements:
+        for n in walk_scope(st):
+            if isinstance(n, ast.If):
+                for sub in (*n.body, *n.orelse):
+                    out.update(id(x) for x in walk_scope(sub))
+            elif isinstance(n, ast.ExceptHandler):
+                for sub in n.body:
+                    out.update(id(x) for x in walk_scope(sub))
+    return out
+
+
 def _shared_file_writes(
     statements: list[ast.stmt], per_call: set[str], ns: dict[str, Any]
 ) -> ast.Call | None:
-    """The first ``open(path, mode)`` among ``statements`` that writes
-    (``w``, ``a``, ``x`` or ``+`` in a constant mode) a path built from none
-    of ``per_call`` (the names that differ between iterations or calls):
-    the same file in every iteration."""
+    """The first ``open(path, mode)`` that every run of ``statements`` makes
+    (not one under an ``if``: a checkpoint written once is fine) and that
+    writes (``w``, ``a``, ``x`` or ``+`` in a constant mode) a path built
+    from none of ``per_call`` (the names that differ between iterations or
+    calls): the same file in every iteration."""
     bound = ns.get("open", io.open)
     if bound is not io.open and getattr(bound, "__wrapped__", None) is not io.open:
         return None  # not the builtin (IPython's wraps it, to guard its own streams)
+    some_paths = _conditional(statements)
     for st in statements:
         for n in walk_scope(st):
             if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
                 continue
-            if n.func.id != "open" or not n.args:
+            if n.func.id != "open" or not n.args or id(n) in some_paths:
                 continue
             mode_node = n.args[1] if len(n.args) > 1 else None
             for k in n.keywords:
@@ -484,12 +501,23 @@ def check_no_shared_file_writes(
     it calls): serial Python writes it in iteration order, parallel
     iterations in whatever order they run -- and for ``"w"`` the last one to
     run wins.  A path built from the iteration's own names (``f"out_{i}.csv"``,
-    or a function's parameters) is a file per iteration, and stays parallel."""
+    or a function's parameters) is a file per iteration, and stays parallel;
+    so does a write on some paths only (``if i == best: save...``), which
+    may well be one iteration's."""
     per_iteration = plan.private | set(plan.targets)
     call = _shared_file_writes(plan.loop.body, per_iteration, ns)
     where = ""
     if call is None:
+        some_paths = _conditional(plan.loop.body)
+        sometimes = {
+            n.func.id
+            for st in plan.loop.body
+            for n in walk_scope(st)
+            if id(n) in some_paths and isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        }
         for fp in functions.values():
+            if fp.name in sometimes:
+                continue  # called on some paths only
             call = _shared_file_writes(fp.fdef.body, fp.locals, ns)
             if call is not None:
                 where = f" in `{fp.name}` (called by the loop)"
