@@ -307,6 +307,12 @@ for i in range(10):
         "\nfor p in pairs:\n    heapq.heapify(p[1])\n",
         ["pairs"],
     ),
+    (
+        "item_name_rebound_after_handing_it_on",
+        "\nlists = [[3, 1, 2], [9, 7, 8], [6, 5, 4], [2, 0, 1]]\nout = []\n",
+        "\nfor x in lists:\n    x = sorted(x)\n    out.append(x[0])\n",
+        ["lists", "out", "x"],
+    ),
 ]
 
 

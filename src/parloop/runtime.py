@@ -353,8 +353,8 @@ class ChunkControl:
         self.dels: set[str] = set()
         self.hidden = ""
         self.fns: dict[str, Callable] = {}
-        #: what this iteration's items were when it began (see watch_items)
-        self._item_prints: dict[str, Any] = {}
+        #: this iteration's items and what they were when it began (watch_items)
+        self._item_prints: dict[str, tuple[Any, Any]] = {}
         self._fresh_streams = bool(shape and shape.body_seeds)
         self.iters: IterationRecords | None = None
         self.reader: Any = DirectReader()
@@ -405,13 +405,15 @@ class ChunkControl:
         before, self._item_prints = self._item_prints, {}
         for name in sorted({*stored, *mutated}):
             v = local_vars.get(name, _NOTHING)
-            if v is _NOTHING or isinstance(v, SCALARS):
-                continue
-            changed = False
-            if name in mutated:
-                changed = _changed(before.get(name), v)
-            if changed or name in stored:
-                self.log.append((TARGET, n, name, v, changed))
+            # the item itself, even when the body bound the name to another
+            # object since (``x = sorted(x)`` leaves the item as it was)
+            item, was = before.get(name, (_NOTHING, None))
+            changed = item is not _NOTHING and _changed(was, item)
+            if changed:
+                self.log.append((TARGET, n, name, item, True))
+            if name in stored and v is not _NOTHING and not isinstance(v, SCALARS):
+                if not (changed and v is item):
+                    self.log.append((TARGET, n, name, v, False))
 
     def watch_items(self, local_vars: dict[str, Any], names: list[str]) -> None:
         """Start of an iteration on a worker with its own copies of the
@@ -420,7 +422,7 @@ class ChunkControl:
         if self.direct:
             return
         self._item_prints = {
-            name: _print_of(v)
+            name: (v, _print_of(v))
             for name in names
             if not isinstance(v := local_vars.get(name, _NOTHING), SCALARS) and v is not _NOTHING
         }
