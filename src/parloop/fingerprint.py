@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dis
+import functools
 import hashlib
 import pickle
 import random
@@ -96,6 +97,7 @@ def _class_data(cls: type) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=512)
 def _rebinds_cells(code: types.CodeType) -> bool:
     """Whether the function (or code nested in it) rebinds one of its free
     variables (``nonlocal n; n += 1``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dis
+import functools
 import types
 from typing import Iterator, Sequence
 
@@ -25,10 +26,13 @@ def code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def global_loads(code: types.CodeType) -> set[str]:
+@functools.lru_cache(maxsize=512)
+def global_loads(code: types.CodeType) -> frozenset[str]:
     """The globals a compiled function reads (``LOAD_GLOBAL``/``LOAD_NAME``),
     its nested functions, lambdas and comprehensions included: unlike
-    :func:`code_names`, not the attribute names it uses (``obj.scale``)."""
+    :func:`code_names`, not the attribute names it uses (``obj.scale``).
+    Cached by code object: every cell asks again for the functions it calls,
+    and a warm cell must not pay for reading their bytecode each time."""
     names: set[str] = set()
     codes = [code]
     while codes:
@@ -37,7 +41,7 @@ def global_loads(code: types.CodeType) -> set[str]:
             i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")
         )
         codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return names
+    return frozenset(names)
 
 
 def walk_scope(node: ast.AST) -> Iterator[ast.AST]:
