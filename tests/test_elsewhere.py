@@ -410,7 +410,9 @@ def test_interrupt_stops_remote_engines(ip, site):
     controller and their nanny): the committed prefix is applied and the
     cell ends within a few seconds; the engines are free for the next cell."""
     n = 200  # 10 s of sleeps: 5 s on 2 engines
-    run = _faulty_run(ip, site, n, _thread.interrupt_main, list(site.engines), after=1.0)
+    # 2 s into the engines' chunks: a first chunk has come back by then (at
+    # 1 s a busy CI machine once had none: "interrupted after 0 of 200")
+    run = _faulty_run(ip, site, n, _thread.interrupt_main, list(site.engines), after=2.0)
     err = run.err
     print(f"\ninterrupt: the cell ended {run.after_fault:.2f} s after it: {err}")
     assert isinstance(err, KeyboardInterrupt), repr(err)
